@@ -1,0 +1,300 @@
+"""Typed run configuration: defaults < stage defaults < YAML file < `--set key=value`.
+
+One resolved config per run; it is written out as `config.yaml` and logged as flat params,
+so any run can be repeated from what MLflow holds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # dataset folder in the official ISIC 2018 layout
+    image_size: int = 64  # side of the square network input (and of the cached arrays)
+    aspect: str = "center_crop"  # how a 4:3 image becomes square: center_crop | pad | stretch
+    val_fraction: float = 0.15
+    split_seed: int = 0
+    split_file: str = ""  # reuse a saved split CSV so that several runs share one split
+    cache_dir: str = ""  # decoded-image cache; empty: $SKINCLR_CACHE or ~/.cache/skinclr
+    workers: int = 2  # DataLoader workers (0: load in the training process)
+
+
+@dataclass
+class AugmentConfig:
+    crop_min: float = 0.08  # lower bound of RandomResizedCrop's area scale
+    color_strength: float = 0.5  # colour jitter strength (SimCLR's s)
+    blur_prob: float = 0.5
+    gray_prob: float = 0.2
+    rotation: float = 30.0  # fine-tune only: +- degrees
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    proj_hidden: int = 256
+    proj_dim: int = 128
+
+
+@dataclass
+class SimCLRConfig:
+    temperature: float = 0.5
+
+
+@dataclass
+class MonitorConfig:
+    every: int = 1  # kNN monitor every k epochs (and always on the last)
+    k: int = 20
+    balanced: bool = True  # class-balanced vote: a plain vote on HAM10000 mostly says NV
+    max_bank: int = 0  # cap on bank images (0: the whole train split)
+
+
+@dataclass
+class FinetuneConfig:
+    init: str = "scratch"  # scratch | imagenet | runs:/RUN_ID | checkpoint path
+    imagenet_weights: str = ""  # file with torchvision ResNet weights (nothing downloads)
+    linear_probe: bool = False  # freeze the backbone, train the head only
+    label_smoothing: float = 0.1
+    weight_decay: float = 1e-5
+    class_weighted_loss: bool = False
+    balanced_sampler: bool = False
+    monitor: str = "val_balanced_accuracy"  # what the scheduler, stopper and best-model pick watch
+    monitor_smoothing: int = 1  # mean over the last n epochs: tames epoch-to-epoch jumps
+    lr_factor: float = 0.5
+    lr_patience: int = 2
+    early_stop_patience: int = 3
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    max_steps_per_epoch: int = 0  # 0: full epochs; >0 caps steps (smoke runs)
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = ""  # empty: skinclr-<stage>
+    run_name: str = ""
+    resume: bool = True  # an unfinished run with the same config resumes instead of restarting
+
+
+@dataclass
+class SweepConfig:
+    stage: str = "pretrain"  # pretrain | finetune | pipeline
+    space: str = ""  # search-space YAML; empty: search_spaces/<stage>.yaml
+    narrow: dict = field(default_factory=dict)  # key -> fixed value or {low, high} / [choices]
+    num_samples: int = 8
+    max_concurrent: int = 2
+    search: str = "optuna"  # optuna | random
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_t: int = 0  # 0: train.epochs
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1  # >1: data-parallel trials (Ray Train TorchTrainer)
+    max_failures: int = 1
+    storage: str = ""  # Ray results folder; empty: ~/ray_results
+    name: str = ""
+
+
+@dataclass
+class Config:
+    stage: str = "pretrain"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, the form MLflow params and `--set` use."""
+        return dict(_flatten(self.to_dict()))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or f"skinclr-{self.stage}"
+
+
+# The paper's per-stage settings: a fine-tune config file need not repeat them.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {},
+    "finetune": {
+        "augment.crop_min": 0.6,
+        "augment.color_strength": 0.2,
+        "train.epochs": 20,
+        "train.batch_size": 32,
+        "train.lr": 1e-4,
+    },
+}
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "narrow":
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _sections(cfg: Config) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _coerce(key: str, current: Any, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or say why it can't be."""
+    if isinstance(value, str) and not isinstance(current, str):
+        value = yaml.safe_load(value) if value != "" else value
+    kind = type(current)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind is str:
+            return "" if value is None else str(value)
+        if kind is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key '{key}': {value!r} is not a valid {kind.__name__} "
+            f"(current value {current!r})"
+        ) from None
+    return value
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set `section.key` (or a top-level key) with type checking and a did-you-mean hint."""
+    parts = key.split(".")
+    target: Any = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(target)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "the top level"
+            hint = difflib.get_close_matches(part, names, n=1)
+            fix = f"did you mean '{'.'.join(parts[:i] + hint)}'?" if hint else f"known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{key}': no '{part}' in {where}; {fix}")
+        if i == len(parts) - 1:
+            current = getattr(target, part)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{key}' is a section; give its keys, e.g. {key}.<name>=...")
+                for sub, subval in value.items():
+                    set_value(cfg, f"{key}.{sub}", subval)
+            else:
+                setattr(target, part, _coerce(key, current, value))
+        else:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.epochs=5)")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                stage: str | None = None) -> Config:
+    """Resolve a config: dataclass defaults, the stage's defaults, the YAML file, the overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(raw).__name__}")
+    cfg = Config()
+    cfg.stage = stage or str(raw.get("stage", cfg.stage))
+    if cfg.stage not in STAGE_DEFAULTS and cfg.stage != "sweep":
+        raise ConfigError(f"config key 'stage': '{cfg.stage}' is not one of pretrain, finetune")
+    for key, value in STAGE_DEFAULTS.get(cfg.stage, {}).items():
+        set_value(cfg, key, value)
+    for key, value in raw.items():
+        if key == "stage":
+            continue
+        where = f" (in {path})" if path else ""
+        try:
+            set_value(cfg, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"{err}{where}") from None
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    for key, value in items:
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Catch values that would fail deep inside training, while the fix is still obvious."""
+    checks = [
+        (cfg.data.image_size >= 16, "data.image_size", "must be at least 16 pixels"),
+        (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must lie between 0 and 1"),
+        (cfg.data.aspect in ("center_crop", "pad", "stretch"), "data.aspect", "must be center_crop, pad or stretch"),
+        (0.0 < cfg.augment.crop_min <= 1.0, "augment.crop_min", "must lie in (0, 1]"),
+        (cfg.simclr.temperature > 0, "simclr.temperature", "must be positive"),
+        (cfg.train.epochs >= 1, "train.epochs", "must be at least 1"),
+        (cfg.train.batch_size >= 2, "train.batch_size", "must be at least 2"),
+        (cfg.train.lr > 0, "train.lr", "must be positive"),
+        (0.0 <= cfg.finetune.label_smoothing < 1.0, "finetune.label_smoothing", "must lie in [0, 1)"),
+        (cfg.finetune.monitor in ("val_balanced_accuracy", "val_accuracy", "val_loss"),
+         "finetune.monitor", "must be val_balanced_accuracy, val_accuracy or val_loss"),
+        (cfg.finetune.monitor_smoothing >= 1, "finetune.monitor_smoothing", "must be at least 1"),
+        (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
+        (cfg.sweep.search in ("optuna", "random"), "sweep.search", "must be optuna or random"),
+    ]
+    for ok, key, what in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {what} (got {_get(cfg, key)!r})")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    target: Any = cfg
+    for part in key.split("."):
+        target = getattr(target, part)
+    return target

@@ -1,0 +1,170 @@
+"""Networks by name: torchvision ResNet backbones, the SimCLR projector, the classifier head,
+and loading backbone weights from any of the places they come from (nothing downloads).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+from torchvision.models import WeightsEnum
+
+
+class ModelError(Exception):
+    """A backbone name, weight file or state_dict that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Callable[..., nn.Module]
+    feature_dim: int
+    imagenet: WeightsEnum  # torchvision's ImageNet weights: their file name and official URL
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec(tvm.resnet18, 512, tvm.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet50": BackboneSpec(tvm.resnet50, 2048, tvm.ResNet50_Weights.IMAGENET1K_V1),
+}
+
+
+def _spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ModelError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def build_backbone(name: str) -> tuple[nn.Module, int]:
+    """A randomly initialised torchvision ResNet without its classifier: images -> pooled features."""
+    spec = _spec(name)
+    net = spec.build(weights=None)
+    net.fc = nn.Identity()
+    return net, spec.feature_dim
+
+
+def imagenet_state_dict(name: str, path: str | Path | None = None) -> dict:
+    """torchvision's ImageNet weights for `name`, from `path` or else torch hub's cache; never downloads."""
+    weights = _spec(name).imagenet
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    file = Path(path) if path else cached
+    if not file.is_file():
+        raise ModelError(
+            f"ImageNet weights for {name} not found at {file}; nothing is downloaded here. On a machine with "
+            f"internet, fetch {weights.url} and copy it to {cached} (or pass its path, e.g. "
+            f"--set finetune.imagenet_weights=PATH)")
+    return _load_file(file)
+
+
+def _load_file(file: Path) -> dict:
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated download, a pickle of arbitrary objects, not a torch file at all
+        raise ModelError(f"cannot read weights from {file}: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"{file} holds a {type(obj).__name__}, not a state_dict or checkpoint dict")
+    return dict(obj)
+
+
+class Projector(nn.Sequential):
+    """SimCLR's projection head g(h): the contrastive loss acts on its output, features are taken before it."""
+
+    def __init__(self, in_dim: int, hidden: int = 256, out: int = 128):
+        super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+
+class SimCLRNet(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 256, proj_dim: int = 128):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = Projector(feature_dim, proj_hidden, proj_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int = 7):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.backbone_frozen = False
+
+    def freeze_backbone(self) -> None:
+        """Linear probe: no gradients into the backbone, and its BatchNorm statistics stay as loaded."""
+        self.backbone.requires_grad_(False)
+        self.backbone_frozen = True
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()  # train mode would update BN running stats even without gradients
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def build_simclr(backbone: str, proj_hidden: int = 256, proj_dim: int = 128) -> SimCLRNet:
+    net, dim = build_backbone(backbone)
+    return SimCLRNet(net, dim, proj_hidden, proj_dim)
+
+
+def build_classifier(backbone: str, num_classes: int = 7) -> Classifier:
+    net, dim = build_backbone(backbone)
+    return Classifier(net, dim, num_classes)
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _backbone_keys(state: Mapping) -> dict:
+    """Reduce any accepted layout to the backbone's own keys."""
+    if isinstance(state.get("backbone"), Mapping):  # a pretrain checkpoint: {"backbone": ..., "epoch": ...}
+        state = state["backbone"]
+    state = {_strip_wrappers(k): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):  # a whole SimCLRNet or Classifier: drop projector/head
+        return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}  # torchvision's ImageNet classifier
+
+
+def _preview(keys: set[str], n: int = 8) -> str:
+    shown = sorted(keys)[:n]
+    return ", ".join(shown) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_backbone(backbone_module: nn.Module, source: Mapping | str | Path) -> None:
+    """Load backbone weights in place from a checkpoint file or a state_dict (see `_backbone_keys`).
+
+    Strict: every backbone tensor must be there and nothing else may be left over, so that a
+    wrong file or a different architecture fails here instead of silently training from scratch.
+    BatchNorm's `num_batches_tracked` may be absent (older torchvision files); torch fills it in."""
+    where = str(source) if isinstance(source, (str, Path)) else "the given state_dict"
+    if isinstance(source, (str, Path)):
+        if not Path(source).is_file():
+            raise ModelError(f"backbone weights file {source} does not exist")
+        source = _load_file(Path(source))
+    state = _backbone_keys(source)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{where} is not a state_dict: some values are not tensors")
+    expected = set(backbone_module.state_dict())
+    missing = {k for k in expected - set(state) if not k.endswith("num_batches_tracked")}
+    unexpected = set(state) - expected
+    if missing or unexpected:
+        raise ModelError(
+            f"weights from {where} do not fit this {type(backbone_module).__name__} backbone"
+            + (f"; missing keys: {_preview(missing)}" if missing else "")
+            + (f"; unexpected keys: {_preview(unexpected)}" if unexpected else "")
+            + " (is it the same backbone architecture, e.g. resnet18 vs resnet50?)")
+    try:
+        backbone_module.load_state_dict(state)
+    except RuntimeError as e:  # same names, different shapes
+        raise ModelError(f"weights from {where} do not fit this backbone: {e}") from e

@@ -1,0 +1,196 @@
+"""One tracked run: drive a training loop, log every epoch to MLflow, checkpoint, resume.
+
+The CLI calls `run_pretrain` / `run_finetune` directly; the Ray Tune trainable calls the same
+functions with `on_epoch` set (to report to Tune) and the run id it restored, so both drivers
+log identically and no training loop exists twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+from tqdm.auto import tqdm
+
+from core import tracking
+from core.config import Config, ConfigError
+from core.finetune import finetune
+from core.inputs import Inputs, resolve_inputs
+from core.pretrain import EpochRecord, pretrain
+from core.runtime import load_checkpoint, save_atomic
+from core.tracking import RunLogger
+
+OnEpoch = Callable[[EpochRecord, Path, str], None]  # (record, checkpoint file, run id)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    last: dict[str, float]
+    best: float | None
+    epochs: int
+
+
+def checkpoint_root() -> Path:
+    """Resume checkpoints live beside the local store (or in $SKINCLR_CHECKPOINTS)."""
+    if os.environ.get("SKINCLR_CHECKPOINTS"):
+        return Path(os.environ["SKINCLR_CHECKPOINTS"])
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent / "checkpoints"
+    return Path.home() / ".cache" / "skinclr" / "checkpoints"
+
+
+def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str | None,
+             tags: dict[str, str] | None) -> tuple[RunLogger, dict[str, Any] | None]:
+    """Resume the given run, or the newest unfinished run of the same config, or start one."""
+    key = tracking.run_key(cfg.flat())
+    if run_id is None and cfg.tracking.resume:
+        found = tracking.find_resumable(tracking.ensure_experiment(cfg.experiment), key)
+        run_id = found.info.run_id if found else None
+    state = None
+    if run_id is not None:
+        logger = RunLogger(run_id)
+        ckpt = checkpoint_root() / run_id / "checkpoint.pt"
+        if ckpt.is_file():
+            state = load_checkpoint(ckpt)
+        logger.reopen()
+    else:
+        logger = RunLogger.create(cfg.experiment, cfg.tracking.run_name, parent_run_id=parent_run_id,
+                                  tags={tracking.RUN_KEY_TAG: key, tracking.STAGE_TAG: cfg.stage})
+    logger.set_tags({**inputs.tags(), **(tags or {})})
+    logger.log_params(cfg.flat())
+    with tempfile.TemporaryDirectory() as tmp:
+        logger.log_artifact(cfg.save(Path(tmp) / "config.yaml"))
+        split = Path(tmp) / "split.csv"
+        inputs.split[["image", "label", "lesion_id", "split"]].to_csv(split, index=False)
+        logger.log_artifact(split)
+    return logger, state
+
+
+def drive(cfg: Config, loop, logger: RunLogger, state: dict | None, on_epoch: OnEpoch | None,
+          on_record: Callable[[EpochRecord, Path], None] | None, progress: bool) -> RunResult:
+    """Iterate a loop generator, logging and checkpointing each epoch; mark the run's end."""
+    ckpt_dir = checkpoint_root() / logger.run_id
+    start = state["epoch"] if state else 0
+    bar = tqdm(total=cfg.train.epochs, initial=start, desc=f"{cfg.stage} {logger.run_id[:8]}", unit="epoch",
+               disable=not progress)
+    last, best, epoch = {}, None, start
+    try:
+        for record in loop:
+            epoch, last = record.epoch, record.metrics
+            logger.log_metrics(record.metrics, step=record.epoch)
+            ckpt = save_atomic(record.state(), ckpt_dir / "checkpoint.pt")
+            if on_record:
+                on_record(record, ckpt_dir)
+            if on_epoch:
+                on_epoch(record, ckpt, logger.run_id)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.metrics.items()
+                             if k in ("train_loss", "knn_balanced_accuracy", "val_balanced_accuracy")})
+            if record.is_best:
+                best = record.metrics.get("knn_balanced_accuracy", record.metrics.get("monitor_value"))
+    except KeyboardInterrupt:
+        logger.end("KILLED")
+        raise
+    except BaseException:
+        logger.end("FAILED")
+        raise
+    finally:
+        bar.close()
+    logger.set_tags({"skinclr.epochs_run": epoch})
+    logger.end("FINISHED")
+    return RunResult(logger.run_id, "FINISHED", last, best, epoch)
+
+
+def run_pretrain(cfg: Config, *, inputs: Inputs | None = None, run_id: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 on_epoch: OnEpoch | None = None, progress: bool = True, distributed: bool = False) -> RunResult:
+    inputs = inputs or resolve_inputs(cfg, progress=progress)
+    logger, state = open_run(cfg, inputs, run_id, parent_run_id, tags)
+
+    def on_record(record: EpochRecord, ckpt_dir: Path) -> None:
+        """The backbone alone, as a plain state_dict: what fine-tuning starts from."""
+        st = record.state()
+        save_atomic(st["backbone"], ckpt_dir / "backbone_last.pt")
+        if record.is_best:
+            save_atomic(st["backbone"], ckpt_dir / "backbone_best.pt")
+        if record.is_best or record.epoch == cfg.train.epochs:
+            for name in ("backbone_last.pt", "backbone_best.pt"):
+                if (ckpt_dir / name).is_file():
+                    logger.log_artifact(ckpt_dir / name, "checkpoints")
+
+    loop = pretrain(cfg, inputs, resume=state, distributed=distributed)
+    return drive(cfg, loop, logger, state, on_epoch, on_record, progress)
+
+
+def resolve_init(cfg: Config, workdir: Path) -> tuple[str | None, dict[str, str]]:
+    """`finetune.init=runs:/RUN_ID` -> that pretrain run's best backbone file, and a link tag."""
+    init = cfg.finetune.init
+    if not init.startswith("runs:/"):
+        return None, ({"skinclr.init": init})
+    run_id = init[len("runs:/"):].strip("/").split("/")[0]
+    try:
+        tracking.client().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"finetune.init '{init}': no run {run_id} in the tracking store "
+                          f"{tracking.tracking_uri()}; check MLFLOW_TRACKING_URI and the run id") from None
+    logger = RunLogger(run_id)
+    for name in ("checkpoints/backbone_best.pt", "checkpoints/backbone_last.pt"):
+        path = logger.download(name, workdir)
+        if path is not None:
+            return str(path), {"skinclr.pretrain_run_id": run_id, "skinclr.init": init}
+    raise ConfigError(f"finetune.init '{init}': run {run_id} has no checkpoints/backbone_*.pt artifact; "
+                      "is it a finished skinclr pretrain run?")
+
+
+def run_finetune(cfg: Config, *, inputs: Inputs | None = None, run_id: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 on_epoch: OnEpoch | None = None, progress: bool = True) -> RunResult:
+    from core import metrics as M
+    from core.serving import log_model
+
+    inputs = inputs or resolve_inputs(cfg, progress=progress)
+    with tempfile.TemporaryDirectory() as work:
+        checkpoint, init_tags = resolve_init(cfg, Path(work))
+        logger, state = open_run(cfg, inputs, run_id, parent_run_id, {**init_tags, **(tags or {})})
+
+        def on_record(record: EpochRecord, ckpt_dir: Path) -> None:
+            """Curves every epoch; the best model and its figures whenever the monitor improves,
+            so a trial stopped early by a scheduler still leaves a complete run."""
+            out = ckpt_dir / "report"
+            out.mkdir(parents=True, exist_ok=True)
+            history = record.extra["history"]
+            M.plot_loss_curves(history, out / "loss_curves.png")
+            M.plot_accuracy_curves(history, out / "accuracy_curves.png")
+            (out / "history.json").write_text(json.dumps(history, indent=1))
+            files = [out / "loss_curves.png", out / "accuracy_curves.png", out / "history.json"]
+            if record.is_best:
+                report = record.extra["report"]
+                M.plot_confusion_matrix(report, out / "confusion_matrix.png", title=f"val, epoch {record.epoch}")
+                M.write_confusion_csv(report, out / "confusion_matrix.csv", normalized=False)
+                M.write_confusion_csv(report, out / "confusion_matrix_normalized.csv", normalized=True)
+                M.report_frame(report).to_csv(out / "classification_report.csv")
+                (out / "classification_report.txt").write_text(M.report_text(report))
+                (out / "val_metrics.json").write_text(json.dumps(report, indent=1))
+                files += [out / n for n in ("confusion_matrix.png", "confusion_matrix.csv",
+                                            "confusion_matrix_normalized.csv", "classification_report.csv",
+                                            "classification_report.txt", "val_metrics.json")]
+                log_model(logger, record.extra["best_model"], cfg.model.backbone, cfg.data.image_size,
+                          cfg.data.aspect)
+                logger.log_metrics({"best_val_balanced_accuracy": report["balanced_accuracy"],
+                                    "best_val_accuracy": report["accuracy"]}, step=record.epoch)
+                logger.set_tags({"skinclr.best_epoch": record.epoch})
+            for f in files:
+                logger.log_artifact(f, "report")
+
+        loop = finetune(cfg, inputs, resume=state, pretrain_checkpoint=checkpoint)
+        result = drive(cfg, loop, logger, state, on_epoch, on_record, progress)
+    if result.epochs < cfg.train.epochs:
+        RunLogger(result.run_id).set_tags({"skinclr.early_stopped_at": result.epochs})
+    return result

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real ISIC 2018 data beside the checkout, and small synthetic sets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("SKINCLR_REAL_DATA", REPO.parent / "shared" / "data" / "isic2018-task3-200x150"))
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    if not (REAL_DATA / "ISIC2018_Task3_Training_GroundTruth.csv").is_file():
+        pytest.fail(f"real ISIC 2018 data not found at {REAL_DATA}; set SKINCLR_REAL_DATA to its folder")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic dataset in the official training layout (read-only by convention)."""
+    from core.synth import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synth") / "isic", n=280, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_stores(tmp_path, monkeypatch):
+    """Each test gets its own MLflow store and image cache: nothing leaks into the checkout."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("SKINCLR_CACHE", str(tmp_path.parent / "skinclr-cache"))
+    monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")
