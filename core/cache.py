@@ -75,6 +75,9 @@ class ImageCache:
                             f"{', '.join(map(str, unknown[:5]))}; rebuild it from the same manifest")
         return np.fromiter((self._index[i] for i in ids), dtype=np.int64, count=len(ids))
 
+    def __reduce__(self):  # reopen by path in the receiving process instead of copying the pixels
+        return open_cache, (self.path,)
+
 
 def cache_key(manifest: Manifest, size: int, aspect: str) -> str:
     return hashlib.sha256(f"{manifest.fingerprint}|{size}|{aspect}|{CACHE_VERSION}".encode()).hexdigest()[:16]

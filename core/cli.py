@@ -200,17 +200,15 @@ HANDLERS = {"data": cmd_data, "pretrain": cmd_train, "finetune": cmd_train, "eva
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean 'the input is wrong', printed as one line instead of a traceback."""
-    from core.config import ConfigError
-    from core.data import DataError
+    """Errors that mean 'the input is wrong', printed as one line instead of a traceback.
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, FileNotFoundError]
-    for module, name in (("core.models", "ModelError"), ("core.serving", "ModelNotFound"),
-                         ("core.registry", "PromotionError"), ("core.download", "DownloadError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
+    Only modules already imported are looked at: an error cannot come from one that is not."""
+    errors: list[type[BaseException]] = [FileNotFoundError]
+    for module, name in (("core.config", "ConfigError"), ("core.data", "DataError"), ("core.models", "ModelError"),
+                         ("core.serving", "ModelNotFound"), ("core.registry", "PromotionError"),
+                         ("core.download", "DownloadError")):
+        if module in sys.modules and hasattr(sys.modules[module], name):
+            errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
 
 

@@ -83,6 +83,10 @@ class _Report:
         return out
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _listing(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
@@ -98,7 +102,7 @@ def load_rgb(path) -> np.ndarray:
     try:
         return _decode(path)
     except _DECODE_ERRORS as err:
-        raise DataError(f"{path}: {_decode_reason(path, err)}; replace the file or remove it from the ground truth") from None
+        raise DataError(f"{path}: {_decode_reason(path, err)}; replace or remove the file") from None
 
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -185,7 +189,8 @@ def read_manifest(root, *, decode: bool = False, workers: int | None = None, pro
     return manifest
 
 
-def check_folder(root, workers: int | None = None, progress: bool = True) -> tuple[Manifest | None, list[str], list[str]]:
+def check_folder(root, workers: int | None = None,
+                 progress: bool = True) -> tuple[Manifest | None, list[str], list[str]]:
     """Validate a folder down to every pixel: (manifest or None, problems, warnings)."""
     return _scan(Path(root), True, workers, progress)
 
@@ -226,7 +231,8 @@ def _read_labels(root: Path, problems: _Report, warnings: _Report):
     present = [layout for layout, (gt, _) in ISIC_SPLITS.items() if (root / gt).is_file()]
     if len(present) > 1:
         names = ", ".join(ISIC_SPLITS[layout][0] for layout in present)
-        problems.add("layout", f"{root}: holds ground truth for several splits ({names}); put each split in its own folder")
+        problems.add("layout", f"{root}: holds ground truth for several splits ({names}); "
+                               "put each split in its own folder")
         return None, None
     if present:
         layout = present[0]
@@ -251,16 +257,19 @@ def _read_labels(root: Path, problems: _Report, warnings: _Report):
 
 def _read_csv(path: Path, problems: _Report) -> pd.DataFrame | None:
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, skip_blank_lines=False)
     except pd.errors.EmptyDataError:
         problems.add("files", f"{path.name}: file is empty; restore it from the dataset download")
         return None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        problems.add("files", f"{path.name}: not a readable CSV ({str(err).strip()}); restore it from the dataset download")
+        problems.add("files", f"{path.name}: not a readable CSV ({str(err).strip()}); "
+                              "restore it from the dataset download")
         return None
+    table = table.fillna("")
     table.columns = [c.strip() for c in table.columns]
     table["line"] = np.arange(len(table)) + 2  # file line of each row: the header is line 1
-    return table
+    blank = (table.drop(columns="line") == "").all(axis=1)
+    return table[~blank].reset_index(drop=True)
 
 
 def _check_columns(path: Path, table: pd.DataFrame, required: list[str], allowed: list[str] | None,
@@ -268,10 +277,11 @@ def _check_columns(path: Path, table: pd.DataFrame, required: list[str], allowed
     columns = [c for c in table.columns if c != "line"]
     missing = [c for c in required if c not in columns]
     unknown = [c for c in columns if allowed is not None and c not in allowed]
+    header = f"the header must be {','.join(allowed)}" if allowed else f"the header needs {','.join(required)}"
     for c in missing:
-        problems.add("columns", f"{path.name}: column '{c}' is missing; the header must be {','.join(allowed or required)}")
+        problems.add("columns", f"{path.name}: column '{c}' is missing; {header}")
     for c in unknown:
-        problems.add("columns", f"{path.name}: unknown column '{c}'; the header must be {','.join(allowed)}")
+        problems.add("columns", f"{path.name}: unknown column '{c}'; {header}")
     dupes = sorted({c for c in columns if columns.count(c) > 1})
     for c in dupes:
         problems.add("columns", f"{path.name}: column '{c}' appears more than once; keep one")
@@ -298,15 +308,16 @@ def _read_isic_gt(path: Path, problems: _Report) -> pd.DataFrame | None:
 
     values = table[list(CLASSES)].apply(lambda col: pd.to_numeric(col.str.strip(), errors="coerce"))
     for name in CLASSES:
-        bad = values[name].isna() | ~values[name].isin([0.0, 1.0])
-        for line, image, raw in zip(table.loc[bad, "line"], table.loc[bad, "image"], table.loc[bad, name]):
-            what = "is not a number" if pd.isna(values.at[line - 2, name]) else "is not 0 or 1"
+        bad = ~values[name].isin([0.0, 1.0])
+        for line, image, raw, value in zip(table.loc[bad, "line"], table.loc[bad, "image"], table.loc[bad, name],
+                                           values.loc[bad, name]):
+            what = "is not a number" if pd.isna(value) else "is not 0 or 1"
             problems.add("bad values", f"{path.name} line {line} ({image}), column {name}: {raw!r} {what}; "
                                        "use 1.0 for the diagnosis and 0.0 elsewhere")
     valid = values.notna().all(axis=1)
     positives = (values == 1.0).sum(axis=1)
-    for line, image, count in zip(table["line"], table["image"], positives):
-        if valid.iat[line - 2] and count != 1:
+    for line, image, ok, count in zip(table["line"], table["image"], valid, positives):
+        if ok and count != 1:
             what = "no class is 1.0" if count == 0 else f"{count} classes are 1.0"
             problems.add("bad rows", f"{path.name} line {line} ({image}): {what}; exactly one of "
                                      f"{','.join(CLASSES)} must be 1.0")
@@ -337,8 +348,8 @@ def _attach_groupings(root: Path, table: pd.DataFrame, problems: _Report, warnin
     # simply its own group. It is still worth knowing, since a split cannot keep it with its twins.
     ungrouped = table.loc[table["lesion_id"].isna(), "image"].tolist()
     if ungrouped:
-        warnings.add("groupings", f"{GROUPINGS}: {len(ungrouped)} images have no lesion_id ({_listing(ungrouped)}); "
-                                  "each counts as its own lesion")
+        warnings.add("groupings", f"{GROUPINGS}: {_count(len(ungrouped), 'image')} without a lesion_id "
+                                  f"({_listing(ungrouped)}); each counts as its own lesion")
 
 
 def _read_ham_metadata(path: Path, problems: _Report) -> pd.DataFrame | None:
@@ -398,7 +409,7 @@ def _attach_files(root: Path, layout: str, table: pd.DataFrame, problems: _Repor
                                                f"{_rel(root, folders[0])}/; add {image}.jpg or delete the row")
     unlisted = sorted(set(files) - set(table["image"]))
     if unlisted:
-        warnings.add("unlisted", f"{len(unlisted)} image files are not in {gt_name} and are ignored: "
+        warnings.add("unlisted", f"{_count(len(unlisted), 'image file')} not in {gt_name}, ignored: "
                                  f"{_listing([files[i].name for i in unlisted])}")
     table["lesion_id"] = table["lesion_id"].astype(object).where(table["lesion_id"].notna(), None)
     return table[["image", "path", "label", "lesion_id"]].copy()
@@ -485,19 +496,20 @@ def load_split(path, manifest: Manifest) -> pd.DataFrame:
         table["image"] = table["image"].str.strip()
         _check_ids(path, table, "image", problems)
         frame = manifest.frame.set_index("image")
-        for line, image, part in zip(table["line"], table["image"], table["split"]):
+        labels = table["label"] if "label" in table else [None] * len(table)
+        for line, image, part, label in zip(table["line"], table["image"], table["split"], labels):
             if part not in ("train", "val"):
                 problems.add("bad values", f"{path.name} line {line} ({image}): split {part!r} must be train or val")
             if image and image not in frame.index:
                 problems.add("unknown images", f"{path.name} line {line}: image {image} is not in the dataset at "
                                                f"{manifest.root}; the split was made for other data: remake it")
-            elif "label" in table and image and table.at[line - 2, "label"] not in (
-                    CLASSES[frame.at[image, "label"]], str(frame.at[image, "label"])):
-                problems.add("labels", f"{path.name} line {line} ({image}): label {table.at[line - 2, 'label']} "
-                                       f"but the dataset says {CLASSES[frame.at[image, 'label']]}; remake the split")
+            elif image and label is not None and label not in (CLASSES[frame.at[image, "label"]],
+                                                                str(frame.at[image, "label"])):
+                problems.add("labels", f"{path.name} line {line} ({image}): label {label} but the dataset says "
+                                       f"{CLASSES[frame.at[image, 'label']]}; remake the split")
         missing = sorted(set(frame.index) - set(table["image"]))
         if missing:
-            problems.add("coverage", f"{path.name}: {len(missing)} dataset images are not in the split "
+            problems.add("coverage", f"{path.name}: {_count(len(missing), 'dataset image')} not in the split "
                                      f"({_listing(missing)}); the split was made for other data: remake it")
     if problems.kinds:
         raise DataError(problems.lines())

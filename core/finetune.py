@@ -21,7 +21,7 @@ from core.data import CLASSES
 from core.inputs import Inputs, make_loader
 from core.metrics import classification_metrics
 from core.models import build_classifier, imagenet_state_dict, load_backbone
-from core.pretrain import EpochRecord, autocast
+from core.pretrain import EpochRecord, autocast, steps
 from core.runtime import pick_device, rng_state, seed_everything, set_rng_state, set_threads
 
 
@@ -66,7 +66,7 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
 
 
 def finetune(cfg: Config, inputs: Inputs, resume: dict[str, Any] | None = None,
-             pretrain_checkpoint: str | Path | None = None) -> Iterator[EpochRecord]:
+             pretrain_checkpoint: str | Path | None = None, progress: bool = False) -> Iterator[EpochRecord]:
     device = pick_device(cfg.train.device)
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
@@ -106,7 +106,7 @@ def finetune(cfg: Config, inputs: Inputs, resume: dict[str, Any] | None = None,
                              workers=cfg.data.workers, pin_memory=device.type == "cuda")
         model.train()
         t0, seen, total = time.perf_counter(), 0, 0.0
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y) in enumerate(steps(loader, epoch, progress)):
             if cfg.train.max_steps_per_epoch and step >= cfg.train.max_steps_per_epoch:
                 break
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last)

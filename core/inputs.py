@@ -62,18 +62,11 @@ def resolve_inputs(cfg: Config, progress: bool = True) -> Inputs:
     return Inputs(manifest, split, cache, train_rows, val_rows)
 
 
-def reseed_transform(transform, seed: int) -> None:
-    """albumentations pipelines draw from their own generators, not torch's: seed them too."""
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed % 2**32)
-
-
 def _seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32  # torch derives it from the loader's generator: fixed by (seed, epoch)
-    np.random.seed(seed)
-    random.seed(seed)
-    reseed_transform(info.dataset.transform, seed)
+    np.random.seed(seed)  # torch seeds itself and `random` per worker, but not NumPy
+    random.seed(seed)  # (augment.Pipeline reseeds its own generator from the same worker seed)
 
 
 def make_loader(cache: ImageCache, rows: np.ndarray, transform, *, batch_size: int, seed: int, epoch: int = 0,
@@ -82,8 +75,8 @@ def make_loader(cache: ImageCache, rows: np.ndarray, transform, *, batch_size: i
     """A loader whose order and augmentation depend only on (seed, epoch): resuming at epoch e
     replays exactly what an uninterrupted run would have seen."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if workers == 0:
-        reseed_transform(transform, seed * 100_003 + epoch)
+    if workers == 0 and hasattr(transform, "set_random_seed"):  # in-process: seed it here
+        transform.set_random_seed(seed * 100_003 + epoch)
     dataset = CachedDataset(cache, rows, transform)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from core.augment import eval_transform, simclr_transform
 from core.config import Config
@@ -38,6 +39,11 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def steps(loader, epoch: int, progress: bool):
+    """The loader, with a transient per-epoch step bar when asked for."""
+    return tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress)
 
 
 @torch.no_grad()
@@ -81,7 +87,7 @@ def monitor_bank(inputs: Inputs, cfg: Config) -> np.ndarray:
 
 
 def pretrain(cfg: Config, inputs: Inputs, resume: dict[str, Any] | None = None,
-             distributed: bool = False) -> Iterator[EpochRecord]:
+             distributed: bool = False, progress: bool = False) -> Iterator[EpochRecord]:
     device = pick_device(cfg.train.device)
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
@@ -111,7 +117,7 @@ def pretrain(cfg: Config, inputs: Inputs, resume: dict[str, Any] | None = None,
                              seed=cfg.train.seed + 1000 * rank, epoch=epoch, shuffle=True, drop_last=True,
                              workers=cfg.data.workers, pin_memory=device.type == "cuda")
         t0, seen, total = time.perf_counter(), 0, 0.0
-        for step, ((v1, v2), _) in enumerate(loader):
+        for step, ((v1, v2), _) in enumerate(steps(loader, epoch, progress)):
             if cfg.train.max_steps_per_epoch and step >= cfg.train.max_steps_per_epoch:
                 break
             x = torch.cat([v1, v2]).to(device, non_blocking=True, memory_format=torch.channels_last)

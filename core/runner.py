@@ -125,7 +125,7 @@ def run_pretrain(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
                 if (ckpt_dir / name).is_file():
                     logger.log_artifact(ckpt_dir / name, "checkpoints")
 
-    loop = pretrain(cfg, inputs, resume=state, distributed=distributed)
+    loop = pretrain(cfg, inputs, resume=state, distributed=distributed, progress=progress)
     return drive(cfg, loop, logger, state, on_epoch, on_record, progress)
 
 
@@ -189,7 +189,7 @@ def run_finetune(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
             for f in files:
                 logger.log_artifact(f, "report")
 
-        loop = finetune(cfg, inputs, resume=state, pretrain_checkpoint=checkpoint)
+        loop = finetune(cfg, inputs, resume=state, pretrain_checkpoint=checkpoint, progress=progress)
         result = drive(cfg, loop, logger, state, on_epoch, on_record, progress)
     if result.epochs < cfg.train.epochs:
         RunLogger(result.run_id).set_tags({"skinclr.early_stopped_at": result.epochs})

@@ -137,10 +137,9 @@ def _smooth_noise(rng: np.random.Generator, cells: int, shape=(CANVAS, CANVAS)) 
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
-def _blobs(rng: np.random.Generator, count: int, within: float, size: tuple[float, float],
-           r: np.ndarray, radius: float) -> np.ndarray:
+def _blobs(rng: np.random.Generator, count: int, within: float, size: tuple[float, float], radius: float) -> np.ndarray:
     """Sum of `count` gaussian spots placed inside `within` of the lesion radius."""
-    field = np.zeros_like(r)
+    field = np.zeros(_XX.shape, np.float32)
     ang = rng.uniform(0, 2 * np.pi, count)
     dist = radius * within * np.sqrt(rng.uniform(0, 1, count))
     for a, d, s in zip(ang, dist, rng.uniform(*size, count)):
@@ -158,7 +157,7 @@ def _lesion_layer(rng: np.random.Generator, name: str) -> Image.Image:
     irregular = max(rng.normal(*p["irregular"]), 0.0)
     wobble = sum(rng.normal(0, irregular / k ** 0.5) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
                  for k in range(2, 9))
-    border = radius * (1 + wobble)
+    border = radius * np.maximum(1 + wobble, 0.3)
     edge = p["edge"] * rng.uniform(0.6, 1.6)
     alpha = np.clip((border - r) / edge + 0.5, 0, 1)
     rho = r / border
@@ -170,7 +169,7 @@ def _lesion_layer(rng: np.random.Generator, name: str) -> Image.Image:
     strength = rng.uniform(0.15, 1.0)  # how clearly the class pattern shows
     pattern = p["pattern"]
     if pattern == "dots":
-        mix = np.maximum(mix, strength * _blobs(rng, int(rng.integers(6, 25)), 0.9, (1.5, 3.5), r, radius))
+        mix = np.maximum(mix, strength * _blobs(rng, int(rng.integers(6, 25)), 0.9, (1.5, 3.5), radius))
     elif pattern == "network":
         freq = rng.uniform(0.45, 0.7)
         net = (np.abs(np.sin(_XX * freq + 2 * _smooth_noise(rng, 8))) * np.abs(np.sin(_YY * freq))) < 0.2
@@ -178,7 +177,7 @@ def _lesion_layer(rng: np.random.Generator, name: str) -> Image.Image:
     elif pattern == "ring":
         mix = np.maximum(mix, strength * np.exp(-(rho / rng.uniform(0.35, 0.55)) ** 2))
     elif pattern == "lobules":
-        mix = np.maximum(mix, strength * _blobs(rng, int(rng.integers(4, 10)), 0.7, (3, 7), r, radius))
+        mix = np.maximum(mix, strength * _blobs(rng, int(rng.integers(4, 10)), 0.7, (3, 7), radius))
     rgb = colour * (1 - mix[..., None]) + colour2 * mix[..., None]
 
     amp, cells = p["texture"]
@@ -200,7 +199,8 @@ def _lesion_layer(rng: np.random.Generator, name: str) -> Image.Image:
             for _ in range(int(rng.integers(3, 7))):
                 heading += rng.normal(0, 0.6)
                 nxt = pt + rng.uniform(4, 10) * np.array([np.cos(heading), np.sin(heading)])
-                draw.line([tuple(pt), tuple(nxt)], fill=(165, 35, 45, int(255 * strength)), width=int(rng.integers(1, 3)))
+                draw.line([tuple(pt), tuple(nxt)], fill=(165, 35, 45, int(255 * strength)),
+                          width=int(rng.integers(1, 3)))
                 pt = nxt
         layer.putalpha(Image.fromarray((alpha * 255).astype(np.uint8)))
     return layer

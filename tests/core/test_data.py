@@ -273,7 +273,7 @@ def _modes():
     return {
         "L": (Image.fromarray(grey), "png", (100, 100, 100)),
         "LA": (Image.fromarray(grey).convert("LA"), "png", (100, 100, 100)),
-        "P": (Image.fromarray(rgb).convert("P"), "png", (10, 20, 30)),
+        "P": (Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE), "png", (10, 20, 30)),
         "RGBA": (Image.fromarray(rgba), "png", (10, 20, 30)),
         "CMYK": (Image.new("CMYK", (8, 6), (0, 0, 0, 0)), "jpg", (255, 255, 255)),
         "I;16": (Image.fromarray(np.full((6, 8), 65535, np.uint16)), "png", (255, 255, 255)),
@@ -325,8 +325,8 @@ def test_ham10000_layout(tmp_path):
             ("HAM_0000002", "ISIC_0000002", "vasc", 2)]
     for _, image, _, part in rows:
         write_jpeg(root / f"HAM10000_images_part_{part}" / f"{image}.jpg")
-    (root / HAM_METADATA).write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n" +
-                                     "".join(f"{lesion},{image},{dx},histo,50.0,male,back\n" for lesion, image, dx, _ in rows))
+    body = "".join(f"{lesion},{image},{dx},histo,50.0,male,back\n" for lesion, image, dx, _ in rows)
+    (root / HAM_METADATA).write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n" + body)
     m = read_manifest(root)
     assert m.layout == "ham10000"
     assert m.frame["label"].tolist() == [0, 0, 6]

@@ -1,0 +1,337 @@
+"""The model registry: register a fine-tune run's model, move alias `champion` only forward.
+
+A promotion registers `runs:/RUN_ID/model` as a new version of the registered model, then moves
+`champion` to it if, and only if, it beats the current champion on the same validation split
+(different splits give incomparable numbers). The champion it replaces keeps alias `previous`,
+so `rollback` is one swap. Everything that serves or evaluates a model loads it as
+`models:/NAME@champion`.
+
+Two failure modes are designed out:
+
+* A crash part-way leaves the old champion in place. The version is registered tagged
+  `skinclr.promotion=pending`; `previous` is written before `champion`, and `champion` is the
+  last write; the tag turns `done` (or `failed` when an error is caught) afterwards. A version
+  that never got the alias is only an unused entry in the version list.
+* Two promotions at once cannot both compare against the same old champion (a read-modify-write
+  race in which the worse model could land last). The compare-and-move runs under a lock:
+
+  - local SQLite store: an fcntl lock on a file beside the database. The kernel releases it
+    when its holder dies, so a killed promotion never blocks the next one.
+  - tracking server (no shared file system, and MLflow has no compare-and-set on tags or
+    aliases): a ticket lock built on the one atomic step the registry offers, numbering new
+    versions. Each promotion registers its version first, then waits until no lower-numbered
+    version of the same model is still `pending`; promotions therefore run one at a time in
+    version order. A `pending` version that stays pending for `STALE_S` seconds (its process
+    died without a chance to tag it) stops counting.
+
+  Promote a store through one door: clients of a `skinclr server` should not promote directly
+  into its SQLite file at the same time, since the two locks do not see each other.
+"""
+from __future__ import annotations
+
+import fcntl
+import math
+import time
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from core import tracking
+
+CHAMPION, PREVIOUS = "champion", "previous"
+PROMOTION_TAG = "skinclr.promotion"  # pending -> done | failed
+MODEL_ARTIFACT = "model"
+LOCK_TIMEOUT_S = 120.0  # longest wait for the local lock file
+STALE_S = 60.0  # a server-side promotion pending this long is taken for dead
+POLL_S = 0.25
+
+
+class PromotionError(ValueError):
+    """Nothing to promote, or a promotion that cannot go ahead; the message says why."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    run: Run
+    score: float
+    how: str  # which number the score is: `best_<metric>` or `max of <metric> history`
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith("loss")
+
+
+def beats(a: float, b: float, metric: str) -> bool:
+    return a < b if lower_is_better(metric) else a > b
+
+
+def run_score(client: MlflowClient, run: Run, metric: str) -> tuple[float, str] | None:
+    """A run's best value of `metric`: `best_<metric>` when the run logged it (the fine-tune loop
+    logs it at its best epoch, the one whose model it saved), else the best of the metric's
+    per-epoch history (max, or min for a loss). None when the run has neither."""
+    best = run.data.metrics.get(f"best_{metric}")
+    if best is not None and math.isfinite(best):
+        return best, f"best_{metric}"
+    if metric not in run.data.metrics:
+        return None
+    values = [m.value for m in client.get_metric_history(run.info.run_id, metric) if math.isfinite(m.value)]
+    if not values:
+        return None
+    pick = min if lower_is_better(metric) else max
+    return pick(values), f"{pick.__name__} of {metric} history"
+
+
+def has_model(client: MlflowClient, run_id: str) -> bool:
+    return any(a.path == f"{MODEL_ARTIFACT}/MLmodel" for a in client.list_artifacts(run_id, MODEL_ARTIFACT))
+
+
+def _experiment_id(client: MlflowClient, experiment: str) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+        raise PromotionError(f"no experiment '{experiment}' in {tracking.tracking_uri()} (experiments: {names}); "
+                             "check --experiment and MLFLOW_TRACKING_URI")
+    return exp.experiment_id
+
+
+def select_candidate(client: MlflowClient, experiment: str, metric: str, run_id: str | None = None) -> Candidate:
+    """The given run, or the best finished run of the experiment that logged a model."""
+    if run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise PromotionError(f"--run {run_id}: no such run in {tracking.tracking_uri()}") from None
+        if run.info.status != "FINISHED":
+            raise PromotionError(f"--run {run_id} is {run.info.status}, not FINISHED; only finished runs are promoted")
+        scored = run_score(client, run, metric)
+        if scored is None:
+            raise PromotionError(f"--run {run_id} has no metric '{metric}' (nor best_{metric}); pick another --metric")
+        if not has_model(client, run_id):
+            raise PromotionError(f"--run {run_id} logged no '{MODEL_ARTIFACT}' artifact; only fine-tune runs can be promoted")
+        return Candidate(run, *scored)
+
+    exp_id = _experiment_id(client, experiment)
+    runs = mlflow.search_runs([exp_id], filter_string="attributes.status = 'FINISHED'", output_format="list")
+    scored = [(s, run) for run in runs if (s := run_score(client, run, metric)) is not None]
+    scored.sort(key=lambda item: item[0][0], reverse=not lower_is_better(metric))
+    for (score, how), run in scored:
+        if has_model(client, run.info.run_id):
+            return Candidate(run, score, how)
+    raise PromotionError(f"experiment '{experiment}' has no finished run with metric '{metric}' and a "
+                         f"'{MODEL_ARTIFACT}' artifact ({len(runs)} finished runs, {len(scored)} with the metric); "
+                         "run `skinclr finetune` first")
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _version_tags(cand: Candidate, metric: str) -> dict[str, str]:
+    tags = cand.run.data.tags
+    out = {
+        PROMOTION_TAG: "pending",
+        "skinclr.source_run_id": cand.run_id,
+        "skinclr.metric": metric,
+        "skinclr.metric_value": repr(cand.score),
+        "skinclr.split_fingerprint": tags.get("split_fingerprint"),
+        "skinclr.data_fingerprint": tags.get("data_fingerprint"),
+        "skinclr.git_commit": tags.get("mlflow.source.git.commit"),
+        "skinclr.pretrain_run_id": tags.get("skinclr.pretrain_run_id"),
+        "skinclr.sweep_run_id": tags.get("skinclr.sweep_run_id"),
+        "skinclr.init": tags.get("skinclr.init", cand.run.data.params.get("finetune.init")),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _description(cand: Candidate, metric: str) -> str:
+    run, tags, m = cand.run, cand.run.data.tags, cand.run.data.metrics
+    lines = [f"Model of fine-tune run `{cand.run_id}` ({tags.get('mlflow.runName', '')}, init "
+             f"`{tags.get('skinclr.init', run.data.params.get('finetune.init', '?'))}`).",
+             f"Data fingerprint `{tags.get('data_fingerprint', '?')}`, split fingerprint "
+             f"`{tags.get('split_fingerprint', '?')}`.",
+             f"{metric}: {cand.score:.4f} ({cand.how})."]
+    for key in ("best_val_balanced_accuracy", "best_val_accuracy"):
+        if key in m and key != f"best_{metric}":
+            lines.append(f"{key}: {m[key]:.4f}.")
+    return "\n".join(lines)
+
+
+def register(client: MlflowClient, name: str, cand: Candidate, metric: str) -> ModelVersion:
+    """A new version of `name` from the run's model, tagged `skinclr.promotion=pending`."""
+    try:
+        client.create_registered_model(name, description="skinclr ISIC 2018 Task 3 classifiers; "
+                                       f"alias `{CHAMPION}` is the one to serve, `{PREVIOUS}` the one before.")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(name, source=f"runs:/{cand.run_id}/{MODEL_ARTIFACT}", run_id=cand.run_id,
+                                       tags=_version_tags(cand, metric), description=_description(cand, metric))
+
+
+# ---------------------------------------------------------------------------------------------
+# Serializing the compare-and-move
+
+
+def _local_db() -> Path | None:
+    uri = tracking.tracking_uri()
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def _file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    with open(path, "a") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PromotionError(f"another promotion has held {path} for over {timeout:.0f} s; "
+                                         "wait for it, or end the process that holds it") from None
+                time.sleep(POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _wait_for_turn(client: MlflowClient, name: str, version: int | None, stale: float = STALE_S) -> None:
+    """Return once no version of `name` numbered below `version` (any, when None) is pending.
+
+    Staleness is timed on this machine's clock from when the version was first seen pending,
+    so server and client clocks need not agree."""
+    first_seen: dict[str, float] = {}
+    while True:
+        now = time.monotonic()
+        ahead = [v.version for v in client.search_model_versions(f"name='{name}'")
+                 if (version is None or int(v.version) < version) and v.tags.get(PROMOTION_TAG) == "pending"]
+        if all(now - first_seen.setdefault(v, now) >= stale for v in ahead):
+            return
+        time.sleep(POLL_S)
+
+
+@contextmanager
+def serialized(client: MlflowClient, name: str, version: int | None) -> Iterator[None]:
+    """Mutual exclusion for alias changes of one registered model (see the module docstring)."""
+    db = _local_db()
+    if db is not None:
+        with _file_lock(db.with_name(f"{db.name}.{name}.promote.lock")):
+            yield
+    else:
+        _wait_for_turn(client, name, version)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Promotion and rollback
+
+
+def _move(client: MlflowClient, name: str, new: str, old: ModelVersion | None) -> None:
+    """`previous` first, `champion` last: a crash in between leaves the champion unchanged."""
+    if old is not None:
+        client.set_registered_model_alias(name, PREVIOUS, old.version)
+    client.set_registered_model_alias(name, CHAMPION, new)
+
+
+def _decide(client: MlflowClient, name: str, version: ModelVersion, cand: Candidate, metric: str,
+            force: bool) -> str:
+    """Compare with the champion of this moment and move the alias if the candidate wins."""
+    v = version.version
+    champ = alias_version(client, name, CHAMPION)
+    if champ is None:
+        _move(client, name, v, None)
+        return f"promoted run {cand.run_id} as {name} version {v}, the first {CHAMPION} ({metric} {cand.score:.4f})"
+    if champ.run_id == cand.run_id:
+        return f"run {cand.run_id} is already {CHAMPION} ({name} version {champ.version}); version {v} left unaliased"
+    try:
+        champ_run = client.get_run(champ.run_id) if champ.run_id else None
+    except MlflowException:
+        champ_run = None
+    here = cand.run.data.tags.get("split_fingerprint")
+    there = champ_run.data.tags.get("split_fingerprint") if champ_run else None
+    champ_score = run_score(client, champ_run, metric) if champ_run else None
+    if champ_run is None or champ_score is None:
+        why = f"{CHAMPION} version {champ.version} has no source run with metric '{metric}' to compare with"
+    elif here is None or here != there:
+        why = (f"not comparable: run {cand.run_id} was validated on split {here}, {CHAMPION} version "
+               f"{champ.version} (run {champ.run_id}) on split {there}")
+    elif beats(cand.score, champ_score[0], metric):
+        _move(client, name, v, champ)
+        return (f"promoted run {cand.run_id} as {name} version {v} ({CHAMPION}): {metric} {cand.score:.4f} beats "
+                f"{champ_score[0]:.4f} of version {champ.version}, now {PREVIOUS}")
+    else:
+        why = (f"{metric} {cand.score:.4f} does not beat {champ_score[0]:.4f} of {CHAMPION} version "
+               f"{champ.version}")
+    if force:
+        _move(client, name, v, champ)
+        return f"forced: run {cand.run_id} is {CHAMPION} as {name} version {v} although {why}; version {champ.version} is {PREVIOUS}"
+    return f"registered run {cand.run_id} as {name} version {v} and kept {CHAMPION} version {champ.version}: {why}" + (
+        "; pass --force to promote anyway" if why.startswith("not comparable") else "")
+
+
+def _check_name(name: str) -> None:
+    if not name or "'" in name or "/" in name or "@" in name:
+        raise PromotionError(f"registered model name {name!r}: use letters, digits, '-', '_' or '.' "
+                             "(no quotes, '/' or '@')")
+
+
+def promote(experiment: str, metric: str = "val_balanced_accuracy", name: str = "skinclr",
+            run_id: str | None = None, force: bool = False) -> str:
+    """Register the best (or the given) run's model as a new version of `name`; make it `champion`
+    if it beats the current one on the same split (or `force`). Returns what happened, in words.
+
+    The candidate's score is `best_<metric>` when logged, else the max of the metric's history
+    (min for a loss); the champion's source run is scored the same way, so the comparison is
+    always on the numbers the runs hold now."""
+    _check_name(name)
+    client = tracking.client()
+    cand = select_candidate(client, experiment, metric, run_id)
+    champ = alias_version(client, name, CHAMPION)
+    if champ is not None and champ.run_id == cand.run_id:
+        return f"run {cand.run_id} is already {CHAMPION} ({name} version {champ.version}, {metric} {cand.score:.4f})"
+    version = register(client, name, cand, metric)
+    try:
+        with serialized(client, name, int(version.version)):
+            message = _decide(client, name, version, cand, metric, force)
+    except BaseException:
+        with suppress(MlflowException):
+            client.set_model_version_tag(name, version.version, PROMOTION_TAG, "failed")
+        raise
+    client.set_model_version_tag(name, version.version, PROMOTION_TAG, "done")
+    client.update_model_version(name, version.version, description=f"{version.description}\n\nPromotion: {message}.")
+    return message
+
+
+def rollback(name: str = "skinclr") -> str:
+    """Swap `champion` and `previous`: the model served before the last promotion serves again.
+
+    On a tracking server it waits for pending promotions first; a promotion that registers while
+    the two alias writes happen may still compare against the champion being rolled back."""
+    _check_name(name)
+    client = tracking.client()
+    with serialized(client, name, None):
+        champ, prev = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
+        if champ is None or prev is None:
+            raise PromotionError(f"{name} has no '{CHAMPION}' and '{PREVIOUS}' pair to swap "
+                                 f"({CHAMPION}: {champ.version if champ else 'none'}, "
+                                 f"{PREVIOUS}: {prev.version if prev else 'none'})")
+        if champ.version == prev.version:
+            raise PromotionError(f"{name}: '{CHAMPION}' and '{PREVIOUS}' both point at version {champ.version} "
+                                 "(a promotion stopped between its two alias writes); nothing to roll back")
+        _move(client, name, prev.version, champ)
+    return f"rolled back {name}: {CHAMPION} is version {prev.version} again, {PREVIOUS} is version {champ.version}"

@@ -1,0 +1,89 @@
+"""`evaluate` and `predict` on real ISIC images: what they log, write and return, and how they fail."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import tracking
+from core.data import CLASSES, DataError, read_manifest
+from core.evaluate import evaluate, format_summary, predict
+from core.metrics import classification_metrics
+from core.serving import load_predictor, save_pyfunc
+from tests.core.test_serving import labelled_dir, log_trained, trained_state  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.real_data
+
+ARTIFACTS = {"confusion_matrix.png", "confusion_matrix.csv", "confusion_matrix_normalized.csv",
+             "classification_report.csv", "classification_report.txt", "metrics.json"}
+
+
+def test_evaluate_logs_a_linked_run_and_writes_the_json(trained_state, labelled_dir, tmp_path):
+    model_run, uri = log_trained(trained_state)
+    out = tmp_path / "out" / "metrics.json"
+    result = evaluate(uri, labelled_dir, json_out=out, progress=False)
+
+    written = json.loads(out.read_text())
+    assert written == result
+    manifest = read_manifest(labelled_dir)
+    assert written["model_uri"] == uri and written["model_run_id"] == model_run
+    assert written["data_dir"] == str(labelled_dir) and written["num_images"] == len(manifest.frame) == 21
+    direct = classification_metrics(manifest.frame["label"].to_numpy(),
+                                     load_predictor(uri).predict_proba(manifest.frame["path"].tolist()))
+    for key in ("balanced_accuracy", "accuracy", "macro_f1", "roc_auc_macro", "per_class", "confusion_matrix",
+                "confusion_matrix_normalized"):
+        assert written[key] == direct[key], key
+    assert sum(map(sum, written["confusion_matrix"])) == 21
+
+    run = tracking.client().get_run(written["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_id != model_run
+    assert run.data.tags["skinclr.model_uri"] == uri and run.data.tags["skinclr.model_run_id"] == model_run
+    assert model_run in run.data.tags["mlflow.note.content"]
+    assert run.data.tags["data_fingerprint"] == manifest.fingerprint
+    logged = run.data.metrics
+    assert logged["test_balanced_accuracy"] == pytest.approx(direct["balanced_accuracy"])
+    assert logged["test_accuracy"] == pytest.approx(direct["accuracy"])
+    assert logged["test_macro_f1"] == pytest.approx(direct["macro_f1"])
+    assert logged["test_roc_auc_macro"] == pytest.approx(direct["roc_auc_macro"])
+    for name in CLASSES:
+        assert logged[f"test_recall_{name}"] == pytest.approx(direct["per_class"][name]["recall"])
+    assert {a.path for a in tracking.client().list_artifacts(run.info.run_id)} == ARTIFACTS
+
+    counts = pd.read_csv(Path(tracking.RunLogger(run.info.run_id).download("confusion_matrix.csv", tmp_path)),
+                         index_col=0)
+    assert list(counts.columns) == list(CLASSES) and counts.to_numpy().tolist() == written["confusion_matrix"]
+
+    lines = format_summary(result).splitlines()
+    balanced = next(line for line in lines if line.startswith("balanced accuracy"))
+    plain = next(line for line in lines if line.startswith("accuracy"))
+    assert f"{direct['balanced_accuracy']:.4f}" in balanced and f"{direct['accuracy']:.4f}" in plain
+    assert all(any(line.strip().startswith(name) for line in lines) for name in CLASSES)
+
+
+def test_a_corrupt_jpeg_fails_evaluation_naming_the_file_and_logs_nothing(labelled_dir, trained_state, tmp_path):
+    _, uri = log_trained(trained_state)
+    folder = shutil.copytree(labelled_dir, tmp_path / "isic-val")
+    victim = sorted((folder / "ISIC2018_Task3_Validation_Input").glob("*.jpg"))[5]
+    victim.write_bytes(victim.read_bytes()[:700])
+    with pytest.raises(DataError, match=victim.name):
+        evaluate(uri, folder, json_out=tmp_path / "metrics.json", progress=False)
+    assert not (tmp_path / "metrics.json").exists()
+    experiment = tracking.client().get_experiment_by_name("skinclr-evaluate")
+    assert experiment is None or not tracking.client().search_runs([experiment.experiment_id])
+
+
+def test_predict_writes_one_row_per_image(trained_state, labelled_dir, tmp_path):
+    model = save_pyfunc(tmp_path / "model", trained_state, "resnet18", 32, "center_crop")
+    paths = read_manifest(labelled_dir).frame["path"].tolist()[::3]
+    frame = predict(str(model), paths, out_csv=tmp_path / "out" / "probs.csv")
+    written = pd.read_csv(tmp_path / "out" / "probs.csv")
+    assert list(written.columns) == ["image", *CLASSES, "predicted"]
+    assert written["image"].tolist() == paths and len(written) == len(frame) == len(paths)
+    probs = written[list(CLASSES)].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    assert written["predicted"].tolist() == [CLASSES[i] for i in probs.argmax(axis=1)]
+    np.testing.assert_allclose(probs, load_predictor(model).predict_proba(paths), atol=1e-9)
