@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - narrowed just below
         if isinstance(err, expected_errors()):
-            print(f"error: {err}", file=sys.stderr)
+            for line in getattr(err, "problems", None) or str(err).splitlines() or [repr(err)]:
+                print(f"error: {line}", file=sys.stderr)
             return 1
         raise
 

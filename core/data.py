@@ -100,16 +100,17 @@ def load_rgb(path) -> np.ndarray:
     """Fully decode an image file into an HxWx3 uint8 RGB array, whatever its mode or suffix."""
     path = Path(path)
     try:
-        return _decode(path)
-    except _DECODE_ERRORS as err:
+        return decode_image(path)
+    except DECODE_ERRORS as err:
         raise DataError(f"{path}: {_decode_reason(path, err)}; replace or remove the file") from None
 
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def _decode(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
+def decode_image(source) -> np.ndarray:
+    """Decode a file path or a binary stream (e.g. a served request's bytes) to RGB uint8."""
+    with Image.open(source) as img:
         img.load()
         return _to_rgb(ImageOps.exif_transpose(img))
 
@@ -142,8 +143,8 @@ def _decode_problems(paths: list[str]) -> list[tuple[str, str]]:
     bad = []
     for p in paths:
         try:
-            _decode(Path(p))
-        except _DECODE_ERRORS as err:
+            decode_image(Path(p))
+        except DECODE_ERRORS as err:
             bad.append((p, _decode_reason(Path(p), err)))
     return bad
 

@@ -60,7 +60,7 @@ def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr
     probs = predictor.predict_proba(manifest.frame["path"].tolist(), progress=progress)
     report = M.classification_metrics(manifest.frame["label"].to_numpy(), probs)
 
-    logger = RunLogger.create(experiment, run_name=f"evaluate {Path(manifest.root).name}",
+    logger = RunLogger.create(experiment, run_name=f"evaluate {manifest.root.name}",
                               tags=_tags(str(model_uri), predictor, manifest))
     result = {**report, "model_uri": str(model_uri), "model_run_id": predictor.run_id,
               "data_dir": str(manifest.root), "data_fingerprint": manifest.fingerprint,
@@ -70,7 +70,7 @@ def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr
                            **{f"model_{k}": v for k, v in predictor.meta.items() if k != "classes"}})
         logger.log_metrics(_run_metrics(report), step=0)
         with tempfile.TemporaryDirectory() as tmp:
-            for f in _write_artifacts(report, result, Path(tmp), title=f"{model_uri} on {Path(manifest.root).name}"):
+            for f in _write_artifacts(report, result, Path(tmp), title=f"{model_uri} on {manifest.root.name}"):
                 logger.log_artifact(f)
     except BaseException:
         logger.end("FAILED")

@@ -102,7 +102,7 @@ def finetune(cfg: Config, inputs: Inputs, resume: dict[str, Any] | None = None,
             sampler = torch.utils.data.WeightedRandomSampler(
                 w, len(w), generator=torch.Generator().manual_seed(cfg.train.seed * 7 + epoch))
         loader = make_loader(inputs.cache, inputs.train_rows, augment, batch_size=cfg.train.batch_size,
-                             seed=cfg.train.seed, epoch=epoch, shuffle=True, sampler=sampler,
+                             seed=cfg.train.seed, epoch=epoch, shuffle=True, sampler=sampler, drop_last=True,
                              workers=cfg.data.workers, pin_memory=device.type == "cuda")
         model.train()
         t0, seen, total = time.perf_counter(), 0, 0.0

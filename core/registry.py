@@ -186,13 +186,17 @@ def register(client: MlflowClient, name: str, cand: Candidate, metric: str) -> M
 # Serializing the compare-and-move
 
 
-def _local_db() -> Path | None:
+def lock_file(name: str) -> Path | None:
+    """The lock file of `name`'s promotions beside a local SQLite store; None for a server."""
     uri = tracking.tracking_uri()
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return db.with_name(f"{db.name}.{name}.promote.lock")
 
 
 @contextmanager
-def _file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+def file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     with open(path, "a") as fh:
         deadline = time.monotonic() + timeout
         while True:
@@ -210,7 +214,7 @@ def _file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _wait_for_turn(client: MlflowClient, name: str, version: int | None, stale: float = STALE_S) -> None:
+def wait_for_turn(client: MlflowClient, name: str, version: int | None, stale: float = STALE_S) -> None:
     """Return once no version of `name` numbered below `version` (any, when None) is pending.
 
     Staleness is timed on this machine's clock from when the version was first seen pending,
@@ -228,12 +232,12 @@ def _wait_for_turn(client: MlflowClient, name: str, version: int | None, stale: 
 @contextmanager
 def serialized(client: MlflowClient, name: str, version: int | None) -> Iterator[None]:
     """Mutual exclusion for alias changes of one registered model (see the module docstring)."""
-    db = _local_db()
-    if db is not None:
-        with _file_lock(db.with_name(f"{db.name}.{name}.promote.lock")):
+    path = lock_file(name)
+    if path is not None:
+        with file_lock(path):
             yield
     else:
-        _wait_for_turn(client, name, version)
+        wait_for_turn(client, name, version)
         yield
 
 

@@ -14,6 +14,7 @@ server processes (MLflow's default is 4).
 """
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -87,7 +88,9 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | No
         print("  (Host headers other than localhost and private IPs need "
               "MLFLOW_SERVER_ALLOWED_HOSTS=name:port set before starting)", flush=True)
 
-    proc = subprocess.Popen(server_command(host, port, backend, artifacts))
+    # MLflow's GenAI job runner: several more processes that tracking and the registry never use
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    proc = subprocess.Popen(server_command(host, port, backend, artifacts), env=env)
     interrupted = False
 
     def forward(signum, _frame):

@@ -29,13 +29,13 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, Schema
-from PIL import Image, ImageOps
+from PIL import Image
 
 from core import __version__, tracking
 from core.augment import eval_transform
 from core.cache import ASPECTS, fit_square
 from core.config import load_config
-from core.data import CLASSES, DataError, _to_rgb, load_rgb
+from core.data import CLASSES, DECODE_ERRORS, DataError, decode_image, load_rgb
 from core.models import BACKBONES, ModelError, build_classifier
 from core.tracking import RunLogger
 
@@ -69,7 +69,7 @@ def _as_items(images: Any) -> list:
         if images.ndim == 3:
             return [images]
         raise DataError(f"an image array must be HxWx3 or NxHxWx3 uint8, got shape {images.shape}")
-    if isinstance(images, (str, Path, bytes)):
+    if isinstance(images, (str, Path, bytes, bytearray)):
         return [images]
     return list(images)
 
@@ -93,7 +93,8 @@ def decode_image(item: Any, index: int = 0) -> np.ndarray:
         try:
             data = base64.b64decode(item, validate=False)
         except binascii.Error as err:
-            raise DataError(f"image {index}: {item[:40]!r}... is neither an existing file nor valid base64 ({err})") from None
+            raise DataError(f"image {index}: {item[:40]!r}... is neither an existing file nor valid base64 "
+                            f"({err})") from None
         return _decode_bytes(data, f"image {index} (base64, {len(item)} characters)")
     if isinstance(item, (bytes, bytearray)):
         return _decode_bytes(bytes(item), f"image {index} ({len(item)} bytes)")
@@ -110,10 +111,8 @@ def _is_file(text: str) -> bool:
 
 def _decode_bytes(data: bytes, name: str) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return decode_image(io.BytesIO(data))
+    except DECODE_ERRORS as err:
         raise DataError(f"{name}: not a readable image ({err}); send a whole JPEG or PNG file, base64-encoded, "
                         "or a path to an existing file") from None
 
@@ -128,13 +127,13 @@ class Predictor:
     def __init__(self, state_dict: dict, meta: dict, run_id: str | None = None, uri: str = ""):
         self.meta = _check_meta(meta, uri or "the given meta")
         self.run_id = run_id
-        self.uri = uri
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = build_classifier(self.meta["backbone"], num_classes=len(self.meta["classes"]))
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as err:
-            raise ModelError(f"weights of {uri or 'the model'} do not fit a {self.meta['backbone']} classifier: {err}") from None
+            raise ModelError(f"weights of {uri or 'the model'} do not fit a {self.meta['backbone']} "
+                             f"classifier: {err}") from None
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.size = self.meta["image_size"]
         self.transform = eval_transform(self.size)
@@ -338,7 +337,8 @@ def _registered(c) -> str:
 
 
 def _download(uri: str, dst: str) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking.tracking_uri()))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst,
+                                                    tracking_uri=tracking.tracking_uri()))
 
 
 def _from_folder(folder: Path, run_id: str | None, uri: str) -> Predictor:

@@ -191,38 +191,44 @@ class ChildRuns(tune.Callback):
         self.parent_run_id, self.tracking_uri = parent_run_id, tracking_uri
         self.max_t, self.epochs = max_t, epochs
 
-    def close(self, trial, runs: dict[str, Any]) -> None:
+    def close(self, trial, runs: dict[str, Any], status: str) -> None:
+        """End the trial's run; `status` is Tune's verdict (TERMINATED or ERROR) or, for a
+        trial Tune did not finish, whatever it is now."""
         run = runs.get(trial.trial_id)
         if run is None:  # failed before it could open its run
             return
         logger = RunLogger(run.info.run_id)
-        if trial.status not in ("TERMINATED", "ERROR"):
+        if status not in ("TERMINATED", "ERROR"):
             if run.info.status == "RUNNING":
                 logger.end("KILLED")
             return
         result = trial.last_result or {}
-        why = stopped_by(result, trial.status == "ERROR", self.max_t, self.epochs)
+        why = stopped_by(result, status == "ERROR", self.max_t, self.epochs)
+        end = "FAILED" if status == "ERROR" else "FINISHED"
+        if run.info.status == end and run.data.tags.get(STOPPED_BY_TAG) == why:
+            return  # closed already (the final pass, or a resumed sweep)
         tags = {STOPPED_BY_TAG: why, "skinclr.epochs_run": int(result.get("epoch", 0))}
         if why in ("asha", "max_t"):
             tags[STOPPED_AT_TAG] = int(result.get("epoch", 0))
         logger.set_tags(tags)
-        logger.end("FAILED" if trial.status == "ERROR" else "FINISHED")
+        logger.end(end)
 
     def runs(self) -> dict[str, Any]:
         if tracking.tracking_uri() != self.tracking_uri:
             raise RuntimeError(f"the driver logs to {tracking.tracking_uri()}, the sweep to {self.tracking_uri}")
         return trial_runs(self.parent_run_id)
 
+    # Tune calls these before it updates trial.status, so the hook itself says what happened.
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.close(trial, self.runs())
+        self.close(trial, self.runs(), "TERMINATED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.close(trial, self.runs())
+        self.close(trial, self.runs(), "ERROR")
 
     def on_experiment_end(self, trials, **info) -> None:
         runs = self.runs()
         for trial in trials:
-            self.close(trial, runs)
+            self.close(trial, runs, trial.status)
         known = {t.trial_id for t in trials}
         for trial_id, run in runs.items():
             if trial_id not in known and run.info.status == "RUNNING":

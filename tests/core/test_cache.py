@@ -115,6 +115,7 @@ def _build_in_child(root, cache_dir, start, results):
     results.put((str(cache.path), int(cache.images.astype(np.int64).sum())))
 
 
+@pytest.mark.slow
 def test_concurrent_builds_both_succeed(synth_dir, tmp_path):
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(2), ctx.Queue()

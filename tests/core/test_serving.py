@@ -68,7 +68,7 @@ def trained_state(labelled_dir) -> dict:
     y = torch.tensor(manifest.frame["label"].to_numpy())
     model = build_classifier("resnet18")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(10):
+    for _ in range(5):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
@@ -179,7 +179,9 @@ def test_unknown_models_raise_model_not_found_naming_what_exists(trained_state, 
     with pytest.raises(ModelNotFound, match=r"registered: none"):
         load_predictor("models:/skinclr@champion")
     mlflow.register_model(uri, "skinclr")
-    with pytest.raises(ModelNotFound, match=r"'models:/skinclr@champion'.*registered: skinclr \(versions 1\)"):
+    tracking.client().set_registered_model_alias("skinclr", "candidate", "1")
+    with pytest.raises(ModelNotFound, match=r"'models:/skinclr@champion'.*registered: skinclr \(versions 1; "
+                                            r"aliases @candidate->v1\)"):
         load_predictor("models:/skinclr@champion")
     with pytest.raises(ModelNotFound, match=r"'models:/skinclr/7'.*versions 1"):
         load_predictor("models:/skinclr/7")

@@ -1,0 +1,207 @@
+"""The paper's Table 1, Table 2 and Figures 1-3, rebuilt from MLflow runs and nothing else.
+
+Table 1 groups finished fine-tune runs by their init (scratch, ImageNet, SimCLR) and gives mean
+± sample std over the runs of each group (seeds): validation numbers from each run's best epoch
+(`best_val_*`), test numbers from the newest `skinclr evaluate` run of the run's model. Balanced
+accuracy and accuracy always sit in separate, labelled columns: the original paper reported the
+second under the name of the first. Table 2 and the figures describe the single best run (highest
+val balanced accuracy), redrawn from the `report/` files it logged.
+
+Sweep trials are left out: they differ in hyperparameters, not only in seed, so their spread is
+not seed variance. The report itself becomes an MLflow run (experiment `skinclr-report`).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Run
+
+from core import metrics as M
+from core import tracking
+from core.tracking import STAGE_TAG, RunLogger
+
+REPORT_EXPERIMENT = "skinclr-report"
+INITS = ("scratch", "ImageNet", "SimCLR")
+DASH = "—"
+FIGURES = {"figure1_loss_curves.png": "Figure 1. Training and validation loss per epoch",
+           "figure2_accuracy_curves.png": "Figure 2. Validation accuracy and balanced accuracy per epoch",
+           "figure3_confusion_matrix.png": "Figure 3. Validation confusion matrix at the best epoch"}
+
+
+class ReportError(ValueError):
+    """No runs to report on, or a run missing what the report needs."""
+
+
+def init_group(run: Run) -> str:
+    """scratch, ImageNet, or SimCLR (a `runs:/` pretrain run or a backbone checkpoint path)."""
+    init = run.data.tags.get("skinclr.init") or run.data.params.get("finetune.init", "")
+    return {"scratch": "scratch", "imagenet": "ImageNet"}.get(init, "SimCLR")
+
+
+def is_sweep_run(run: Run) -> bool:
+    tags = run.data.tags
+    return "skinclr.sweep_run_id" in tags or "skinclr.sweep" in tags
+
+
+def finetune_runs(experiments: list[str]) -> tuple[list[Run], int]:
+    """Finished fine-tune runs with best-epoch metrics (newest first), and how many sweep runs were left out."""
+    c = tracking.client()
+    ids = []
+    for name in experiments:
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            known = ", ".join(sorted(e.name for e in c.search_experiments())) or "none"
+            raise ReportError(f"no experiment '{name}' in {tracking.tracking_uri()} (experiments: {known}); "
+                              "check --experiment and MLFLOW_TRACKING_URI")
+        ids.append(exp.experiment_id)
+    runs = mlflow.search_runs(ids, filter_string=f"attributes.status = 'FINISHED' and tags.`{STAGE_TAG}` = 'finetune'",
+                              output_format="list")
+    sweep = [r for r in runs if is_sweep_run(r)]
+    kept = [r for r in runs if not is_sweep_run(r) and "best_val_balanced_accuracy" in r.data.metrics]
+    if not kept:
+        raise ReportError(f"no finished fine-tune run with best_val_balanced_accuracy in {', '.join(experiments)} "
+                          f"({len(sweep)} sweep runs not counted); run `skinclr finetune` with experiments/paper/*.yaml")
+    return kept, len(sweep)
+
+
+def test_runs(model_run_ids: list[str]) -> dict[str, Run]:
+    """The newest finished `skinclr evaluate` run of each model run, from any experiment."""
+    evals = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string=f"attributes.status = 'FINISHED' and tags.`{STAGE_TAG}` = 'evaluate'",
+                               order_by=["attributes.start_time DESC"])
+    wanted, out = set(model_run_ids), {}
+    for run in evals:
+        rid = run.data.tags.get("skinclr.model_run_id")
+        if rid in wanted and rid not in out and "test_balanced_accuracy" in run.data.metrics:
+            out[rid] = run
+    return out
+
+
+def _cell(values: list[float], n: int) -> str:
+    if not values:
+        return DASH
+    mean, std = M.mean_std(values)
+    text = f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
+    return text if len(values) == n else f"{text} ({len(values)} of {n} runs)"
+
+
+@dataclass
+class Table1:
+    frame: pd.DataFrame  # what report.md shows
+    values: dict[str, dict[str, list[float]]]  # group -> column -> per-run numbers behind each cell
+
+
+def table1(runs: list[Run], tests: dict[str, Run]) -> Table1:
+    rows, values = [], {}
+    for group in INITS:
+        members = [r for r in runs if init_group(r) == group]
+        ids = [r.info.run_id for r in members]
+        v = {"val_balanced_accuracy": [r.data.metrics["best_val_balanced_accuracy"] for r in members],
+             "val_accuracy": [r.data.metrics["best_val_accuracy"] for r in members if "best_val_accuracy" in r.data.metrics],
+             "test_balanced_accuracy": [tests[i].data.metrics["test_balanced_accuracy"] for i in ids if i in tests],
+             "test_accuracy": [tests[i].data.metrics["test_accuracy"] for i in ids if i in tests]}
+        values[group] = v
+        rows.append({"init": group, "n runs": len(members),
+                     "val balanced accuracy": _cell(v["val_balanced_accuracy"], len(members)),
+                     "val accuracy": _cell(v["val_accuracy"], len(members)),
+                     "test balanced accuracy": _cell(v["test_balanced_accuracy"], len(members)),
+                     "test accuracy": _cell(v["test_accuracy"], len(members)),
+                     "runs": ", ".join(ids) or DASH})
+    return Table1(pd.DataFrame(rows), values)
+
+
+def table2(val_metrics: dict) -> pd.DataFrame:
+    """Per-class precision, recall, F1, support (and ROC-AUC) of one run's best validation epoch."""
+    frame = M.report_frame(val_metrics)
+    return frame.rename(columns={"f1": "F1", "roc_auc": "ROC-AUC"})
+
+
+def _markdown(frame: pd.DataFrame, index: bool = False) -> str:
+    """A GitHub table without the optional `tabulate` dependency."""
+    if index:
+        frame = frame.reset_index(names="")
+    def fmt(v):
+        if isinstance(v, float):
+            return DASH if pd.isna(v) else f"{v:.4f}"
+        return str(v)
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _download_json(run_id: str, artifact: str, dst: Path):
+    path = RunLogger(run_id).download(artifact, dst)
+    if path is None:
+        raise ReportError(f"run {run_id} has no '{artifact}' artifact; is it a complete skinclr fine-tune run?")
+    return json.loads(path.read_text())
+
+
+def build_report(experiments: list[str], out: Path) -> Path:
+    """Write report.md, table1.csv, table2.csv and the three figures to `out`, log them as a new
+    run of experiment `skinclr-report` (tag `skinclr.report=1`), and return report.md's path."""
+    out = Path(out)
+    runs, n_sweep = finetune_runs(list(experiments))
+    tests = test_runs([r.info.run_id for r in runs])
+    t1 = table1(runs, tests)
+    best = max(runs, key=lambda r: r.data.metrics["best_val_balanced_accuracy"])
+    bid = best.info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        val_metrics = _download_json(bid, "report/val_metrics.json", Path(tmp))
+        history = _download_json(bid, "report/history.json", Path(tmp))
+    t2 = table2(val_metrics)
+
+    out.mkdir(parents=True, exist_ok=True)
+    M.plot_loss_curves(history, out / "figure1_loss_curves.png")
+    M.plot_accuracy_curves(history, out / "figure2_accuracy_curves.png")
+    M.plot_confusion_matrix(val_metrics, out / "figure3_confusion_matrix.png",
+                            title=f"run {bid[:8]} ({init_group(best)}), val, epoch {best.data.tags.get('skinclr.best_epoch', '?')}")
+    t1.frame.to_csv(out / "table1.csv", index=False)
+    t2.to_csv(out / "table2.csv")
+
+    logger = RunLogger.create(REPORT_EXPERIMENT, run_name="report", tags={
+        "skinclr.report": "1", STAGE_TAG: "report", "skinclr.best_run_id": bid,
+        "skinclr.report_experiments": ",".join(experiments)})
+    try:
+        logger.log_params({"experiments": ",".join(experiments), "runs": len(runs), "sweep_runs_left_out": n_sweep})
+        text = _report_text(experiments, runs, n_sweep, t1, t2, best, val_metrics, logger.run_id)
+        (out / "report.md").write_text(text)
+        for name in ("report.md", "table1.csv", "table2.csv", *FIGURES):
+            logger.log_artifact(out / name)
+    except BaseException:
+        logger.end("FAILED")
+        raise
+    logger.end("FINISHED")
+    return out / "report.md"
+
+
+def _report_text(experiments, runs, n_sweep, t1: Table1, t2, best: Run, val_metrics: dict, report_run: str) -> str:
+    bid, when = best.info.run_id, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "# skinclr: ISIC 2018 Task 3 results",
+        f"Rebuilt from {len(runs)} MLflow fine-tune runs of experiment(s) {', '.join(f'`{e}`' for e in experiments)} "
+        f"in `{tracking.tracking_uri()}` on {when}; this report is MLflow run `{report_run}` "
+        f"(experiment `{REPORT_EXPERIMENT}`).",
+        "**Balanced accuracy** is the mean recall over the classes (the official ISIC 2018 metric); "
+        "**accuracy** is the fraction of images classified correctly. They are different numbers and are "
+        "never merged into one column.",
+        "## Table 1. Balanced accuracy and accuracy by initialisation",
+        _markdown(t1.frame),
+        "Validation: each run's best epoch (`best_val_balanced_accuracy`, `best_val_accuracy`). Test: the newest "
+        f"`skinclr evaluate` run of the run's model ({DASH} when it has none). Mean ± sample standard deviation over "
+        "runs (seeds); one run shows its value alone."
+        + (f" {n_sweep} sweep runs are left out: they vary hyperparameters, not only the seed." if n_sweep else ""),
+        f"## Table 2. Per-class results of the best run (`{bid}`, {init_group(best)})",
+        f"Validation set of {val_metrics['num_samples']} images at epoch {best.data.tags.get('skinclr.best_epoch', '?')}: "
+        f"balanced accuracy {val_metrics['balanced_accuracy']:.4f}, accuracy {val_metrics['accuracy']:.4f}. "
+        f"\"macro avg\" recall equals balanced accuracy, \"weighted avg\" recall equals accuracy; {DASH} marks a class "
+        "absent from the validation set.",
+        _markdown(t2, index=True),
+    ]
+    parts += [f"## {caption} (run `{bid}`)\n\n![{caption}]({name})" for name, caption in FIGURES.items()]
+    return "\n\n".join(parts) + "\n"
