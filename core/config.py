@@ -110,6 +110,8 @@ class SweepConfig:
     max_failures: int = 1
     storage: str = ""  # Ray results folder; empty: ~/ray_results
     name: str = ""
+    finetune_config: str = ""  # pipeline: the fine-tune stage's config (with a sweep section: swept)
+    eval_data: str = ""  # pipeline: a labelled folder the best fine-tuned model is evaluated on
 
 
 @dataclass

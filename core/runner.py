@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import mlflow
 from tqdm.auto import tqdm
 
 from core import tracking
@@ -130,16 +129,16 @@ def run_pretrain(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
 
 
 def resolve_init(cfg: Config, workdir: Path) -> tuple[str | None, dict[str, str]]:
-    """`finetune.init=runs:/RUN_ID` -> that pretrain run's best backbone file, and a link tag."""
+    """`finetune.init=runs:/RUN` -> that pretrain run's best backbone file, and link tags.
+
+    RUN is a run id, or a run name (`tracking.run_name` of a pretrain run: its newest finished run)."""
     init = cfg.finetune.init
     if not init.startswith("runs:/"):
         return None, ({"skinclr.init": init})
-    run_id = init[len("runs:/"):].strip("/").split("/")[0]
-    try:
-        tracking.client().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise ConfigError(f"finetune.init '{init}': no run {run_id} in the tracking store "
-                          f"{tracking.tracking_uri()}; check MLFLOW_TRACKING_URI and the run id") from None
+    run_id = tracking.find_run(init[len("runs:/"):].strip("/").split("/")[0], stage="pretrain")
+    if run_id is None:
+        raise ConfigError(f"finetune.init '{init}': no run with that id or name in the tracking store "
+                          f"{tracking.tracking_uri()}; check MLFLOW_TRACKING_URI and the run id")
     logger = RunLogger(run_id)
     for name in ("checkpoints/backbone_best.pt", "checkpoints/backbone_last.pt"):
         path = logger.download(name, workdir)

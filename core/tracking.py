@@ -99,6 +99,21 @@ def find_resumable(experiment_id: str, key: str):
     return None
 
 
+def find_run(id_or_name: str, stage: str | None = None) -> str | None:
+    """A run id as given, or the newest finished run of that name (of a stage, if named)."""
+    c = client()
+    try:
+        return c.get_run(id_or_name).info.run_id
+    except mlflow.exceptions.MlflowException:
+        pass
+    stage_filter = f" and tags.`{STAGE_TAG}` = '{stage}'" if stage else ""
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    runs = c.search_runs(experiments, filter_string=f"tags.`mlflow.runName` = '{id_or_name}' and "
+                         f"attributes.status = 'FINISHED'{stage_filter}",
+                         order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+    return runs[0].info.run_id if runs else None
+
+
 class RunLogger:
     """One MLflow run, written through the client: batched metrics, params, tags, files."""
 

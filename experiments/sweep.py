@@ -26,7 +26,7 @@ from ray import tune
 
 from core import tracking
 from core.config import Config, ConfigError, load_config, parse_override
-from core.tracking import STAGE_TAG, RunLogger
+from core.tracking import PARENT_TAG, STAGE_TAG, RunLogger
 from experiments.spaces import check_keys, load_space, narrow, sampled_keys, space_path, to_tune
 from experiments.trainables import METRICS, SAMPLED_TAG, TrialSetup, make_trainable, trial_runs
 
@@ -486,9 +486,10 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
         from core.evaluate import evaluate
 
         report = evaluate(f"runs:/{best_run}/model", extra["eval_data"], experiment=cfg.experiment)
+        RunLogger(report["run_id"]).set_tags({PARENT_TAG: top.run_id})  # nest it under the pipeline
         top.log_metrics({"test_balanced_accuracy": report["balanced_accuracy"],
                          "test_accuracy": report["accuracy"]}, step=0)
-        top.set_tags({"skinclr.eval_data": extra["eval_data"]})
+        top.set_tags({"skinclr.eval_data": extra["eval_data"], "skinclr.eval_run_id": report["run_id"]})
         print(f"[pipeline] best model runs:/{best_run}/model on {extra['eval_data']}: balanced accuracy "
               f"{report['balanced_accuracy']:.4f}, accuracy {report['accuracy']:.4f}", flush=True)
     top.end("FINISHED")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,20 @@ def synth_dir(tmp_path_factory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("synth") / "isic", n=280, seed=0)
 
 
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory) -> Path:
+    """One migrated, empty SQLite store; tests copy it (creating the schema costs seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture(autouse=True)
-def _isolated_stores(tmp_path, monkeypatch):
+def _isolated_stores(tmp_path, monkeypatch, _empty_store):
     """Each test gets its own MLflow store and image cache: nothing leaks into the checkout."""
+    shutil.copyfile(_empty_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("SKINCLR_CACHE", str(tmp_path.parent / "skinclr-cache"))
     monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")

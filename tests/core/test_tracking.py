@@ -1,0 +1,62 @@
+"""MLflow plumbing: store location, experiments, batched logging, finding runs to resume or start from."""
+from pathlib import Path
+
+from core import tracking
+from core.tracking import RunLogger
+
+
+def test_store_and_artifacts_live_together(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    exp = tracking.ensure_experiment("where")
+    assert tracking.ensure_experiment("where") == exp  # idempotent
+    location = tracking.client().get_experiment(exp).artifact_location
+    assert location == (tmp_path / "mlruns" / "artifacts" / "where").as_uri()
+
+
+def test_metrics_are_batched_per_step(tmp_path):
+    logger = RunLogger.create("batched", run_name="r")
+    logger.log_metrics({"a": 1.0, "b": 2.0, "skipped": None}, step=1)
+    logger.log_metrics({"a": 0.5, "b": 1.5}, step=2)
+    logger.log_params({"x": 1})
+    logger.log_params({"x": 1, "y": "z"})  # re-logging a resumed run's params is harmless
+    logger.end()
+    run = logger.run
+    assert run.data.metrics == {"a": 0.5, "b": 1.5} and run.data.params == {"x": "1", "y": "z"}
+    assert [m.step for m in logger.client.get_metric_history(logger.run_id, "a")] == [1, 2]
+    assert run.info.status == "FINISHED"
+
+
+def test_find_run_by_id_or_name_and_resumable():
+    first = RunLogger.create("find", run_name="simclr-demo", tags={tracking.STAGE_TAG: "pretrain",
+                                                                   tracking.RUN_KEY_TAG: "k1"})
+    first.end()
+    second = RunLogger.create("find", run_name="simclr-demo", tags={tracking.STAGE_TAG: "pretrain",
+                                                                    tracking.RUN_KEY_TAG: "k1"})
+    assert tracking.find_run(first.run_id) == first.run_id
+    assert tracking.find_run("simclr-demo", stage="pretrain") == first.run_id  # the unfinished one is not taken
+    second.end()
+    assert tracking.find_run("simclr-demo", stage="pretrain") == second.run_id  # newest finished
+    assert tracking.find_run("simclr-demo", stage="finetune") is None
+    assert tracking.find_run("no-such-run") is None
+
+    killed = RunLogger.create("find", tags={tracking.RUN_KEY_TAG: "k2"})
+    killed.end("KILLED")
+    exp = tracking.ensure_experiment("find")
+    assert tracking.find_resumable(exp, "k2").info.run_id == killed.run_id
+    assert tracking.find_resumable(exp, "k1") is None  # both finished
+
+
+def test_run_key_ignores_only_naming():
+    base = {"train.lr": 0.1, "tracking.run_name": "a", "tracking.resume": True}
+    assert tracking.run_key(base) == tracking.run_key({**base, "tracking.run_name": "b", "tracking.resume": False})
+    assert tracking.run_key(base) != tracking.run_key({**base, "train.lr": 0.2})
+
+
+def test_download_of_a_missing_artifact_is_none(tmp_path):
+    logger = RunLogger.create("dl")
+    (tmp_path / "f.txt").write_text("x")
+    logger.log_artifact(tmp_path / "f.txt", "d")
+    assert Path(logger.download("d/f.txt", tmp_path / "out")).read_text() == "x"
+    assert logger.download("d/missing.txt", tmp_path / "out") is None
