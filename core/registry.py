@@ -222,9 +222,11 @@ def wait_for_turn(client: MlflowClient, name: str, version: int | None, stale: f
     first_seen: dict[str, float] = {}
     while True:
         now = time.monotonic()
-        ahead = [v.version for v in client.search_model_versions(f"name='{name}'")
+        ahead = [str(v.version) for v in client.search_model_versions(f"name='{name}'")
                  if (version is None or int(v.version) < version) and v.tags.get(PROMOTION_TAG) == "pending"]
-        if all(now - first_seen.setdefault(v, now) >= stale for v in ahead):
+        for v in ahead:
+            first_seen.setdefault(v, now)
+        if all(now - first_seen[v] >= stale for v in ahead):
             return
         time.sleep(POLL_S)
 

@@ -70,7 +70,7 @@ def finetune_runs(experiments: list[str]) -> tuple[list[Run], int]:
     return kept, len(sweep)
 
 
-def test_runs(model_run_ids: list[str]) -> dict[str, Run]:
+def evaluation_runs(model_run_ids: list[str]) -> dict[str, Run]:
     """The newest finished `skinclr evaluate` run of each model run, from any experiment."""
     evals = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                filter_string=f"attributes.status = 'FINISHED' and tags.`{STAGE_TAG}` = 'evaluate'",
@@ -147,7 +147,7 @@ def build_report(experiments: list[str], out: Path) -> Path:
     run of experiment `skinclr-report` (tag `skinclr.report=1`), and return report.md's path."""
     out = Path(out)
     runs, n_sweep = finetune_runs(list(experiments))
-    tests = test_runs([r.info.run_id for r in runs])
+    tests = evaluation_runs([r.info.run_id for r in runs])
     t1 = table1(runs, tests)
     best = max(runs, key=lambda r: r.data.metrics["best_val_balanced_accuracy"])
     bid = best.info.run_id

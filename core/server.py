@@ -10,7 +10,8 @@ write there if that path is shared.
 For a cluster bind `--host 0.0.0.0`. MLflow 3 answers only requests whose Host header is
 localhost or a private IP: when workers use a DNS name, export
 `MLFLOW_SERVER_ALLOWED_HOSTS=name:port` before starting. `MLFLOW_WORKERS` sets the number of
-server processes (MLflow's default is 4).
+server processes (MLflow's default is 4). MLflow's GenAI job runner stays off unless
+`MLFLOW_SERVER_ENABLE_JOB_EXECUTION` is set.
 """
 from __future__ import annotations
 

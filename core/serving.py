@@ -74,7 +74,7 @@ def _as_items(images: Any) -> list:
     return list(images)
 
 
-def decode_image(item: Any, index: int = 0) -> np.ndarray:
+def decode_input(item: Any, index: int = 0) -> np.ndarray:
     """One input image as an HxWx3 uint8 RGB array.
 
     An array is taken as it is; a string is a file path when such a file exists or it does not
@@ -172,7 +172,7 @@ class Predictor:
             batch = []
             for i, item in enumerate(items[start:start + batch_size], start):
                 try:
-                    batch.append(self.preprocess(decode_image(item, i)))
+                    batch.append(self.preprocess(decode_input(item, i)))
                 except DataError as err:
                     problems += err.problems
             if not problems:

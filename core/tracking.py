@@ -65,8 +65,9 @@ def ensure_experiment(name: str) -> str:
         return exp.experiment_id
     root = artifact_root(tracking_uri())
     location = f"{root}/{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}" if root else None
-    try:
-        return c.create_experiment(name, artifact_location=location)
+    try:  # the kind tag makes the UI open the classic ML view, not the GenAI one
+        return c.create_experiment(name, artifact_location=location,
+                                   tags={"mlflow.experimentKind": "custom_model_development"})
     except mlflow.exceptions.MlflowException:
         exp = c.get_experiment_by_name(name)  # created by someone else in the meantime
         if exp is None:

@@ -25,9 +25,18 @@ RANGES = ("uniform", "loguniform", "randint")
 TYPES = (*RANGES, "choice")
 
 
+def project_path(path: str | Path) -> Path:
+    """A relative path from the working directory, else from the project root (the shipped
+    sweep configs name `search_spaces/...` and `experiments/...` that way)."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists() and (SPACES.parent / path).exists():
+        return SPACES.parent / path
+    return path
+
+
 def space_path(stage: str, space: str = "") -> Path:
     """`sweep.space`, or the stage's own file in search_spaces/."""
-    path = Path(space) if space else SPACES / f"{stage}.yaml"
+    path = project_path(space) if space else SPACES / f"{stage}.yaml"
     if not path.is_file():
         raise ConfigError(f"sweep.space: search-space file '{path}' does not exist; "
                           f"point sweep.space at a YAML file like search_spaces/{stage}.yaml")

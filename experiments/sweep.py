@@ -27,8 +27,8 @@ from ray import tune
 from core import tracking
 from core.config import Config, ConfigError, load_config, parse_override
 from core.tracking import PARENT_TAG, STAGE_TAG, RunLogger
-from experiments.spaces import check_keys, load_space, narrow, sampled_keys, space_path, to_tune
-from experiments.trainables import METRICS, SAMPLED_TAG, TrialSetup, make_trainable, trial_runs
+from experiments.spaces import check_keys, load_space, narrow, project_path, sampled_keys, space_path, to_tune
+from experiments.trainables import METRICS, TrialSetup, make_trainable, trial_runs
 
 PIPELINE_KEYS = ("finetune_config", "eval_data")  # sweep.* keys only a pipeline config has
 STATE_FILE = "skinclr_sweep.json"  # in the sweep's folder: what --resume needs
@@ -70,9 +70,11 @@ def load_sweep_config(path: str | Path | None, overrides: list[str] | None) -> t
             extra[key[len("sweep."):]] = value
         else:
             rest.append(text)
+    if "sweep" in raw:
+        raw = {**raw, "sweep": sweep}
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / Path(path or "sweep.yaml").name
-        clean.write_text(yaml.safe_dump({**raw, "sweep": sweep} if sweep or "sweep" in raw else raw))
+        clean.write_text(yaml.safe_dump(raw))
         try:
             cfg = load_config(clean, rest)
         except ConfigError as err:
@@ -94,11 +96,12 @@ def driver_tracking_uri() -> str:
     return uri
 
 
-def sweep_folder(cfg: Config) -> Path:
+def sweep_folder(cfg: Config, extra: dict[str, str] | None = None) -> Path:
     """`<sweep.storage>/<sweep.name>`; the name defaults to the stage and a hash of the config,
     so the same command finds the same folder again for --resume."""
     storage = Path(cfg.sweep.storage or Path.home() / "ray_results").expanduser().resolve()
-    return storage / (cfg.sweep.name or f"{cfg.stage}-{tracking.run_key(cfg.flat())[:8]}")
+    key = tracking.run_key({**cfg.flat(), **(extra or {})})[:8]
+    return storage / (cfg.sweep.name or f"{cfg.sweep.stage if extra else cfg.stage}-{key}")
 
 
 def check_sweep(cfg: Config) -> None:
@@ -115,8 +118,8 @@ def check_sweep(cfg: Config) -> None:
         (s.reduction_factor >= 2, "sweep.reduction_factor", f"must be at least 2 (got {s.reduction_factor})"),
         (s.grace_period <= (s.max_t or cfg.train.epochs), "sweep.grace_period",
          f"{s.grace_period} exceeds max_t {s.max_t or cfg.train.epochs}; lower it or train longer"),
-        (s.cpus_per_trial > 0 and s.gpus_per_trial >= 0, "sweep.cpus_per_trial",
-         "needs a positive CPU count and a non-negative GPU count"),
+        (s.cpus_per_trial > 0, "sweep.cpus_per_trial", f"must be positive (got {s.cpus_per_trial})"),
+        (s.gpus_per_trial >= 0, "sweep.gpus_per_trial", f"must be 0 or more (got {s.gpus_per_trial})"),
         (s.workers_per_trial >= 1, "sweep.workers_per_trial", f"must be at least 1 (got {s.workers_per_trial})"),
         (s.workers_per_trial == 1 or cfg.stage == "pretrain", "sweep.workers_per_trial",
          "data-parallel trials exist for pretraining only; set it to 1 for fine-tuning"),
@@ -179,7 +182,6 @@ def stopped_by(result: dict[str, Any], errored: bool, max_t: int, epochs: int) -
     return "max_t" if epoch >= max_t else "asha"
 
 
-
 class ChildRuns(tune.Callback):
     """End each trial's MLflow child run the way Tune ended the trial (runs in the driver).
 
@@ -205,13 +207,13 @@ class ChildRuns(tune.Callback):
         result = trial.last_result or {}
         why = stopped_by(result, status == "ERROR", self.max_t, self.epochs)
         end = "FAILED" if status == "ERROR" else "FINISHED"
-        if run.info.status == end and run.data.tags.get(STOPPED_BY_TAG) == why:
-            return  # closed already (the final pass, or a resumed sweep)
-        tags = {STOPPED_BY_TAG: why, "skinclr.epochs_run": int(result.get("epoch", 0))}
-        if why in ("asha", "max_t"):
-            tags[STOPPED_AT_TAG] = int(result.get("epoch", 0))
-        logger.set_tags(tags)
-        logger.end(end)
+        if run.data.tags.get(STOPPED_BY_TAG) != why:
+            tags = {STOPPED_BY_TAG: why, "skinclr.epochs_run": int(result.get("epoch", 0))}
+            if why in ("asha", "max_t"):
+                tags[STOPPED_AT_TAG] = int(result.get("epoch", 0))
+            logger.set_tags(tags)
+        if run.info.status != end:  # a trial that ran to its end was closed by the runner itself
+            logger.end(end)
 
     def runs(self) -> dict[str, Any]:
         if tracking.tracking_uri() != self.tracking_uri:
@@ -301,14 +303,20 @@ def read_state(folder: Path, uri: str) -> dict[str, Any]:
     return state
 
 
-def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -> SweepOutcome:
-    """One stage's sweep, new or resumed; `parent_of` nests its parent run (pipeline)."""
-    from ray.tune.schedulers import ASHAScheduler
-
+def search_space(cfg: Config) -> tuple[Path, dict[str, Any]]:
+    """Check a stage sweep's settings and resolve its narrowed search space."""
     check_sweep(cfg)
     space_file = space_path(cfg.stage, cfg.sweep.space)
     space = narrow(load_space(space_file), cfg.sweep.narrow)
     check_keys(space, cfg)
+    return space_file, space
+
+
+def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -> SweepOutcome:
+    """One stage's sweep, new or resumed; `parent_of` nests its parent run (pipeline)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    space_file, space = search_space(cfg)
     uri = driver_tracking_uri()
     tracking.ensure_experiment(cfg.experiment)  # before any trial: see core.tracking.ensure_experiment
     folder = sweep_folder(cfg)
@@ -333,8 +341,12 @@ def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -
             param_space=to_tune(space),
             tune_config=tune.TuneConfig(
                 metric=state["metric"], mode="max", search_alg=search_algorithm(cfg), num_samples=s.num_samples,
+                # A trial that survives every rung ends on its own and its runner closes its
+                # run; ASHA stops it only if max_t < epochs. Each trial gets a fresh process: a
+                # stopped trial's thread never returns (see trainables.report_to_tune).
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=state["max_t"],
-                                        grace_period=s.grace_period, reduction_factor=s.reduction_factor),
+                                        grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                                        stop_last_trials=state["max_t"] < state["epochs"]),
                 trial_dirname_creator=trial_dirname, reuse_actors=False),
             run_config=tune.RunConfig(
                 name=folder.name, storage_path=str(folder.parent), verbose=0,
@@ -421,17 +433,40 @@ def ray_session():
         ray.shutdown()
 
 
-def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
-    """Pretrain sweep -> fine-tune (a sweep, or one run) from the best pretrain trial ->
-    evaluation of the best fine-tuned model, all under one top-level MLflow run."""
-    from core.runner import run_finetune
-
+def pipeline_stages(cfg: Config, extra: dict[str, str]) -> tuple[Config, Config, bool]:
+    """The pipeline's pretrain and fine-tune configs, and whether fine-tuning is a sweep (its
+    file has a sweep section) or one run. Fine-tuning reads the pretrain stage's data and logs
+    to the pipeline's experiment, so the UI nests every run under the pipeline's."""
     if not extra.get("finetune_config"):
         raise ConfigError("a pipeline needs sweep.finetune_config: the fine-tune config (with a sweep section "
                           "to sweep, without one for a single run)")
-    uri = driver_tracking_uri()
+    folder = sweep_folder(cfg, extra)
+    pre = copy.deepcopy(cfg)
+    ft_file = project_path(extra["finetune_config"])
+    ft, _ = load_sweep_config(ft_file, [])
+    if ft.stage != "finetune":
+        raise ConfigError(f"sweep.finetune_config '{extra['finetune_config']}' is a {ft.stage} config; "
+                          "point it at a config with stage: finetune")
+    ft.data = copy.deepcopy(cfg.data)
+    ft.tracking.experiment = cfg.experiment
+    for stage_cfg in (pre, ft):
+        stage_cfg.sweep.stage = stage_cfg.stage
+        stage_cfg.sweep.name = f"{folder.name}-{stage_cfg.stage}"
+        stage_cfg.sweep.storage = str(folder.parent)
+    ft_sweeps = "sweep" in (yaml.safe_load(ft_file.read_text()) or {})
+    return pre, ft, ft_sweeps
+
+
+def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
+    """Pretrain sweep -> fine-tune (a sweep, or one run) from the best pretrain trial ->
+    evaluation of the best fine-tuned model, all under one top-level MLflow run. The pipeline's
+    folder records each finished step, so --resume picks up where it stopped."""
+    from core.runner import run_finetune
+
+    pre_cfg, ft_cfg, ft_sweeps = pipeline_stages(cfg, extra)
+    driver_tracking_uri()
     tracking.ensure_experiment(cfg.experiment)
-    folder = sweep_folder(cfg)
+    folder = sweep_folder(cfg, extra)
     state_file = folder / "skinclr_pipeline.json"
     if state_file.is_file() and not resume:
         raise ConfigError(f"a pipeline of this config already lives in {folder}; continue it with --resume, "
@@ -445,36 +480,34 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
         top = RunLogger.create(cfg.experiment, cfg.tracking.run_name or f"pipeline-{folder.name}",
                                tags={"skinclr.pipeline": "1", STAGE_TAG: "pipeline"})
         top.log_params(cfg.flat())
-        top.log_artifact(extra["finetune_config"], "pipeline")
+        top.log_artifact(project_path(extra["finetune_config"]), "pipeline")
         state = {"run_id": top.run_id}
         state_file.write_text(json.dumps(state))
 
-    def stage_sweep(stage_cfg: Config, suffix: str) -> SweepOutcome:
-        stage_cfg.sweep.stage, stage_cfg.sweep.name = stage_cfg.stage, f"{folder.name}-{suffix}"
-        stage_cfg.sweep.storage = str(folder.parent)
-        again = (sweep_folder(stage_cfg) / STATE_FILE).is_file()
-        return run_sweep(stage_cfg, resume=again, parent_of=top.run_id)
+    def sweep_stage(stage_cfg: Config) -> SweepOutcome:
+        started = (sweep_folder(stage_cfg) / STATE_FILE).is_file()
+        return run_sweep(stage_cfg, resume=started, parent_of=top.run_id)
 
-    pre = stage_sweep(copy.deepcopy(cfg), "pretrain")
+    def record(**done) -> None:
+        state.update(done)
+        state_file.write_text(json.dumps(state))
+
+    pre = sweep_stage(pre_cfg)
     if pre.best_run_id is None:
         top.end("FAILED")
         print("[pipeline] no pretrain trial finished an epoch; nothing to fine-tune", flush=True)
         return 1
-    ft_cfg, _ = load_sweep_config(extra["finetune_config"], [])
-    ft_cfg.data = copy.deepcopy(cfg.data)
     ft_cfg.data.split_file = str(pre.folder / "split.csv")
-    ft_cfg.tracking.experiment = cfg.experiment
     ft_cfg.finetune.init = f"runs:/{pre.best_run_id}"
-    if "sweep" in (yaml.safe_load(Path(extra["finetune_config"]).read_text()) or {}):
-        ft = stage_sweep(ft_cfg, "finetune")
+    if ft_sweeps:
+        ft = sweep_stage(ft_cfg)
         best_run, best_value = ft.best_run_id, ft.best_value
     elif "finetune_run_id" in state:
         best_run, best_value = state["finetune_run_id"], state["finetune_best"]
     else:
-        result = run_finetune(ft_cfg, parent_run_id=top.run_id, tags={"skinclr.pipeline_run_id": top.run_id})
-        best_run, best_value = result.run_id, result.best
-        state.update(finetune_run_id=best_run, finetune_best=best_value)
-        state_file.write_text(json.dumps(state))
+        best_run = run_finetune(ft_cfg, parent_run_id=top.run_id, tags={"skinclr.pipeline_run_id": top.run_id}).run_id
+        best_value = tracking.client().get_run(best_run).data.metrics.get("best_val_balanced_accuracy")
+        record(finetune_run_id=best_run, finetune_best=best_value)
     top.set_tags({"skinclr.best_pretrain_run_id": pre.best_run_id, "skinclr.best_finetune_run_id": best_run or ""})
     top.log_metrics({f"best_{pre.metric}": pre.best_value,
                      **({"best_val_balanced_accuracy": best_value} if best_value is not None else {})}, step=0)
@@ -482,7 +515,7 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
         top.end("FAILED")
         print("[pipeline] no fine-tune trial finished an epoch", flush=True)
         return 1
-    if extra.get("eval_data"):
+    if extra.get("eval_data") and "eval_run_id" not in state:
         from core.evaluate import evaluate
 
         report = evaluate(f"runs:/{best_run}/model", extra["eval_data"], experiment=cfg.experiment)
@@ -490,6 +523,7 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
         top.log_metrics({"test_balanced_accuracy": report["balanced_accuracy"],
                          "test_accuracy": report["accuracy"]}, step=0)
         top.set_tags({"skinclr.eval_data": extra["eval_data"], "skinclr.eval_run_id": report["run_id"]})
+        record(eval_run_id=report["run_id"])
         print(f"[pipeline] best model runs:/{best_run}/model on {extra['eval_data']}: balanced accuracy "
               f"{report['balanced_accuracy']:.4f}, accuracy {report['accuracy']:.4f}", flush=True)
     top.end("FINISHED")
@@ -501,6 +535,12 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
 def main(config_path: str | Path | None, overrides: list[str] | None = None, resume: bool = False) -> int:
     """`skinclr sweep --config F [--set k=v ...] [--resume]`; returns the exit code."""
     cfg, extra = load_sweep_config(config_path, overrides)
+    if cfg.sweep.stage == "pipeline":  # every config error surfaces before Ray starts
+        pre, ft, ft_sweeps = pipeline_stages(cfg, extra)
+        for stage_cfg in (pre, ft) if ft_sweeps else (pre,):
+            search_space(stage_cfg)
+    else:
+        search_space(cfg)
     with ray_session():
         if cfg.sweep.stage == "pipeline":
             return run_pipeline(cfg, extra, resume)

@@ -208,7 +208,7 @@ def _race_and_check(uri: str, runs: dict[str, str], name: str) -> None:
 def _wait_for_version(name: str, version: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(v.version == version for v in tracking.client().search_model_versions(f"name='{name}'")):
+        if any(str(v.version) == version for v in tracking.client().search_model_versions(f"name='{name}'")):
             return
         time.sleep(0.2)
     pytest.fail(f"version {version} of {name} never appeared")

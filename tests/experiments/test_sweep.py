@@ -143,7 +143,7 @@ def test_images_are_decoded_once_by_the_driver(asha_sweep):
 def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
     """SIGKILL the driver's process group once a trial has ended and another has checkpointed;
     `--resume` must finish the sweep in the same MLflow runs without rerunning finished work."""
-    config = sweep_yaml(tmp_path / "sweep.yaml", synth_dir, tmp_path / "ray", "resume", samples=5, epochs=3)
+    config = sweep_yaml(tmp_path / "sweep.yaml", synth_dir, tmp_path / "ray", "resume", samples=4, epochs=3)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     folder = tmp_path / "ray" / "resume"
@@ -167,8 +167,8 @@ def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
     parents, children = runs_of(client, "sweep-resume")
     assert [p.info.run_id for p in parents] == [parent_id]
     assert parents[0].info.status == "FINISHED"
-    assert len(children) == 5
-    assert len({c.data.tags["skinclr.trial_id"] for c in children}) == 5
+    assert len(children) == 4
+    assert len({c.data.tags["skinclr.trial_id"] for c in children}) == 4
     assert all(c.info.status in TERMINAL for c in children), [c.info.status for c in children]
     by_trial = {c.data.tags["skinclr.trial_id"]: c for c in children}
     for run_id, (end_time, steps) in before.items():  # finished before the kill: not rerun
@@ -225,6 +225,46 @@ def assert_group_gone(pgid: int, timeout: float = 30) -> None:
         time.sleep(0.5)
     kill_group(pgid)
     raise AssertionError(f"processes of the killed sweep (group {pgid}) were still alive after {timeout} s")
+
+
+def test_pipeline_fine_tunes_best_data_parallel_pretrain_trial_under_one_run(synth_dir, tmp_path):
+    """Pretrain sweep (one trial of two gloo workers through Ray Train) -> fine-tune sweep from
+    its best trial -> evaluation of the best fine-tuned model: every run nested under one."""
+    from core.synth import make_synthetic
+
+    heldout = make_synthetic(tmp_path / "heldout", n=35, seed=3)
+    finetune = tmp_path / "finetune.yaml"
+    finetune.write_text(yaml.safe_dump({
+        "stage": "finetune", "train": {"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 2},
+        "sweep": {"stage": "finetune", "num_samples": 2, "max_concurrent": 2, "search": "optuna",
+                  "grace_period": 2, "cpus_per_trial": 1}}))
+    config = sweep_yaml(tmp_path / "pipeline.yaml", synth_dir, tmp_path / "ray", "pipeline", samples=1, epochs=2,
+                        stage="pipeline", finetune_config=str(finetune), eval_data=str(heldout),
+                        workers_per_trial=2, cpus_per_trial=0.5, max_concurrent=1)
+    assert main(config, []) == 0
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("sweep-pipeline").experiment_id])
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    (top,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert top.data.tags["skinclr.pipeline"] == "1"
+    under = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == top.info.run_id}
+    sweeps = {r.data.tags["skinclr.stage"]: r for r in under.values() if r.data.tags.get("skinclr.sweep") == "1"}
+    assert set(sweeps) == {"pretrain", "finetune"}
+    trials = {stage: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
+              for stage, sweep in sweeps.items()}
+    # Two training processes, one MLflow run: only rank 0 logs to the sweep's store.
+    (pretrain,) = trials["pretrain"]
+    assert knn_steps(client, pretrain.info.run_id) == [1, 2]
+    assert len(trials["finetune"]) == 2
+    for run in trials["finetune"]:
+        assert run.data.params["finetune.init"] == f"runs:/{pretrain.info.run_id}"
+        assert run.data.tags["split_fingerprint"] == pretrain.data.tags["split_fingerprint"]
+    (evaluation,) = [r for r in under.values() if r.data.tags.get("skinclr.stage") == "evaluate"]
+    assert evaluation.data.tags["skinclr.model_uri"] == f"runs:/{top.data.tags['skinclr.best_finetune_run_id']}/model"
+    assert top.data.metrics["test_balanced_accuracy"] == pytest.approx(
+        evaluation.data.metrics["test_balanced_accuracy"])
+    assert len(runs) == 1 + 2 + 1 + 2 + 1  # top, two sweeps, their trials, the evaluation
 
 
 def test_space_narrowing_fixes_and_tightens_within_the_space():
