@@ -54,7 +54,7 @@ def plain_loop(inputs, cfg, steps: int) -> float:
     return seen / (time.perf_counter() - t0)
 
 
-def project_loop(inputs, cfg, steps: int) -> float:
+def project_loop(cfg, inputs, steps: int) -> float:
     cfg.train.max_steps_per_epoch = steps
     cfg.monitor.every = 10**6  # the monitor is measured separately below
     cfg.train.epochs = 10**6

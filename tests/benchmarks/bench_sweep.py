@@ -1,13 +1,15 @@
 """What the sweep layer costs: an 8-trial Ray Tune sweep, 2 trials at a time, against the same
 8 trial configs run without Ray by 2 plain Python processes (4 configs each, one after another)
 through `run_pretrain`. Same data, cache, split, threads and MLflow logging on both sides; ASHA
-is given no rung before the last epoch, so both sides train exactly the same epochs.
+is given no rung within the epochs, so both sides train exactly the same epochs.
 
-    .venv/bin/python tests/benchmarks/bench_sweep.py [--images 600] [--epochs 3]
+    .venv/bin/python tests/benchmarks/bench_sweep.py [--images 600] [--epochs 3] [--rounds 2]
 
-Ray starts a process per trial (imports, Ray worker) and copies each epoch's checkpoint into its
-results folder; the plain processes pay their imports once. That cost is per trial, so the ratio
-falls as trials grow (--images). Prints a table and writes tests/benchmarks/results/bench_sweep.json.
+Ray starts a process per trial (a Ray worker that imports torch, MLflow and the project) and
+copies each epoch's checkpoint into its results folder; the plain processes pay their imports
+once. That cost is per trial, so the ratio falls as trials grow (--images). The arms alternate
+sweep, plain, plain, sweep, ... so a machine whose load drifts during the run biases neither.
+Prints a table and writes tests/benchmarks/results/bench_sweep.json.
 """
 from __future__ import annotations
 
@@ -29,22 +31,49 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def sweep_config(path: Path, data: Path, storage: Path, args) -> Path:
+def sweep_config(path: Path, data: Path, storage: Path, name: str, epochs: int) -> Path:
     cfg = {
         "stage": "pretrain",
-        "data": {"root": str(data), "image_size": args.size, "workers": 0},
-        "train": {"epochs": args.epochs, "batch_size": 32, "seed": 0},
+        "data": {"root": str(data), "image_size": 32, "workers": 0},
+        "train": {"epochs": epochs, "batch_size": 32, "seed": 0},
         "monitor": {"every": 1, "max_bank": 256},
         "tracking": {"experiment": "bench-sweep"},
+        # ASHA's first rung lies past the last epoch: no trial is stopped.
         "sweep": {"stage": "pretrain", "num_samples": 8, "max_concurrent": 2, "search": "random",
-                  # ASHA's first rung lies past the last epoch: no trial is stopped, both sides
-                  # train the same epochs.
-                  "grace_period": args.epochs + 1, "max_t": args.epochs + 1, "reduction_factor": 2,
-                  "cpus_per_trial": 1,
-                  "storage": str(storage), "name": "bench"},
+                  "grace_period": epochs + 1, "max_t": epochs + 1, "reduction_factor": 2, "cpus_per_trial": 1,
+                  "storage": str(storage), "name": name},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def sweep_arm(work: Path, data: Path, epochs: int, name: str) -> tuple[float, list[Path]]:
+    """Wall time of one sweep, and job files splitting its 8 trial configs over 2 processes."""
+    from experiments.sweep import STATE_FILE
+    from experiments.sweep import main as sweep_main
+
+    config = sweep_config(work / f"{name}.yaml", data, work / "ray", name, epochs)
+    start = time.perf_counter()
+    code = sweep_main(config, [])
+    seconds = time.perf_counter() - start
+    folder = work / "ray" / name
+    if code != 0:
+        raise SystemExit(f"the sweep failed (exit {code}); see {folder}")
+    setup = json.loads((folder / STATE_FILE).read_text())["setup"]
+    params = [json.loads((d / "params.json").read_text()) for d in sorted(folder.iterdir()) if (d / "params.json").is_file()]
+    jobs = []
+    for k in range(2):
+        jobs.append(work / f"{name}-jobs{k}.json")
+        jobs[-1].write_text(json.dumps({"setup": setup, "params": params[k::2]}))
+    return seconds, jobs
+
+
+def plain_arm(jobs: list[Path]) -> float:
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(f)], cwd=REPO) for f in jobs]
+    if any(p.wait() != 0 for p in procs):
+        raise SystemExit("a plain worker failed")
+    return time.perf_counter() - start
 
 
 def worker(jobs_file: str) -> None:
@@ -62,9 +91,9 @@ def worker(jobs_file: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=600, help="synthetic images (85%% of them train)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--images", type=int, default=600, help="synthetic images (about 70%% train)")
-    parser.add_argument("--size", type=int, default=32, help="image side, pixels")
+    parser.add_argument("--rounds", type=int, default=2, help="sweep/plain pairs, in alternating order")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -76,49 +105,37 @@ def main() -> None:
     from core.config import load_config
     from core.inputs import resolve_inputs
     from core.synth import make_synthetic
-    from experiments.sweep import STATE_FILE
-    from experiments.sweep import main as sweep_main
 
     data = make_synthetic(work / "isic", n=args.images, seed=0)
-    config = sweep_config(work / "sweep.yaml", data, work / "ray", args)
-    resolve_inputs(load_config(config), progress=False)  # the decode, outside both timings
+    resolve_inputs(load_config(sweep_config(work / "probe.yaml", data, work / "ray", "probe", args.epochs)),
+                   progress=False)  # the decode, outside every timing
     load_before = os.getloadavg()
+    times: dict[str, list[float]] = {"sweep": [], "plain": []}
+    jobs: list[Path] = []
+    for r in range(args.rounds):
+        for arm in ("sweep", "plain") if r % 2 == 0 else ("plain", "sweep"):
+            if arm == "sweep":
+                seconds, jobs = sweep_arm(work, data, args.epochs, f"round{r}")
+            else:
+                seconds = plain_arm(jobs)
+            times[arm].append(seconds)
+            print(f"[bench] round {r + 1} {arm}: {seconds:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+    shutil.rmtree(work)  # checkpoints: a few hundred MB per trial
 
-    start = time.perf_counter()
-    code = sweep_main(config, [])
-    sweep_seconds = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"the sweep failed (exit {code}); see {work / 'ray' / 'bench'}")
-
-    folder = work / "ray" / "bench"
-    state = json.loads((folder / STATE_FILE).read_text())
-    params = [json.loads((d / "params.json").read_text()) for d in sorted(folder.iterdir()) if (d / "params.json").is_file()]
-    files = []
-    for k in range(2):
-        files.append(work / f"jobs{k}.json")
-        files[-1].write_text(json.dumps({"setup": state["setup"], "params": params[k::2]}))
-    start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(f)], cwd=REPO) for f in files]
-    if any(p.wait() != 0 for p in procs):
-        raise SystemExit("a plain worker failed")
-    plain_seconds = time.perf_counter() - start
-
+    sweep_s, plain_s = sum(times["sweep"]), sum(times["plain"])
     result = {
-        "trials": len(params), "concurrent": 2, "epochs": args.epochs, "images": args.images,
-        "batch_size": 32, "image_size": args.size, "backbone": "resnet18",
-        "sweep_seconds": round(sweep_seconds, 2), "plain_seconds": round(plain_seconds, 2),
-        "ratio": round(sweep_seconds / plain_seconds, 3),
-        "overhead_percent": round(100 * (sweep_seconds / plain_seconds - 1), 1),
+        "trials": 8, "concurrent": 2, "epochs": args.epochs, "images": args.images, "image_size": 32,
+        "batch_size": 32, "backbone": "resnet18", "rounds": args.rounds,
+        "sweep_seconds": [round(t, 2) for t in times["sweep"]], "plain_seconds": [round(t, 2) for t in times["plain"]],
+        "ratio": round(sweep_s / plain_s, 3), "overhead_percent": round(100 * (sweep_s / plain_s - 1), 1),
         "cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
         "python": platform.python_version(),
     }
-    shutil.rmtree(work)  # about 150 MB of checkpoints per trial
-    rows = [("Ray Tune sweep (8 trials, 2 at a time)", result["sweep_seconds"]),
-            ("2 plain processes x 4 trials (run_pretrain)", result["plain_seconds"])]
-    print(f"\n{'':46}{'wall s':>10}")
-    for name, seconds in rows:
-        print(f"{name:46}{seconds:>10.1f}")
-    print(f"{'ratio (sweep / plain)':46}{result['ratio']:>10.3f}   overhead {result['overhead_percent']:+.1f}%")
+    print(f"\n{'':46}{'wall s per round':>28}")
+    print(f"{'Ray Tune sweep (8 trials, 2 at a time)':46}{'  '.join(f'{t:8.1f}' for t in times['sweep']):>28}")
+    print(f"{'2 plain processes x 4 trials (run_pretrain)':46}{'  '.join(f'{t:8.1f}' for t in times['plain']):>28}")
+    print(f"{'ratio (sweep / plain, all rounds)':46}{result['ratio']:>28.3f}   overhead "
+          f"{result['overhead_percent']:+.1f}%")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_sweep.json").write_text(json.dumps(result, indent=1))
     print(f"written {RESULTS / 'bench_sweep.json'}")
