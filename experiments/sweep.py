@@ -32,6 +32,7 @@ from experiments.trainables import METRICS, TrialSetup, make_trainable, trial_ru
 
 PIPELINE_KEYS = ("finetune_config", "eval_data")  # sweep.* keys only a pipeline config has
 STATE_FILE = "skinclr_sweep.json"  # in the sweep's folder: what --resume needs
+PIPELINE_FILE = "skinclr_pipeline.json"  # in a pipeline's folder: its run and finished steps
 SWEEP_TAG = "skinclr.sweep"
 STOPPED_BY_TAG = "skinclr.stopped_by"
 STOPPED_AT_TAG = "skinclr.stopped_at_epoch"
@@ -204,13 +205,16 @@ class ChildRuns(tune.Callback):
             if run.info.status == "RUNNING":
                 logger.end("KILLED")
             return
+        # The runner tags the epochs it ran when its loop ends, which Tune may not have heard of
+        # (a driver killed right then).
         result = trial.last_result or {}
-        why = stopped_by(result, status == "ERROR", self.max_t, self.epochs)
+        epoch = max(int(result.get("epoch", 0)), int(run.data.tags.get("skinclr.epochs_run", 0)))
+        why = stopped_by({**result, "epoch": epoch}, status == "ERROR", self.max_t, self.epochs)
         end = "FAILED" if status == "ERROR" else "FINISHED"
         if run.data.tags.get(STOPPED_BY_TAG) != why:
-            tags = {STOPPED_BY_TAG: why, "skinclr.epochs_run": int(result.get("epoch", 0))}
+            tags = {STOPPED_BY_TAG: why, "skinclr.epochs_run": epoch}
             if why in ("asha", "max_t"):
-                tags[STOPPED_AT_TAG] = int(result.get("epoch", 0))
+                tags[STOPPED_AT_TAG] = epoch
             logger.set_tags(tags)
         if run.info.status != end:  # a trial that ran to its end was closed by the runner itself
             logger.end(end)
@@ -291,11 +295,20 @@ def start(cfg: Config, folder: Path, uri: str, space_file: Path, space: dict, pa
     return setup
 
 
+def check_resume(state_file: Path, resume: bool) -> None:
+    """A new sweep must not land on an existing one, and --resume needs one to continue."""
+    if state_file.is_file() and not resume:
+        raise ConfigError(f"a sweep of this config already lives in {state_file.parent}; continue it with "
+                          "--resume, or set sweep.name to start another")
+    if resume and not state_file.is_file():
+        raise ConfigError(f"nothing to resume in {state_file.parent}; run the same command without --resume")
+
+
 def read_state(folder: Path, uri: str) -> dict[str, Any]:
     state_file = folder / STATE_FILE
-    if not state_file.is_file() or not tune.Tuner.can_restore(str(folder)):
-        raise ConfigError(f"no sweep to resume in {folder}: it never started its first trial; "
-                          "run the same command without --resume")
+    if not tune.Tuner.can_restore(str(folder)):
+        raise ConfigError(f"no sweep to resume in {folder}: it stopped before its first trial; "
+                          "remove the folder and run the same command without --resume")
     state = json.loads(state_file.read_text())
     if state["setup"]["tracking_uri"] != uri:
         raise ConfigError(f"the sweep in {folder} logs to {state['setup']['tracking_uri']}, but MLFLOW_TRACKING_URI "
@@ -320,6 +333,7 @@ def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -
     uri = driver_tracking_uri()
     tracking.ensure_experiment(cfg.experiment)  # before any trial: see core.tracking.ensure_experiment
     folder = sweep_folder(cfg)
+    check_resume(folder / STATE_FILE, resume)
     if resume:
         state = read_state(folder, uri)
         setup = TrialSetup(**state["setup"])
@@ -327,9 +341,6 @@ def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -
         print(f"[sweep] resuming {folder} (MLflow parent run {setup.parent_run_id})", flush=True)
         tuner = tune.Tuner.restore(str(folder), make_trainable(setup), resume_unfinished=True, resume_errored=True)
     else:
-        if (folder / STATE_FILE).is_file():
-            raise ConfigError(f"a sweep of this config already lives in {folder}; continue it with --resume, "
-                              "or set sweep.name to start another")
         setup = start(cfg, folder, uri, space_file, space, parent_of)
         state = json.loads((folder / STATE_FILE).read_text())
         s = cfg.sweep
@@ -467,11 +478,9 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
     driver_tracking_uri()
     tracking.ensure_experiment(cfg.experiment)
     folder = sweep_folder(cfg, extra)
-    state_file = folder / "skinclr_pipeline.json"
-    if state_file.is_file() and not resume:
-        raise ConfigError(f"a pipeline of this config already lives in {folder}; continue it with --resume, "
-                          "or set sweep.name to start another")
-    if state_file.is_file():
+    state_file = folder / PIPELINE_FILE
+    check_resume(state_file, resume)
+    if resume:
         state = json.loads(state_file.read_text())
         top = RunLogger(state["run_id"])
         top.reopen()
@@ -539,8 +548,10 @@ def main(config_path: str | Path | None, overrides: list[str] | None = None, res
         pre, ft, ft_sweeps = pipeline_stages(cfg, extra)
         for stage_cfg in (pre, ft) if ft_sweeps else (pre,):
             search_space(stage_cfg)
+        check_resume(sweep_folder(cfg, extra) / PIPELINE_FILE, resume)
     else:
         search_space(cfg)
+        check_resume(sweep_folder(cfg) / STATE_FILE, resume)
     with ray_session():
         if cfg.sweep.stage == "pipeline":
             return run_pipeline(cfg, extra, resume)

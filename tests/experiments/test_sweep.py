@@ -160,6 +160,8 @@ def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
     before = {r.info.run_id: (r.info.end_time, knn_steps(client, r.info.run_id)) for r in finished}
     checkpointed = running
 
+    with pytest.raises(ConfigError, match="continue it with --resume"):
+        main(config, [])  # the same command without --resume must not start a second sweep there
     resumed = subprocess.run([sys.executable, "-m", "core.cli", "sweep", "--config", str(config), "--resume"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -173,7 +175,7 @@ def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
     by_trial = {c.data.tags["skinclr.trial_id"]: c for c in children}
     for run_id, (end_time, steps) in before.items():  # finished before the kill: not rerun
         run = client.get_run(run_id)
-        assert run.info.end_time == end_time
+        assert (run.info.status, run.info.end_time) == ("FINISHED", end_time)
         assert knn_steps(client, run_id) == steps
     for trial_id, epoch in checkpointed.items():  # continued from its checkpoint, in its own run
         steps = knn_steps(client, by_trial[trial_id].info.run_id)
