@@ -30,18 +30,25 @@ def test_readme_has_the_two_commands():
     assert "./dev.sh test" in (REPO / ".ci" / "run").read_text()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("block", runnable_blocks(), ids=lambda b: b.strip().splitlines()[0][:60])
-def test_readme_block_runs(block, tmp_path, real_data_dir):
-    """Run in a scratch copy of the checkout's layout, with the project's .venv on PATH."""
-    work = tmp_path / "checkout"
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory, real_data_dir) -> Path:
+    """A scratch folder laid out like the checkout, with ../shared/data beside it; the blocks
+    run in it one after another, as a user pastes them (later blocks use earlier results)."""
+    root = tmp_path_factory.mktemp("readme")
+    work = root / "checkout"
     work.mkdir()
     for name in ("experiments", "search_spaces"):
         shutil.copytree(REPO / name, work / name)
-    (tmp_path / "shared" / "data").mkdir(parents=True)
-    (tmp_path / "shared" / "data" / real_data_dir.name).symlink_to(real_data_dir)
+    (root / "shared" / "data").mkdir(parents=True)
+    (root / "shared" / "data" / real_data_dir.name).symlink_to(real_data_dir)
+    return work
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", runnable_blocks(), ids=lambda b: b.strip().splitlines()[0][:60])
+def test_readme_block_runs(block, checkout):
     env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI")  # the README's commands use the default store in ./mlruns
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=work, env=env, capture_output=True,
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=checkout, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, f"README block failed:\n{block}\n--- stderr ---\n{proc.stderr[-3000:]}"
