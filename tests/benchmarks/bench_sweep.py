@@ -69,8 +69,9 @@ def sweep_arm(work: Path, data: Path, epochs: int, name: str) -> tuple[float, li
 
 
 def plain_arm(jobs: list[Path]) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what Ray sets for a 1-CPU trial
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(f)], cwd=REPO) for f in jobs]
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(f)], cwd=REPO, env=env) for f in jobs]
     if any(p.wait() != 0 for p in procs):
         raise SystemExit("a plain worker failed")
     return time.perf_counter() - start
