@@ -362,7 +362,9 @@ def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -
             run_config=tune.RunConfig(
                 name=folder.name, storage_path=str(folder.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # Two, not one: Tune deletes the older checkpoint before its saved state points
+                # past it, and a driver killed in between must still find the one it names.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[ChildRuns(setup.parent_run_id, uri, state["max_t"], state["epochs"]),
                            ProgressLines(state["metric"], state["max_t"], state["epochs"])]))
     grid = tuner.fit()
@@ -432,7 +434,7 @@ def ray_session():
     """Join the cluster in RAY_ADDRESS, or start a local Ray for this command and stop it after."""
     import ray
 
-    # Keeping one checkpoint per trial makes Tune snapshot its state at every report, by design.
+    # Keeping two checkpoints per trial makes Tune snapshot its state every other report, by design.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         yield

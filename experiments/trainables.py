@@ -153,8 +153,13 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     cfg = trial_config(setup, params)
     cfg.tracking.run_name = context.get_trial_name()
     run_id = restored_run(tune.get_checkpoint(), setup.parent_run_id, context.get_trial_id())
-    if run_id and tracking.client().get_run(run_id).info.status == "FINISHED":
-        return  # it ended just before its driver was killed, before Tune could save that
+    run = tracking.client().get_run(run_id) if run_id else None
+    if run is not None and run.info.status == "FINISHED":
+        # It ended just before its driver was killed, before Tune saved that: repeat its last
+        # epoch's metrics for Tune instead of training again.
+        tune.report({**run.data.metrics, "epoch": int(run.data.tags.get("skinclr.epochs_run", 0)),
+                     "early_stop": int("skinclr.early_stopped_at" in run.data.tags), "mlflow_run_id": run_id})
+        return
     runner = run_pretrain if setup.stage == "pretrain" else run_finetune
     runner(cfg, run_id=run_id, parent_run_id=setup.parent_run_id, tags=trial_tags(setup, params, context.get_trial_id()),
            on_epoch=report_to_tune, progress=False)

@@ -143,7 +143,7 @@ def test_images_are_decoded_once_by_the_driver(asha_sweep):
 def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
     """SIGKILL the driver's process group once a trial has ended and another has checkpointed;
     `--resume` must finish the sweep in the same MLflow runs without rerunning finished work."""
-    config = sweep_yaml(tmp_path / "sweep.yaml", synth_dir, tmp_path / "ray", "resume", samples=4, epochs=3)
+    config = sweep_yaml(tmp_path / "sweep.yaml", synth_dir, tmp_path / "ray", "resume", samples=4, epochs=4)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     folder = tmp_path / "ray" / "resume"
@@ -177,18 +177,19 @@ def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
         run = client.get_run(run_id)
         assert (run.info.status, run.info.end_time) == ("FINISHED", end_time)
         assert knn_steps(client, run_id) == steps
-    for trial_id, epoch in checkpointed.items():  # continued from its checkpoint, in its own run
+    for trial_id, epoch in checkpointed.items():  # continued from a checkpoint, in its own run
         steps = knn_steps(client, by_trial[trial_id].info.run_id)
-        # Epochs up to the checkpoint were never run again; the one in flight at the kill may
-        # have been logged before its checkpoint was saved, and is run once more.
-        assert [s for s in steps if s <= epoch] == list(range(1, epoch + 1)), (trial_id, epoch, steps)
+        # Tune's saved state may lag its newest checkpoint by one (it syncs every second one):
+        # the epochs before that were never run again, later ones may have been.
+        assert [s for s in steps if s < epoch] == list(range(1, epoch)), (trial_id, epoch, steps)
         assert max(steps) == int(by_trial[trial_id].data.tags["skinclr.epochs_run"])
     assert "resuming" in resumed.stdout
 
 
 def wait_for_finished_and_checkpointed(client, folder: Path, driver, timeout: float = 300):
-    """Poll the store and the Ray folder until one trial's run has ended and another trial has a
-    Tune checkpoint while its run is still going; returns (ended runs, {trial id: epochs saved})."""
+    """Poll the store and the Ray folder until one trial's run has ended and another trial has
+    Tune checkpoints of 2 epochs or more while its run is still going; returns (ended runs,
+    {trial id: epochs in its newest checkpoint})."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert driver.poll() is None, "the sweep ended before it could be interrupted"
@@ -200,9 +201,8 @@ def wait_for_finished_and_checkpointed(client, folder: Path, driver, timeout: fl
             for r in runs:
                 trial_id = r.data.tags["skinclr.trial_id"]
                 saved = sorted((folder / trial_id).glob("checkpoint_*"))
-                if r.info.status == "RUNNING" and saved:
-                    state = json.loads((saved[-1] / "trial.json").read_text())
-                    running[trial_id] = state["epoch"]
+                if r.info.status == "RUNNING" and len(saved) == 2:
+                    running[trial_id] = json.loads((saved[-1] / "trial.json").read_text())["epoch"]
             if finished and running:
                 return finished, running
         time.sleep(0.2)
