@@ -73,7 +73,7 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
 
 
 def drive(cfg: Config, loop, logger: RunLogger, state: dict | None, on_epoch: OnEpoch | None,
-          on_record: Callable[[EpochRecord, Path], None] | None, progress: bool) -> RunResult:
+          on_record: Callable[[EpochRecord, dict, Path], None] | None, progress: bool) -> RunResult:
     """Iterate a loop generator, logging and checkpointing each epoch; mark the run's end."""
     ckpt_dir = checkpoint_root() / logger.run_id
     start = state["epoch"] if state else 0
@@ -84,9 +84,10 @@ def drive(cfg: Config, loop, logger: RunLogger, state: dict | None, on_epoch: On
         for record in loop:
             epoch, last = record.epoch, record.metrics
             logger.log_metrics(record.metrics, step=record.epoch)
-            ckpt = save_atomic(record.state(), ckpt_dir / "checkpoint.pt")
+            state = record.state()
+            ckpt = save_atomic(state, ckpt_dir / "checkpoint.pt")
             if on_record:
-                on_record(record, ckpt_dir)
+                on_record(record, state, ckpt_dir)
             if on_epoch:
                 on_epoch(record, ckpt, logger.run_id)
             bar.update(1)
@@ -113,9 +114,8 @@ def run_pretrain(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
     inputs = inputs or resolve_inputs(cfg, progress=progress)
     logger, state = open_run(cfg, inputs, run_id, parent_run_id, tags)
 
-    def on_record(record: EpochRecord, ckpt_dir: Path) -> None:
+    def on_record(record: EpochRecord, st: dict, ckpt_dir: Path) -> None:
         """The backbone alone, as a plain state_dict: what fine-tuning starts from."""
-        st = record.state()
         save_atomic(st["backbone"], ckpt_dir / "backbone_last.pt")
         if record.is_best:
             save_atomic(st["backbone"], ckpt_dir / "backbone_best.pt")
@@ -159,7 +159,7 @@ def run_finetune(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
         checkpoint, init_tags = resolve_init(cfg, Path(work))
         logger, state = open_run(cfg, inputs, run_id, parent_run_id, {**init_tags, **(tags or {})})
 
-        def on_record(record: EpochRecord, ckpt_dir: Path) -> None:
+        def on_record(record: EpochRecord, st: dict, ckpt_dir: Path) -> None:
             """Curves every epoch; the best model and its figures whenever the monitor improves,
             so a trial stopped early by a scheduler still leaves a complete run."""
             out = ckpt_dir / "report"

@@ -25,7 +25,7 @@ import yaml
 from ray import tune
 
 from core import tracking
-from core.config import Config, ConfigError, load_config, parse_override
+from core.config import Config, ConfigError, load_config
 from core.tracking import PARENT_TAG, STAGE_TAG, RunLogger
 from experiments.spaces import check_keys, load_space, narrow, project_path, sampled_keys, space_path, to_tune
 from experiments.trainables import METRICS, TrialSetup, make_trainable, trial_runs
@@ -50,36 +50,9 @@ class SweepOutcome:
 
 
 def load_sweep_config(path: str | Path | None, overrides: list[str] | None) -> tuple[Config, dict[str, str]]:
-    """A sweep config, and the pipeline's extra `sweep.*` keys (finetune_config, eval_data).
-
-    Those two are not SweepConfig fields, so they are taken out of the file and the overrides
-    before the rest is resolved by `load_config`."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-    sweep = dict(raw.get("sweep") or {})
-    extra = {k: str(sweep.pop(k)) for k in PIPELINE_KEYS if k in sweep}
-    rest = []
-    for text in overrides or []:
-        key, value = parse_override(text)
-        if key.startswith("sweep.") and key[len("sweep."):] in PIPELINE_KEYS:
-            extra[key[len("sweep."):]] = value
-        else:
-            rest.append(text)
-    if "sweep" in raw:
-        raw = {**raw, "sweep": sweep}
-    with tempfile.TemporaryDirectory() as tmp:
-        clean = Path(tmp) / Path(path or "sweep.yaml").name
-        clean.write_text(yaml.safe_dump(raw))
-        try:
-            cfg = load_config(clean, rest)
-        except ConfigError as err:
-            raise ConfigError(str(err).replace(str(clean), str(path))) from None
+    """A sweep config, and the pipeline's own keys (sweep.finetune_config, sweep.eval_data) that it sets."""
+    cfg = load_config(path, overrides)
+    extra = {k: getattr(cfg.sweep, k) for k in PIPELINE_KEYS if getattr(cfg.sweep, k)}
     if extra and cfg.sweep.stage != "pipeline":
         raise ConfigError(f"sweep.{', sweep.'.join(extra)} only apply to sweep.stage=pipeline (got '{cfg.sweep.stage}')")
     return cfg, extra
