@@ -328,7 +328,7 @@ def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -
                 # A trial that survives every rung ends on its own and its runner closes its
                 # run; ASHA stops it only if max_t < epochs. Each trial gets a fresh process: a
                 # stopped trial's thread never returns (see trainables.report_to_tune).
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=state["max_t"],
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=state["max_t"],
                                         grace_period=s.grace_period, reduction_factor=s.reduction_factor,
                                         stop_last_trials=state["max_t"] < state["epochs"]),
                 trial_dirname_creator=trial_dirname, reuse_actors=False),

@@ -23,6 +23,7 @@ from ray import tune
 from core import tracking
 from core.config import Config, set_value
 from core.runner import checkpoint_root, run_finetune, run_pretrain
+from core.runtime import load_checkpoint
 from core.tracking import PARENT_TAG, RunLogger
 
 METRICS = {"pretrain": "knn_balanced_accuracy", "finetune": "val_balanced_accuracy"}
@@ -73,14 +74,14 @@ def trial_runs(parent_run_id: str) -> dict[str, Any]:
     return {r.data.tags[TRIAL_TAG]: r for r in runs if TRIAL_TAG in r.data.tags}
 
 
-def place_checkpoint(run_id: str, source: Path | None) -> None:
-    """Put a trial's checkpoint where the runner resumes from, or clear a stale one.
+def place_checkpoint(run_id: str, source: Path) -> None:
+    """Put the newer of Tune's checkpoint and the runner's own file where the runner resumes.
 
-    Tune's checkpoint is the truth: the runner's own file may be an epoch ahead of it (saved,
-    then killed before the report), and resuming from that would shift every later epoch."""
+    Tune's copy can lag the runner's file (saved, then killed before Tune recorded the report).
+    ASHA counts the reported `epoch`, not Tune's report count, so resuming from the newer file
+    shifts nothing and repeats no finished epoch."""
     target = checkpoint_root() / run_id / "checkpoint.pt"
-    if source is None:
-        target.unlink(missing_ok=True)
+    if target.is_file() and load_checkpoint(target)["epoch"] >= load_checkpoint(source)["epoch"]:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.restore")
@@ -89,17 +90,17 @@ def place_checkpoint(run_id: str, source: Path | None) -> None:
 
 
 def restored_run(checkpoint, parent_run_id: str, trial_id: str) -> str | None:
-    """The MLflow run a (re)started trial continues, with its checkpoint in place; None: a new trial."""
+    """The MLflow run a (re)started trial continues, with its checkpoint in place; None: a new trial.
+
+    Without a Tune checkpoint, the runner's own file (if this machine has one) continues the run;
+    with neither, the run starts over from epoch 1."""
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             run_id = json.loads((Path(folder) / STATE_FILE).read_text())["run_id"]
             place_checkpoint(run_id, Path(folder) / "checkpoint.pt")
         return run_id
-    run = trial_runs(parent_run_id).get(trial_id)  # failed before its first checkpoint: start over
-    if run is None:
-        return None
-    place_checkpoint(run.info.run_id, None)
-    return run.info.run_id
+    run = trial_runs(parent_run_id).get(trial_id)
+    return run.info.run_id if run is not None else None
 
 
 def epoch_metrics(record, run_id: str) -> dict[str, Any]:
