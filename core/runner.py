@@ -20,7 +20,7 @@ from core.config import Config, ConfigError
 from core.finetune import finetune
 from core.inputs import Inputs, resolve_inputs
 from core.pretrain import EpochRecord, pretrain
-from core.runtime import load_checkpoint, save_atomic
+from core.runtime import describe_device, load_checkpoint, pick_device, save_atomic
 from core.tracking import RunLogger
 
 OnEpoch = Callable[[EpochRecord, Path, str], None]  # (record, checkpoint file, run id)
@@ -62,7 +62,7 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
     else:
         logger = RunLogger.create(cfg.experiment, cfg.tracking.run_name, parent_run_id=parent_run_id,
                                   tags={tracking.RUN_KEY_TAG: key, tracking.STAGE_TAG: cfg.stage})
-    logger.set_tags({**inputs.tags(), **(tags or {})})
+    logger.set_tags({**inputs.tags(), "skinclr.device": describe_device(pick_device(cfg.train.device)), **(tags or {})})
     logger.log_params(cfg.flat())
     with tempfile.TemporaryDirectory() as tmp:
         logger.log_artifact(cfg.save(Path(tmp) / "config.yaml"))

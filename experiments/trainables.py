@@ -137,7 +137,8 @@ def report_to_tune(record, checkpoint_file: Path, run_id: str) -> None:
 
 
 def trial_tags(setup: TrialSetup, params: dict[str, Any], trial_id: str) -> dict[str, str]:
-    return {TRIAL_TAG: trial_id, SWEEP_TAG: setup.parent_run_id,
+    resources = f"{setup.workers} x ({setup.cpus:g} CPU" + (f", {setup.gpus:g} GPU)" if setup.gpus else ")")
+    return {TRIAL_TAG: trial_id, SWEEP_TAG: setup.parent_run_id, "skinclr.trial_resources": resources,
             **{f"{SAMPLED_TAG}{k}": str(v) for k, v in params.items()}}
 
 

@@ -55,6 +55,7 @@ def test_cli_pretrain_logs_a_complete_run(synth_dir, tmp_path, monkeypatch):
     tags = run.data.tags
     assert len(tags["data_fingerprint"]) >= 8 and len(tags["split_fingerprint"]) >= 8
     assert tags["mlflow.source.git.commit"]
+    assert tags["skinclr.device"] == "cpu"  # the hardware a run trained on, shown in the UI
 
     files = {f.path for f in c.list_artifacts(run.info.run_id)} | {
         f.path for f in c.list_artifacts(run.info.run_id, "checkpoints")}

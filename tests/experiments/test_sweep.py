@@ -81,6 +81,7 @@ def test_sweep_logs_one_parent_and_one_closed_child_per_trial(asha_sweep):
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["skinclr.sweep_run_id"] == parent.info.run_id
+        assert child.data.tags["skinclr.trial_resources"] == "1 x (1 CPU)"
         assert child.info.status in TERMINAL, (child.info.run_id, child.info.status)
         for key in ("simclr.temperature", "augment.crop_min", "augment.color_strength", "train.lr"):
             assert float(child.data.tags[f"skinclr.sampled.{key}"]) == pytest.approx(float(child.data.params[key]))
