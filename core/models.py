@@ -44,8 +44,9 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
     return net, spec.feature_dim
 
 
-def imagenet_state_dict(name: str, path: str | Path | None = None) -> dict:
-    """torchvision's ImageNet weights for `name`, from `path` or else torch hub's cache; never downloads."""
+def imagenet_weights_file(name: str, path: str | Path | None = None) -> Path:
+    """Where torchvision's ImageNet weights for `name` are: `path`, or else torch hub's cache.
+    Nothing downloads here, so a missing file is an error that says where to put it."""
     weights = _spec(name).imagenet
     cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
     file = Path(path) if path else cached
@@ -54,7 +55,11 @@ def imagenet_state_dict(name: str, path: str | Path | None = None) -> dict:
             f"ImageNet weights for {name} not found at {file}; nothing is downloaded here. On a machine with "
             f"internet, fetch {weights.url} and copy it to {cached} (or pass its path, e.g. "
             f"--set finetune.imagenet_weights=PATH)")
-    return _load_file(file)
+    return file
+
+
+def imagenet_state_dict(name: str, path: str | Path | None = None) -> dict:
+    return _load_file(imagenet_weights_file(name, path))
 
 
 def _load_file(file: Path) -> dict:

@@ -19,6 +19,7 @@ from core import tracking
 from core.config import Config, ConfigError
 from core.finetune import finetune
 from core.inputs import Inputs, resolve_inputs
+from core.models import imagenet_weights_file
 from core.pretrain import EpochRecord, pretrain
 from core.runtime import describe_device, load_checkpoint, pick_device, save_atomic
 from core.tracking import RunLogger
@@ -154,6 +155,8 @@ def run_finetune(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
     from core import metrics as M
     from core.serving import log_model
 
+    if cfg.finetune.init == "imagenet":  # fail at once: before the data cache is built or a run opened
+        imagenet_weights_file(cfg.model.backbone, cfg.finetune.imagenet_weights or None)
     inputs = inputs or resolve_inputs(cfg, progress=progress)
     with tempfile.TemporaryDirectory() as work:
         checkpoint, init_tags = resolve_init(cfg, Path(work))

@@ -99,6 +99,8 @@ def test_imagenet_init_without_weights_says_where_to_put_them(synth_dir, tmp_pat
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "resnet18" in err and str(tmp_path / "torch-home") in err
+    # It fails before any run is opened: no FAILED run is left behind to clutter the UI.
+    assert tracking.client().search_runs([tracking.ensure_experiment("skinclr-finetune")]) == []
 
 
 def test_corrupt_image_in_evaluation_folder_is_named(synth_dir, tmp_path, simclr_run, capsys):
