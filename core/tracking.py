@@ -6,6 +6,7 @@ same code logs from the CLI, from a Ray Tune trial process, or from a test.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import subprocess
@@ -16,6 +17,9 @@ from typing import Any, Iterable
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+
+# A new store announces its schema set-up at INFO on first use, in every process that opens it.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 RUN_KEY_TAG = "skinclr.run_key"  # hash of the resolved config: finds a run to resume
 STAGE_TAG = "skinclr.stage"

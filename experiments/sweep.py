@@ -133,6 +133,7 @@ def search_algorithm(cfg: Config):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own progress lines
     sampler = optuna.samplers.TPESampler(seed=cfg.train.seed)
     return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=cfg.sweep.max_concurrent)
 
@@ -409,6 +410,9 @@ def ray_session():
 
     # Keeping two checkpoints per trial makes Tune snapshot its state every other report, by design.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own console report (a settings box and a TensorBoard hint) repeats what the sweep's
+    # progress lines and MLflow already show; the legacy reporter honours verbose=0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         yield
         return
