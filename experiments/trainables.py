@@ -202,6 +202,7 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     cfg = trial_config(setup, params)
     cfg.tracking.run_name = config["trial_name"]
+    scratch = None
     if rank == 0:
         use_driver_store(setup)
         run_id = restored_run(checkpoint, setup.parent_run_id, config["trial_id"])
@@ -214,8 +215,12 @@ def train_worker(config: dict[str, Any]) -> None:
             with checkpoint.as_directory() as folder:
                 place_checkpoint(run_id, Path(folder) / "checkpoint.pt")
         tags = {}
-    run_pretrain(cfg, run_id=run_id, parent_run_id=setup.parent_run_id if rank == 0 else None, tags=tags,
-                 on_epoch=report_to_train(rank), progress=False, distributed=True)
+    try:
+        run_pretrain(cfg, run_id=run_id, parent_run_id=setup.parent_run_id if rank == 0 else None, tags=tags,
+                     on_epoch=report_to_train(rank), progress=False, distributed=True)
+    finally:
+        if scratch is not None:  # its store and checkpoints duplicate rank 0's: hundreds of MB a trial
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def report_to_train(rank: int) -> Callable:

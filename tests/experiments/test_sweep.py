@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -230,6 +231,10 @@ def assert_group_gone(pgid: int, timeout: float = 30) -> None:
     raise AssertionError(f"processes of the killed sweep (group {pgid}) were still alive after {timeout} s")
 
 
+def rank_scratch_stores() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("skinclr-rank*"))
+
+
 def test_pipeline_fine_tunes_best_data_parallel_pretrain_trial_under_one_run(synth_dir, tmp_path):
     """Pretrain sweep (one trial of two gloo workers through Ray Train) -> fine-tune sweep from
     its best trial -> evaluation of the best fine-tuned model: every run nested under one."""
@@ -244,7 +249,10 @@ def test_pipeline_fine_tunes_best_data_parallel_pretrain_trial_under_one_run(syn
     config = sweep_yaml(tmp_path / "pipeline.yaml", synth_dir, tmp_path / "ray", "pipeline", samples=1, epochs=2,
                         stage="pipeline", finetune_config=str(finetune), eval_data=str(heldout),
                         workers_per_trial=2, cpus_per_trial=0.5, max_concurrent=1)
+    before = rank_scratch_stores()
     assert main(config, []) == 0
+    # Rank 1 trained against a private store; it is gone with its hundreds of MB of checkpoints.
+    assert rank_scratch_stores() - before == set()
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("sweep-pipeline").experiment_id])
