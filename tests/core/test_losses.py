@@ -154,6 +154,9 @@ def _rank_main(rank: int, world: int, store: str) -> None:
         torch.testing.assert_close(loss.detach(), ref_loss)
         for p, ref in zip(model.module.parameters(), ref_param_grads):
             torch.testing.assert_close(p.grad, ref)
+        # Both ranks past their last collective before either tears gloo down: a rank that
+        # destroys its group while the peer still talks to it aborts the peer (SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
