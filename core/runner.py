@@ -132,8 +132,11 @@ def run_pretrain(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
 def resolve_init(cfg: Config, workdir: Path) -> tuple[str | None, dict[str, str]]:
     """`finetune.init=runs:/RUN` -> that pretrain run's best backbone file, and link tags.
 
-    RUN is a run id, or a run name (`tracking.run_name` of a pretrain run: its newest finished run)."""
+    RUN is a run id, or a run name (`tracking.run_name` of a pretrain run: its newest finished run).
+    Called before the data cache is built or a run opened, so a missing init fails at once."""
     init = cfg.finetune.init
+    if init == "imagenet":
+        imagenet_weights_file(cfg.model.backbone, cfg.finetune.imagenet_weights or None)
     if not init.startswith("runs:/"):
         return None, ({"skinclr.init": init})
     run_id = tracking.find_run(init[len("runs:/"):].strip("/").split("/")[0], stage="pretrain")
@@ -155,11 +158,9 @@ def run_finetune(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
     from core import metrics as M
     from core.serving import log_model
 
-    if cfg.finetune.init == "imagenet":  # fail at once: before the data cache is built or a run opened
-        imagenet_weights_file(cfg.model.backbone, cfg.finetune.imagenet_weights or None)
-    inputs = inputs or resolve_inputs(cfg, progress=progress)
     with tempfile.TemporaryDirectory() as work:
         checkpoint, init_tags = resolve_init(cfg, Path(work))
+        inputs = inputs or resolve_inputs(cfg, progress=progress)
         logger, state = open_run(cfg, inputs, run_id, parent_run_id, {**init_tags, **(tags or {})})
 
         def on_record(record: EpochRecord, st: dict, ckpt_dir: Path) -> None:
