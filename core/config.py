@@ -26,6 +26,11 @@ class DataConfig:
     val_fraction: float = 0.15
     split_seed: int = 0
     split_file: str = ""  # reuse a saved split CSV so that several runs share one split
+    folds: int = 0  # >=2: k-fold lesion-grouped cross-validation, fold `fold` is val (0: val_fraction)
+    fold: int = 0  # which of the k folds is val, 0..folds-1
+    min_per_class: int = 1  # images each class must have on each side of the split
+    label_fraction: float = 1.0  # fine-tuning: labelled share of the train side (lesion-grouped, stratified)
+    label_seed: int = -1  # which subset of that share; -1: train.seed, so each seed draws its own
     cache_dir: str = ""  # decoded-image cache; empty: $SKINCLR_CACHE or ~/.cache/skinclr
     workers: int = 2  # DataLoader workers (0: load in the training process)
 
@@ -37,6 +42,7 @@ class AugmentConfig:
     blur_prob: float = 0.5
     gray_prob: float = 0.2
     rotation: float = 30.0  # fine-tune only: +- degrees
+    device: str = "auto"  # where augmentation runs: cpu | cuda | auto (the training device)
 
 
 @dataclass
@@ -100,7 +106,8 @@ class SweepConfig:
     narrow: dict = field(default_factory=dict)  # key -> fixed value or {low, high} / [choices]
     num_samples: int = 8
     max_concurrent: int = 2
-    search: str = "optuna"  # optuna | random
+    search: str = "optuna"  # optuna | random | grid (every combination of sweep.grid, no ASHA)
+    grid: dict = field(default_factory=dict)  # grid search: config key -> list of values
     grace_period: int = 1
     reduction_factor: int = 2
     max_t: int = 0  # 0: train.epochs
@@ -160,9 +167,12 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+DICT_KEYS = ("narrow", "grid")  # dict-valued keys: their entries are config keys, not sections
+
+
 def _flatten(d: dict, prefix: str = ""):
     for key, value in d.items():
-        if isinstance(value, dict) and key != "narrow":
+        if isinstance(value, dict) and key not in DICT_KEYS:
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
@@ -215,8 +225,13 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
             hint = difflib.get_close_matches(part, names, n=1)
             fix = f"did you mean '{'.'.join(parts[:i] + hint)}'?" if hint else f"known keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{key}': no '{part}' in {where}; {fix}")
+        current = getattr(target, part)
+        if isinstance(current, dict) and i < len(parts) - 1:
+            # `sweep.grid.train.seed=[0,1]`: the rest of the key names one entry of the dict
+            entry = ".".join(parts[i + 1:])
+            current[entry] = yaml.safe_load(value) if isinstance(value, str) else value
+            return
         if i == len(parts) - 1:
-            current = getattr(target, part)
             if dataclasses.is_dataclass(current):
                 if not isinstance(value, dict):
                     raise ConfigError(f"config key '{key}' is a section; give its keys, e.g. {key}.<name>=...")
@@ -276,7 +291,14 @@ def validate(cfg: Config) -> None:
     """Catch values that would fail deep inside training, while the fix is still obvious."""
     checks = [
         (cfg.data.image_size >= 16, "data.image_size", "must be at least 16 pixels"),
-        (0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", "must lie between 0 and 1"),
+        (0.0 < cfg.data.val_fraction <= 0.5, "data.val_fraction", "must lie in (0, 0.5]"),
+        (cfg.data.folds == 0 or cfg.data.folds >= 2, "data.folds", "must be 0 (use data.val_fraction) or at least 2"),
+        (cfg.data.folds == 0 and cfg.data.fold == 0 or 0 <= cfg.data.fold < cfg.data.folds, "data.fold",
+         f"must lie in 0..data.folds-1 (data.folds is {cfg.data.folds}; set data.folds=K to use folds)"),
+        (cfg.data.min_per_class >= 0, "data.min_per_class", "must be 0 or more"),
+        (0.0 < cfg.data.label_fraction <= 1.0, "data.label_fraction", "must lie in (0, 1]"),
+        (cfg.data.label_seed >= -1, "data.label_seed", "must be -1 (follow train.seed) or a seed >= 0"),
+        (cfg.augment.device in ("auto", "cpu", "cuda"), "augment.device", "must be auto, cpu or cuda"),
         (cfg.data.aspect in ("center_crop", "pad", "stretch"), "data.aspect", "must be center_crop, pad or stretch"),
         (0.0 < cfg.augment.crop_min <= 1.0, "augment.crop_min", "must lie in (0, 1]"),
         (cfg.simclr.temperature > 0, "simclr.temperature", "must be positive"),
@@ -288,7 +310,7 @@ def validate(cfg: Config) -> None:
          "finetune.monitor", "must be val_balanced_accuracy, val_accuracy or val_loss"),
         (cfg.finetune.monitor_smoothing >= 1, "finetune.monitor_smoothing", "must be at least 1"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
-        (cfg.sweep.search in ("optuna", "random"), "sweep.search", "must be optuna or random"),
+        (cfg.sweep.search in ("optuna", "random", "grid"), "sweep.search", "must be optuna, random or grid"),
     ]
     for ok, key, what in checks:
         if not ok:

@@ -51,7 +51,7 @@ class Manifest:
     root: Path
     layout: str
     warnings: list[str] = field(default_factory=list)
-    fingerprint: str = ""  # short sha256 of sorted (image, label, file size): names the data in caches and logs
+    fingerprint: str = ""  # short sha256 of sorted (image, label, file size, mtime): names the data in caches and logs
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.frame["label"].to_numpy(), minlength=len(CLASSES))
@@ -217,6 +217,11 @@ def _scan(root: Path, decode: bool, workers: int | None, progress: bool):
     if problems.kinds:
         return None, problems.lines(), warnings.lines()
     frame = frame.sort_values("image", ignore_index=True)
+    absent = [name for name, n in zip(CLASSES, np.bincount(frame["label"], minlength=len(CLASSES))) if n == 0]
+    if absent:
+        warnings.add("missing classes", f"no images of class {', '.join(absent)}: balanced accuracy over all "
+                                        f"{len(CLASSES)} classes cannot be measured on this data; training "
+                                        "on it needs data.min_per_class=0 (the run is tagged skinclr.missing_classes)")
     return Manifest(frame, root, layout, warnings.lines(), _fingerprint(frame)), [], warnings.lines()
 
 
@@ -417,9 +422,12 @@ def _attach_files(root: Path, layout: str, table: pd.DataFrame, problems: _Repor
 
 
 def _fingerprint(frame: pd.DataFrame) -> str:
+    """Names, labels and file stats (size, mtime_ns): an image rewritten with other pixels of the
+    same byte size gets a new mtime, so the cache keyed by this is rebuilt, never stale."""
     h = hashlib.sha256()
     for image, label, path in sorted(zip(frame["image"], frame["label"], frame["path"])):
-        h.update(f"{image},{int(label)},{os.path.getsize(path)}\n".encode())
+        st = os.stat(path)
+        h.update(f"{image},{int(label)},{st.st_size},{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -446,28 +454,87 @@ def _groups(frame: pd.DataFrame) -> np.ndarray:
     return np.where(frame["lesion_id"].isna(), "image:" + frame["image"], frame["lesion_id"].astype(str))
 
 
-def split_by_lesion(manifest: Manifest, val_fraction: float = 0.15, seed: int = 0) -> pd.DataFrame:
-    """manifest.frame + column "split": no lesion on both sides, class proportions kept."""
+def split_by_lesion(manifest: Manifest, val_fraction: float = 0.15, seed: int = 0, folds: int = 0,
+                    fold: int = 0) -> pd.DataFrame:
+    """manifest.frame + column "split": no lesion on both sides, class proportions kept.
+
+    The data is cut into lesion-grouped, class-stratified folds and one fold is val: fold `fold`
+    of `folds` for cross-validation, else fold 0 of round(1 / val_fraction) (so `folds=7, fold=0`
+    is the default 0.15 split, and the folds of one seed are disjoint and cover every image)."""
     import warnings
 
     from sklearn.model_selection import StratifiedGroupKFold
 
-    if not 0.0 < val_fraction <= 0.5:
+    if not folds and not 0.0 < val_fraction <= 0.5:
         raise DataError(f"val_fraction {val_fraction} must lie in (0, 0.5]")
-    folds = round(1 / val_fraction)
+    n_folds = folds or round(1 / val_fraction)
+    if not 0 <= fold < n_folds:
+        raise DataError(f"fold {fold} does not exist: folds are numbered 0..{n_folds - 1}")
     frame = manifest.frame.copy()
     groups = _groups(frame)
-    if len(set(groups)) < folds:
-        raise DataError(f"{manifest.root}: only {len(set(groups))} lesions, too few for a {val_fraction:.0%} "
-                        "validation split; add images or raise val_fraction")
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    if len(set(groups)) < n_folds:
+        what = f"{n_folds} folds" if folds else f"a {val_fraction:.0%} validation split"
+        raise DataError(f"{manifest.root}: only {len(set(groups))} lesions, too few for {what}; "
+                        "add images, or use fewer folds / a larger data.val_fraction")
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # rare classes with fewer lesions than folds are fine here
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        _, val = next(splitter.split(np.zeros(len(frame)), frame["label"].to_numpy(), groups))
+        parts = splitter.split(np.zeros(len(frame)), frame["label"].to_numpy(), groups)
+        for _ in range(fold):
+            next(parts)
+        _, val = next(parts)
     split = np.full(len(frame), "train", dtype=object)
     split[val] = "val"
     frame["split"] = split
     return frame
+
+
+def check_split(split: pd.DataFrame, min_per_class: int = 1) -> list[str]:
+    """Refuse a split on which balanced accuracy cannot be measured; return the classes absent
+    from the data altogether (allowed only with min_per_class 0, for a run to tag).
+
+    Balanced accuracy averages recall over the classes present in val: a val side with 2 of 7
+    classes yields a number, but not the official metric, and it would compete with real ones."""
+    counts = {part: np.bincount(split.loc[split["split"] == part, "label"].to_numpy(dtype=int),
+                                minlength=len(CLASSES)) for part in ("train", "val")}
+    short = [f"{name} has {counts['train'][i]} train / {counts['val'][i]} val images"
+             for i, name in enumerate(CLASSES) if min(counts["train"][i], counts["val"][i]) < min_per_class]
+    if short:
+        raise DataError(f"split cannot measure balanced accuracy: {'; '.join(short)}, fewer than "
+                        f"data.min_per_class={min_per_class} on a side; add images of "
+                        f"{'that class' if len(short) == 1 else 'those classes'}, raise data.val_fraction "
+                        "(or use fewer data.folds), or set data.min_per_class=0 to accept it")
+    return [name for i, name in enumerate(CLASSES) if counts["train"][i] + counts["val"][i] == 0]
+
+
+def label_subset(split: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """The split + column "labelled": a lesion-grouped, class-stratified share of the train side.
+
+    Per class, the train lesions are put in one seeded order and taken until the class's share of
+    images is reached, at least one lesion each. The order does not depend on `fraction`, so for
+    one seed a smaller subset lies inside every larger one. Val images stay labelled."""
+    out = split.copy()
+    out["labelled"] = out["split"] == "val"
+    train = out[out["split"] == "train"]
+    groups = pd.Series(_groups(train), index=train.index)
+    rng = np.random.default_rng(seed)
+    for c in range(len(CLASSES)):
+        members = groups[train["label"] == c]
+        if members.empty:
+            continue
+        sizes = members.value_counts().sort_index()  # lesion -> images of this class
+        order = sizes.index[rng.permutation(len(sizes))]
+        target = fraction * len(members)
+        taken = np.cumsum(sizes[order].to_numpy())
+        keep = set(order[:max(1, int(np.searchsorted(taken, target - 1e-9)) + 1)])
+        out.loc[members.index[members.isin(keep)], "labelled"] = True
+    return out
+
+
+def label_fingerprint(split: pd.DataFrame) -> str:
+    """Names the labelled train images, so runs on the same subset can be told apart."""
+    train = split[(split["split"] == "train") & split.get("labelled", True)]
+    return hashlib.sha256(",".join(sorted(train["image"])).encode()).hexdigest()[:16]
 
 
 def split_fingerprint(split: pd.DataFrame) -> str:

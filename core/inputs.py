@@ -15,16 +15,18 @@ import torch
 
 from core.cache import CachedDataset, ImageCache, build_cache
 from core.config import Config, ConfigError
-from core.data import Manifest, load_split, read_manifest, save_split, split_by_lesion, split_fingerprint
+from core.data import (Manifest, check_split, label_fingerprint, label_subset, load_split, read_manifest, save_split,
+                       split_by_lesion, split_fingerprint)
 
 
 @dataclass
 class Inputs:
     manifest: Manifest
-    split: pd.DataFrame  # manifest.frame + column "split"
+    split: pd.DataFrame  # manifest.frame + column "split" (+ "labelled" under data.label_fraction < 1)
     cache: ImageCache
-    train_rows: np.ndarray  # cache rows of the train split
+    train_rows: np.ndarray  # cache rows of the train split (its labelled subset, when there is one)
     val_rows: np.ndarray
+    missing_classes: tuple[str, ...] = ()  # classes with no image at all (data.min_per_class 0)
 
     @property
     def split_fingerprint(self) -> str:
@@ -38,28 +40,41 @@ class Inputs:
     def val_labels(self) -> np.ndarray:
         return self.cache.labels[self.val_rows]
 
+    @property
+    def label_fingerprint(self) -> str:
+        return label_fingerprint(self.split)
+
     def tags(self) -> dict[str, str]:
-        return {"data_fingerprint": self.manifest.fingerprint, "split_fingerprint": self.split_fingerprint,
+        tags = {"data_fingerprint": self.manifest.fingerprint, "split_fingerprint": self.split_fingerprint,
                 "data_root": str(self.manifest.root)}
+        if "labelled" in self.split:
+            tags["label_fingerprint"] = self.label_fingerprint
+        if self.missing_classes:
+            tags["skinclr.missing_classes"] = ",".join(self.missing_classes)
+        return tags
 
 
 def resolve_inputs(cfg: Config, progress: bool = True) -> Inputs:
     if not cfg.data.root:
         raise ConfigError("config key 'data.root' is empty: set it to a dataset folder in the official "
                           "ISIC 2018 layout (e.g. --set data.root=path/to/isic), or make one with `skinclr data synth`")
-    manifest = read_manifest(cfg.data.root)
-    if cfg.data.split_file and Path(cfg.data.split_file).is_file():
-        split = load_split(cfg.data.split_file, manifest)
+    d = cfg.data
+    manifest = read_manifest(d.root)
+    if d.split_file and Path(d.split_file).is_file():
+        split = load_split(d.split_file, manifest)
     else:
-        split = split_by_lesion(manifest, cfg.data.val_fraction, cfg.data.split_seed)
-        if cfg.data.split_file:  # the first run writes the split that later runs share
-            Path(cfg.data.split_file).parent.mkdir(parents=True, exist_ok=True)
-            save_split(split, cfg.data.split_file)
-    cache = build_cache(manifest, cfg.data.image_size, cfg.data.aspect,
-                        cache_dir=cfg.data.cache_dir or None, progress=progress)
-    train_rows = cache.rows(split.loc[split["split"] == "train", "image"].tolist())
+        split = split_by_lesion(manifest, d.val_fraction, d.split_seed, d.folds, d.fold)
+        if d.split_file:  # the first run writes the split that later runs share
+            Path(d.split_file).parent.mkdir(parents=True, exist_ok=True)
+            save_split(split, d.split_file)
+    missing = tuple(check_split(split, d.min_per_class))
+    if cfg.stage == "finetune" and d.label_fraction < 1.0:  # pretraining uses no labels: it keeps all
+        split = label_subset(split, d.label_fraction, cfg.train.seed if d.label_seed < 0 else d.label_seed)
+    cache = build_cache(manifest, d.image_size, d.aspect, cache_dir=d.cache_dir or None, progress=progress)
+    train = (split["split"] == "train") & split.get("labelled", True)
+    train_rows = cache.rows(split.loc[train, "image"].tolist())
     val_rows = cache.rows(split.loc[split["split"] == "val", "image"].tolist())
-    return Inputs(manifest, split, cache, train_rows, val_rows)
+    return Inputs(manifest, split, cache, train_rows, val_rows, missing)
 
 
 def _seed_worker(worker_id: int) -> None:

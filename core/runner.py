@@ -68,7 +68,8 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
     with tempfile.TemporaryDirectory() as tmp:
         logger.log_artifact(cfg.save(Path(tmp) / "config.yaml"))
         split = Path(tmp) / "split.csv"
-        inputs.split[["image", "label", "lesion_id", "split"]].to_csv(split, index=False)
+        columns = ["image", "label", "lesion_id", "split"] + (["labelled"] if "labelled" in inputs.split else [])
+        inputs.split[columns].to_csv(split, index=False)
         logger.log_artifact(split)
     return logger, state
 
