@@ -14,7 +14,10 @@ from mlflow.tracking import MlflowClient
 
 from core import tracking
 from core.cli import main
+from core.config import load_config
+from core.inputs import resolve_inputs
 from core.models import build_backbone
+from core.pretrain import pretrain
 from core.runner import checkpoint_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,3 +96,20 @@ def test_killed_run_resumes_in_the_same_mlflow_run(synth_dir):
     c, straight = only_run("straight-test")
     reference = c.get_metric_history(straight.info.run_id, "train_loss")
     assert [m.value for m in losses] == pytest.approx([m.value for m in reference], rel=1e-4)
+
+
+# train_loss of the SimCLR loop as it was before the shared engine existed (one thread, seed 0):
+# the refactor must leave SimCLR's numbers exactly where they were.
+SIMCLR_LOSSES_BEFORE_ENGINE = [3.43056050936381, 3.3527239163716636]
+
+
+def test_simclr_losses_at_a_fixed_seed_are_unchanged(synth_dir):
+    cfg = load_config(CONFIG, [f"data.root={synth_dir}", "data.image_size=32", "train.epochs=2", "train.threads=1",
+                               "train.batch_size=16", "train.max_steps_per_epoch=3", "data.workers=0", "monitor.k=5",
+                               "monitor.max_bank=50"])
+    threads = torch.get_num_threads()
+    try:
+        losses = [r.metrics["train_loss"] for r in pretrain(cfg, resolve_inputs(cfg, progress=False))]
+    finally:
+        torch.set_num_threads(threads)  # train.threads is process-wide; later tests keep their own
+    assert losses == pytest.approx(SIMCLR_LOSSES_BEFORE_ENGINE, rel=1e-6)
