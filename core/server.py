@@ -7,9 +7,13 @@ artifacts (`--serve-artifacts`), so experiments created through it store theirs 
 straight through the SQLite file keep their `file://` artifact folder: workers elsewhere can only
 write there if that path is shared.
 
-For a cluster bind `--host 0.0.0.0`. MLflow 3 answers only requests whose Host header is
-localhost or a private IP: when workers use a DNS name, export
-`MLFLOW_SERVER_ALLOWED_HOSTS=name:port` before starting. `MLFLOW_WORKERS` sets the number of
+For a cluster bind `--host 0.0.0.0`. Exposure is explicit: the server has no login, so anyone who
+reaches the port can read, change and delete every run, and it says so on stderr. MLflow 3
+answers only requests whose Host header it allows (localhost and private IPs by default); the
+address printed for workers is added to those, so the printed URI always works. Other names
+(a DNS name) go in `MLFLOW_SERVER_ALLOWED_HOSTS=name:port` before starting. For logins, run
+MLflow's own basic-auth app (`mlflow server --app-name basic-auth`, clients set
+`MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`). `MLFLOW_WORKERS` sets the number of
 server processes (MLflow's default is 4). MLflow's GenAI job runner stays off unless
 `MLFLOW_SERVER_ENABLE_JOB_EXECUTION` is set.
 """
@@ -50,6 +54,17 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
+def allowed_hosts(address: str, port: int) -> str:
+    """MLFLOW_SERVER_ALLOWED_HOSTS that admit `address:port` besides what is allowed already (the
+    user's list, else MLflow's defaults: localhost and private IPs)."""
+    from mlflow.server.security_utils import (get_allowed_hosts_from_env, get_default_allowed_hosts,
+                                              is_allowed_host_header)
+
+    hosts = get_allowed_hosts_from_env() or get_default_allowed_hosts()
+    wanted = [f"[{address}]:{port}" if ":" in address else f"{address}:{port}"]
+    return ",".join(hosts + [h for h in wanted if not is_allowed_host_header(hosts, h)])
+
+
 def server_command(host: str, port: int, backend_store_uri: str, artifacts_destination: str) -> list[str]:
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
             "--serve-artifacts", "--artifacts-destination", artifacts_destination,
@@ -81,16 +96,19 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | No
         print(f"error: port {port} on {host} is in use; pick another --port", file=sys.stderr)
         return 2
 
-    url = f"http://{_reachable_address(host)}:{port}"
+    address = _reachable_address(host)
+    url = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
     print(f"MLflow tracking server at {url} (UI and REST)\n"
           f"  store      {backend}\n  artifacts  {artifacts}\n"
           f"workers use it with:\n  export MLFLOW_TRACKING_URI={url}", flush=True)
-    if host not in LOOPBACK:
-        print("  (Host headers other than localhost and private IPs need "
-              "MLFLOW_SERVER_ALLOWED_HOSTS=name:port set before starting)", flush=True)
-
     # MLflow's GenAI job runner: several more processes that tracking and the registry never use
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    if host not in LOOPBACK:
+        env["MLFLOW_SERVER_ALLOWED_HOSTS"] = allowed_hosts(address, port)
+        print(f"warning: bound to {host}: anyone who can reach port {port} on this machine can read, change and "
+              "delete every run and model, without logging in. Keep the port on a trusted network, or serve "
+              "with logins: `mlflow server --app-name basic-auth` (docker/README.md). Other host names "
+              "go in MLFLOW_SERVER_ALLOWED_HOSTS=name:port.", file=sys.stderr, flush=True)
     proc = subprocess.Popen(server_command(host, port, backend, artifacts), env=env)
     interrupted = False
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -131,3 +132,48 @@ def test_server_needs_an_artifact_destination_for_a_database_store(capsys):
     assert serve("127.0.0.1", free_port(), backend_store_uri="postgresql://db/mlflow") == 2
     assert "--artifacts-destination" in capsys.readouterr().err
 
+
+
+@pytest.mark.slow
+def test_a_server_open_to_the_network_warns_and_its_printed_uri_works(tmp_path):
+    """Bound to 0.0.0.0 on a machine whose outward address is public (not a private IP, which
+    MLflow allows by default): the printed URI answers, other Host headers still get 403, and
+    stderr says the store is open to anyone without a login."""
+    from tests.sandbox import Namespace, TrackingServer, require_root_tools
+
+    require_root_tools("ip")
+    ns = Namespace(outward="198.51.100.7")  # TEST-NET-2: documentation addresses, routed nowhere
+    server = TrackingServer(ns, tmp_path / "server.log", host="0.0.0.0")
+    try:
+        server.start()
+        log = server.log.read_text()
+        printed = re.search(r"export MLFLOW_TRACKING_URI=(\S+)", log).group(1)
+        assert printed == f"http://198.51.100.7:{server.port}"
+        assert "warning: bound to 0.0.0.0" in log and "without logging in" in log and "basic-auth" in log
+        search = "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert server.answers(search, base=printed) == 200
+        assert server.answers(search) == 200  # localhost still works
+        assert server.answers(search, host_header=f"mlflow.attacker.example:{server.port}") == 403
+    finally:
+        server.stop()
+        ns.remove()
+
+
+def test_a_loopback_server_prints_no_exposure_warning(capsys, monkeypatch):
+    """The warning is for servers others can reach; a busy port stops before any of it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert serve("127.0.0.1", s.getsockname()[1]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_allowed_hosts_keep_the_users_list_and_add_the_printed_address(monkeypatch):
+    from core.server import allowed_hosts
+
+    monkeypatch.delenv("MLFLOW_SERVER_ALLOWED_HOSTS", raising=False)
+    hosts = allowed_hosts("198.51.100.7", 5000).split(",")
+    assert "198.51.100.7:5000" in hosts and "localhost:*" in hosts
+    assert "198.51.100.7:5000" not in allowed_hosts("192.168.1.5", 5000).split(","), "a private IP is allowed already"
+    monkeypatch.setenv("MLFLOW_SERVER_ALLOWED_HOSTS", "mlflow.lab.example:5000")
+    assert allowed_hosts("198.51.100.7", 5000) == "mlflow.lab.example:5000,198.51.100.7:5000"
