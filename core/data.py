@@ -480,9 +480,15 @@ def split_by_lesion(manifest: Manifest, val_fraction: float = 0.15, seed: int = 
     with warnings.catch_warnings():  # rare classes with fewer lesions than folds are fine here
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         parts = splitter.split(np.zeros(len(frame)), frame["label"].to_numpy(), groups)
-        for _ in range(fold):
-            next(parts)
-        _, val = next(parts)
+        try:
+            for _ in range(fold):
+                next(parts)
+            _, val = next(parts)
+        except ValueError:  # scikit-learn: every class has fewer members than folds
+            largest = int(np.bincount(frame["label"]).max())
+            raise DataError(f"{manifest.root}: every class has fewer images than the {n_folds} folds of the split "
+                            f"(largest class: {largest}); add images, raise data.val_fraction or use fewer "
+                            "data.folds") from None
     split = np.full(len(frame), "train", dtype=object)
     split[val] = "val"
     frame["split"] = split

@@ -49,6 +49,7 @@ class Inputs:
                 "data_root": str(self.manifest.root)}
         if "labelled" in self.split:
             tags["label_fingerprint"] = self.label_fingerprint
+            tags["skinclr.train_images"] = str(len(self.train_rows))
         if self.missing_classes:
             tags["skinclr.missing_classes"] = ",".join(self.missing_classes)
         return tags

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from core.data import (CLASSES, GROUPINGS, HAM_METADATA, MAX_LINES, TRAINING_GT, TRAINING_INPUT, DataError,
-                       check_folder, load_rgb, load_split, read_manifest, save_split, split_by_lesion,
-                       split_fingerprint, summary_table)
+                       check_folder, check_split, label_fingerprint, label_subset, load_rgb, load_split, read_manifest,
+                       save_split, split_by_lesion, split_fingerprint, summary_table)
 
 REAL_COUNTS = {"MEL": 1113, "NV": 6705, "BCC": 514, "AKIEC": 327, "BKL": 1099, "DF": 115, "VASC": 142}
 
@@ -366,3 +366,122 @@ def test_split_with_a_lesion_on_both_sides_is_refused(synth_dir, tmp_path):
     split.loc[rows, "split"] = ["train", "val"] + ["train"] * (len(rows) - 2)
     with pytest.raises(DataError, match=lesion):
         load_split(save_split(split, tmp_path / "split.csv"), m)
+
+
+# --- folds, label fractions, splits that cannot measure balanced accuracy ---------------------
+
+def lesions(frame: pd.DataFrame) -> set:
+    return set(frame["lesion_id"])
+
+
+@pytest.mark.real_data
+def test_real_folds_are_disjoint_lesion_groups_that_cover_every_image(real_manifest):
+    folds = [split_by_lesion(real_manifest, seed=0, folds=5, fold=i) for i in range(5)]
+    vals = [f.loc[f["split"] == "val", "image"] for f in folds]
+    assert sum(len(v) for v in vals) == len(real_manifest.frame)  # each image is val exactly once
+    assert set().union(*map(set, vals)) == set(real_manifest.frame["image"])
+    for f in folds:
+        assert not lesions(f[f["split"] == "train"]) & lesions(f[f["split"] == "val"])
+        assert 0.17 < (f["split"] == "val").mean() < 0.23
+        check_split(f)  # every class on both sides
+    # fold 0 of round(1 / 0.15) = 7 folds is the default split
+    assert split_fingerprint(split_by_lesion(real_manifest, seed=0, folds=7, fold=0)) == \
+        split_fingerprint(split_by_lesion(real_manifest, val_fraction=0.15, seed=0))
+
+
+@pytest.mark.real_data
+def test_real_label_fraction_is_lesion_grouped_stratified_and_leaves_val_alone(real_manifest):
+    split = split_by_lesion(real_manifest, seed=0)
+    train = split[split["split"] == "train"]
+    sub = label_subset(split, 0.05, seed=0)
+    labelled = sub[(sub["split"] == "train") & sub["labelled"]]
+    assert (sub.loc[sub["split"] == "val", "labelled"]).all()
+    assert sub["split"].tolist() == split["split"].tolist() and split_fingerprint(sub) == split_fingerprint(split)
+    # whole lesions only: a labelled lesion has all its train images labelled
+    assert set(train.loc[train["lesion_id"].isin(lesions(labelled)), "image"]) == set(labelled["image"])
+    per_class = np.bincount(labelled["label"], minlength=7)
+    whole = np.bincount(train["label"], minlength=7)
+    assert (per_class >= 1).all()  # DF has 100 train images: 5 of them, in at least one lesion
+    assert np.all(np.abs(per_class - 0.05 * whole) <= 6)  # over by less than one lesion's images
+    assert 0.045 < len(labelled) / len(train) < 0.06
+
+
+def test_label_fraction_is_deterministic_nested_and_seeded(synth_dir):
+    split = split_by_lesion(read_manifest(synth_dir), seed=0)
+
+    def chosen(fraction, seed):
+        sub = label_subset(split, fraction, seed)
+        return set(sub.loc[(sub["split"] == "train") & sub["labelled"], "image"])
+
+    assert chosen(0.25, 0) == chosen(0.25, 0)
+    assert chosen(0.1, 0) < chosen(0.25, 0) < chosen(0.5, 0) < chosen(1.0, 0)  # nested for one seed
+    assert chosen(0.25, 0) != chosen(0.25, 1)
+    assert chosen(1.0, 3) == set(split.loc[split["split"] == "train", "image"])
+    sub = label_subset(split, 0.01, seed=0)  # tiny: still one lesion of every class
+    assert set(sub.loc[(sub["split"] == "train") & sub["labelled"], "label"]) == set(range(7))
+    assert label_fingerprint(label_subset(split, 0.25, 0)) != label_fingerprint(label_subset(split, 0.25, 1))
+
+
+def test_fold_out_of_range_and_too_many_folds_are_refused(synth_dir):
+    m = read_manifest(synth_dir)
+    with pytest.raises(DataError, match="folds are numbered 0..4"):
+        split_by_lesion(m, folds=5, fold=5)
+    with pytest.raises(DataError, match="too few for 1000 folds"):
+        split_by_lesion(m, folds=1000)
+
+
+def test_split_missing_a_class_on_one_side_names_the_class(tmp_path):
+    from core.synth import make_synthetic
+
+    root = make_synthetic(tmp_path / "s", n=60, seed=0)  # 60 images: a 15% val side lacks some classes
+    split = split_by_lesion(read_manifest(root), val_fraction=0.15, seed=0)
+    with pytest.raises(DataError) as err:
+        check_split(split)
+    [line] = err.value.problems
+    absent = [c for i, c in enumerate(CLASSES) if not ((split["split"] == "val") & (split["label"] == i)).any()]
+    assert absent and all(f"{c} has" in line for c in absent)
+    assert "data.min_per_class" in line and "data.val_fraction" in line
+    assert check_split(split, min_per_class=0) == []  # accepted on request: nothing absent from the data
+
+
+def test_split_minimum_per_class_is_configurable(tmp_path):
+    root = make_training(tmp_path / "d", n=63)  # 9 images a class: val gets 1-2 of each
+    split = split_by_lesion(read_manifest(root), val_fraction=0.15, seed=0)
+    assert check_split(split) == []
+    single = [c for i, c in enumerate(CLASSES) if ((split["split"] == "val") & (split["label"] == i)).sum() == 1]
+    with pytest.raises(DataError) as err:
+        check_split(split, min_per_class=2)
+    assert single and all(f"{c} has" in err.value.problems[0] for c in single)
+
+
+def test_missing_class_warns_in_check_and_is_reported_by_the_split(tmp_path):
+    root = make_training(tmp_path / "d", n=42)
+    gt = root / TRAINING_GT
+    lines = gt.read_text().splitlines()
+    gt.write_text("\n".join([lines[0]] + [ln.replace(one_hot("DF"), one_hot("NV")) for ln in lines[1:]]) + "\n")
+    manifest, problems, warnings = check_folder(root, progress=False)
+    assert problems == [] and len(warnings) == 1 and "no images of class DF" in warnings[0]
+    split = split_by_lesion(manifest, val_fraction=0.5, seed=0)
+    with pytest.raises(DataError, match="DF has 0 train / 0 val"):
+        check_split(split)
+    assert check_split(split, min_per_class=0) == ["DF"]
+
+
+def test_rewritten_image_of_the_same_size_changes_the_fingerprint(tmp_path):
+    root = make_training(tmp_path / "d", n=8)
+    before = read_manifest(root).fingerprint
+    path = root / TRAINING_INPUT / "ISIC_0000003.jpg"
+    size = path.stat().st_size
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # other bytes, same length
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+    import os
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))  # a later write
+    assert read_manifest(root).fingerprint != before
+
+
+def test_split_of_a_handful_of_images_is_one_clear_error(tmp_path):
+    root = make_training(tmp_path / "d", n=14)  # 2 images a class, fewer than 7 folds
+    with pytest.raises(DataError, match="every class has fewer images than the 7 folds"):
+        split_by_lesion(read_manifest(root), val_fraction=0.15, seed=0)
