@@ -9,10 +9,29 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export NO_ALBUMENTATIONS_UPDATE=1
 
+apt_install() {
+  # The tests start sshd and PostgreSQL themselves, inside namespaces: the packages' own services
+  # must not start (a policy-rc.d answering 101 says so, for the install only).
+  local policy=/usr/sbin/policy-rc.d made=""
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made=1; fi
+  apt-get update -qq && apt-get install -y -qq "$@" >/dev/null
+  local code=$?
+  [ -n "$made" ] && rm -f "$policy"
+  return $code
+}
+
 setup() {
-  if [ ! -x /usr/bin/chromium ] && [ "${1:-}" = test ]; then  # the UI test drives Debian's Chromium
-    echo "setup: installing Debian's chromium for the browser test" >&2
-    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || sudo sh -c 'apt-get update -qq && apt-get install -y -qq chromium >/dev/null'
+  if [ "${1:-}" = test ]; then  # Debian packages the tests drive: Chromium (UI); sshd, rsync, ip, PostgreSQL (cluster)
+    local missing=""
+    [ -x /usr/bin/chromium ] || missing="$missing chromium"
+    [ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
+    [ -x /usr/bin/rsync ] || missing="$missing rsync"
+    [ -x /usr/sbin/ip ] || [ -x /usr/bin/ip ] || missing="$missing iproute2"
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+    if [ -n "$missing" ]; then
+      echo "setup: installing Debian's$missing for the tests" >&2
+      apt_install $missing || sudo bash -c "$(declare -f apt_install); apt_install $missing"
+    fi
   fi
   if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
@@ -21,7 +40,7 @@ setup() {
   local stamp=.venv/.installed
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
     echo "setup: installing skinclr and its pinned dependencies into .venv (first time: a few minutes)" >&2
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[tune,dev,ui]'
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[tune,dev,ui,server]'
     touch "$stamp"
   fi
 }
