@@ -51,15 +51,7 @@ def is_sweep_run(run: Run) -> bool:
 
 def finetune_runs(experiments: list[str]) -> tuple[list[Run], int]:
     """Finished fine-tune runs with best-epoch metrics (newest first), and how many sweep runs were left out."""
-    c = tracking.client()
-    ids = []
-    for name in experiments:
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            known = ", ".join(sorted(e.name for e in c.search_experiments())) or "none"
-            raise ReportError(f"no experiment '{name}' in {tracking.tracking_uri()} (experiments: {known}); "
-                              "check --experiment and MLFLOW_TRACKING_URI")
-        ids.append(exp.experiment_id)
+    ids = experiment_ids(experiments)
     runs = mlflow.search_runs(ids, filter_string=f"attributes.status = 'FINISHED' and tags.`{STAGE_TAG}` = 'finetune'",
                               output_format="list")
     sweep = [r for r in runs if is_sweep_run(r)]
@@ -71,14 +63,25 @@ def finetune_runs(experiments: list[str]) -> tuple[list[Run], int]:
 
 
 def evaluation_runs(model_run_ids: list[str]) -> dict[str, Run]:
-    """The newest finished `skinclr evaluate` run of each model run, from any experiment."""
+    """The newest finished `skinclr evaluate` run on unseen images of each model run, from any
+    experiment. Test means unseen: an evaluation on the model's own training or validation images
+    logs train_*/val_* numbers, never test_* ones; one from before that check counts only if its
+    data differs from the data the model was trained on."""
     evals = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                filter_string=f"attributes.status = 'FINISHED' and tags.`{STAGE_TAG}` = 'evaluate'",
                                order_by=["attributes.start_time DESC"])
-    wanted, out = set(model_run_ids), {}
+    wanted, out, trained_on = set(model_run_ids), {}, {}
     for run in evals:
-        rid = run.data.tags.get("skinclr.model_run_id")
-        if rid in wanted and rid not in out and "test_balanced_accuracy" in run.data.metrics:
+        rid, tags = run.data.tags.get("skinclr.model_run_id"), run.data.tags
+        if rid not in wanted or rid in out or "test_balanced_accuracy" not in run.data.metrics:
+            continue
+        if "skinclr.data_role" in tags:
+            unseen = tags["skinclr.data_role"] in ("test", "mixed")
+        else:
+            if rid not in trained_on:
+                trained_on[rid] = tracking.client().get_run(rid).data.tags.get("data_fingerprint")
+            unseen = tags.get("data_fingerprint") != trained_on[rid]
+        if unseen:
             out[rid] = run
     return out
 
@@ -142,36 +145,73 @@ def _download_json(run_id: str, artifact: str, dst: Path):
     return json.loads(path.read_text())
 
 
-def build_report(experiments: list[str], out: Path) -> Path:
-    """Write report.md, table1.csv, table2.csv and the three figures to `out`, log them as a new
-    run of experiment `skinclr-report` (tag `skinclr.report=1`), and return report.md's path."""
-    out = Path(out)
-    runs, n_sweep = finetune_runs(list(experiments))
-    tests = evaluation_runs([r.info.run_id for r in runs])
-    t1 = table1(runs, tests)
-    best = max(runs, key=lambda r: r.data.metrics["best_val_balanced_accuracy"])
-    bid = best.info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        val_metrics = _download_json(bid, "report/val_metrics.json", Path(tmp))
-        history = _download_json(bid, "report/history.json", Path(tmp))
-    t2 = table2(val_metrics)
+def experiment_ids(experiments: list[str]) -> list[str]:
+    c = tracking.client()
+    ids = []
+    for name in experiments:
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            known = ", ".join(sorted(e.name for e in c.search_experiments())) or "none"
+            raise ReportError(f"no experiment '{name}' in {tracking.tracking_uri()} (experiments: {known}); "
+                              "check --experiment and MLFLOW_TRACKING_URI")
+        ids.append(exp.experiment_id)
+    return ids
 
+
+def build_report(experiments: list[str], out: Path, study: str | None = None) -> Path:
+    """Write report.md with its tables and figures to `out`, log them as a new run of experiment
+    `skinclr-report` (tag `skinclr.report=1`), and return report.md's path.
+
+    The paper's tables come from the plain fine-tune runs; the label-efficiency section from a
+    grid study over data.label_fraction (`study`, else the newest one in the experiments). An
+    experiment holding only a study gets only that section."""
+    from core import study as S
+
+    out = Path(out)
+    ids = experiment_ids(list(experiments))
+    try:
+        runs, n_sweep = finetune_runs(list(experiments))
+    except ReportError as err:
+        runs, n_sweep, no_runs = [], 0, err
+    try:
+        parent = S.find_study(ids, study)
+    except S.StudyError as err:
+        raise ReportError(str(err)) from None
+    if not runs and parent is None:
+        raise no_runs
     out.mkdir(parents=True, exist_ok=True)
-    M.plot_loss_curves(history, out / "figure1_loss_curves.png")
-    M.plot_accuracy_curves(history, out / "figure2_accuracy_curves.png")
-    M.plot_confusion_matrix(val_metrics, out / "figure3_confusion_matrix.png",
-                            title=f"run {bid[:8]} ({init_group(best)}), val, epoch {best.data.tags.get('skinclr.best_epoch', '?')}")
-    t1.frame.to_csv(out / "table1.csv", index=False)
-    t2.to_csv(out / "table2.csv")
+    parts, files, tags = [], [], {}
+    if runs:
+        section, names, best_id = _paper_section(runs, n_sweep, out)
+        parts += section
+        files += names
+        tags["skinclr.best_run_id"] = best_id
+    if parent is not None:
+        try:
+            frame = S.study_frame(parent)
+        except S.StudyError as err:
+            raise ReportError(str(err)) from None
+        parts += _study_section(frame, parent, out)
+        files += ["label_efficiency.png", "label_efficiency.csv"]
+        tags["skinclr.study_run_id"] = parent.info.run_id
 
     logger = RunLogger.create(REPORT_EXPERIMENT, run_name="report", tags={
-        "skinclr.report": "1", STAGE_TAG: "report", "skinclr.best_run_id": bid,
-        "skinclr.report_experiments": ",".join(experiments)})
+        "skinclr.report": "1", STAGE_TAG: "report", "skinclr.report_experiments": ",".join(experiments), **tags})
     try:
         logger.log_params({"experiments": ",".join(experiments), "runs": len(runs), "sweep_runs_left_out": n_sweep})
-        text = _report_text(experiments, runs, n_sweep, t1, t2, best, val_metrics, logger.run_id)
-        (out / "report.md").write_text(text)
-        for name in ("report.md", "table1.csv", "table2.csv", *FIGURES):
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        header = [
+            "# skinclr: ISIC 2018 Task 3 results",
+            f"Rebuilt from MLflow runs of experiment(s) {', '.join(f'`{e}`' for e in experiments)} in "
+            f"`{tracking.tracking_uri()}` on {when}; this report is MLflow run `{logger.run_id}` "
+            f"(experiment `{REPORT_EXPERIMENT}`).",
+            "**Balanced accuracy** is the mean recall over the classes (the official ISIC 2018 metric); "
+            "**accuracy** is the fraction of images classified correctly. They are different numbers and are "
+            "never merged into one column. Validation numbers come from a lesion-grouped split of the training "
+            "data and are chosen by it (best epoch): they overstate what an independent test set shows.",
+        ]
+        (out / "report.md").write_text("\n\n".join(header + parts) + "\n")
+        for name in ("report.md", *files):
             logger.log_artifact(out / name)
     except BaseException:
         logger.end("FAILED")
@@ -180,21 +220,28 @@ def build_report(experiments: list[str], out: Path) -> Path:
     return out / "report.md"
 
 
-def _report_text(experiments, runs, n_sweep, t1: Table1, t2, best: Run, val_metrics: dict, report_run: str) -> str:
-    bid, when = best.info.run_id, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def _paper_section(runs: list[Run], n_sweep: int, out: Path) -> tuple[list[str], list[str], str]:
+    """Table 1, Table 2 and Figures 1-3 (files written to `out`): text parts, file names, best run."""
+    tests = evaluation_runs([r.info.run_id for r in runs])
+    t1 = table1(runs, tests)
+    best = max(runs, key=lambda r: r.data.metrics["best_val_balanced_accuracy"])
+    bid = best.info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        val_metrics = _download_json(bid, "report/val_metrics.json", Path(tmp))
+        history = _download_json(bid, "report/history.json", Path(tmp))
+    t2 = table2(val_metrics)
+    M.plot_loss_curves(history, out / "figure1_loss_curves.png")
+    M.plot_accuracy_curves(history, out / "figure2_accuracy_curves.png")
+    M.plot_confusion_matrix(val_metrics, out / "figure3_confusion_matrix.png",
+                            title=f"run {bid[:8]} ({init_group(best)}), val, epoch {best.data.tags.get('skinclr.best_epoch', '?')}")
+    t1.frame.to_csv(out / "table1.csv", index=False)
+    t2.to_csv(out / "table2.csv")
     parts = [
-        "# skinclr: ISIC 2018 Task 3 results",
-        f"Rebuilt from {len(runs)} MLflow fine-tune runs of experiment(s) {', '.join(f'`{e}`' for e in experiments)} "
-        f"in `{tracking.tracking_uri()}` on {when}; this report is MLflow run `{report_run}` "
-        f"(experiment `{REPORT_EXPERIMENT}`).",
-        "**Balanced accuracy** is the mean recall over the classes (the official ISIC 2018 metric); "
-        "**accuracy** is the fraction of images classified correctly. They are different numbers and are "
-        "never merged into one column.",
-        "## Table 1. Balanced accuracy and accuracy by initialisation",
+        f"## Table 1. Balanced accuracy and accuracy by initialisation ({len(runs)} fine-tune runs)",
         _markdown(t1.frame),
         "Validation: each run's best epoch (`best_val_balanced_accuracy`, `best_val_accuracy`). Test: the newest "
-        f"`skinclr evaluate` run of the run's model ({DASH} when it has none). Mean ± sample standard deviation over "
-        "runs (seeds); one run shows its value alone."
+        f"`skinclr evaluate` run of the run's model on images it never trained or validated on ({DASH} when it has "
+        "none). Mean ± sample standard deviation over runs (seeds); one run shows its value alone."
         + (f" {n_sweep} sweep runs are left out: they vary hyperparameters, not only the seed." if n_sweep else ""),
         f"## Table 2. Per-class results of the best run (`{bid}`, {init_group(best)})",
         f"Validation set of {val_metrics['num_samples']} images at epoch {best.data.tags.get('skinclr.best_epoch', '?')}: "
@@ -204,4 +251,23 @@ def _report_text(experiments, runs, n_sweep, t1: Table1, t2, best: Run, val_metr
         _markdown(t2, index=True),
     ]
     parts += [f"## {caption} (run `{bid}`)\n\n![{caption}]({name})" for name, caption in FIGURES.items()]
-    return "\n\n".join(parts) + "\n"
+    return parts, ["table1.csv", "table2.csv", *FIGURES], bid
+
+
+def _study_section(frame: pd.DataFrame, parent: Run, out: Path) -> list[str]:
+    """The label-efficiency figure and table of one grid study (files written to `out`)."""
+    from core import study as S
+
+    pid = parent.info.run_id
+    table = S.study_table(frame)
+    table.to_csv(out / "label_efficiency.csv", index=False)
+    S.plot_label_efficiency(frame, out / "label_efficiency.png",
+                            title=f"label efficiency, study {pid[:8]}: mean ± 1 std over seeds, lesion-grouped val")
+    return [
+        f"## Label efficiency (study `{pid}`, {len(frame)} finished runs)",
+        "Each run fine-tunes on a lesion-grouped, class-stratified subset of the train side "
+        "(`data.label_fraction`); the val side is the same for all. Mean ± sample standard deviation over seeds "
+        "of each run's best epoch.",
+        _markdown(table),
+        "![label efficiency](label_efficiency.png)",
+    ]

@@ -6,6 +6,9 @@ A space file names each tunable by its config key and gives its distribution:
     finetune.class_weighted_loss: {type: choice, values: [false, true]}
     monitor.k: {type: randint, low: 5, high: 40}      # both ends included
 
+A grid study (`sweep.search: grid`) lists its values in the sweep config instead,
+`sweep.grid: {data.label_fraction: [0.1, 1.0], train.seed: [0, 1, 2]}`, and runs every combination.
+
 A sweep's `sweep.narrow` then fixes a key (`key: value`), narrows a range (`key: {low, high}`)
 or restricts it to a few values (`key: [a, b]`), always inside what the space allows, so a
 sweep config can never wander outside the ranges the project agreed on.
@@ -118,11 +121,22 @@ def _describe(spec: dict) -> str:
     return f"{spec['type']} range [{spec['low']}, {spec['high']}]"
 
 
+def grid_space(grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`sweep.grid` as a space: each key a list of values, every combination one trial."""
+    if not grid:
+        raise ConfigError("sweep.search=grid needs sweep.grid: config key -> list of values, "
+                          "e.g. {data.label_fraction: [0.1, 1.0], train.seed: [0, 1, 2]}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.grid '{key}': needs a non-empty list of values, got {values!r}")
+    return {key: {"type": "grid", "values": list(values)} for key, values in grid.items()}
+
+
 def check_keys(space: dict[str, Any], cfg: Config) -> None:
     """Every key must be a config key taking the space's values: one error naming all culprits."""
     problems = []
     for key, spec in space.items():
-        values = spec["values"] if isinstance(spec, dict) and spec["type"] == "choice" else (
+        values = spec["values"] if isinstance(spec, dict) and spec["type"] in ("choice", "grid") else (
             [spec["low"], spec["high"]] if isinstance(spec, dict) else [spec])
         scratch = copy.deepcopy(cfg)
         for value in values:
@@ -150,6 +164,8 @@ def to_tune(space: dict[str, Any]) -> dict[str, Any]:
             out[key] = spec
         elif spec["type"] == "choice":
             out[key] = tune.choice(spec["values"])
+        elif spec["type"] == "grid":
+            out[key] = tune.grid_search(spec["values"])
         elif spec["type"] == "uniform":
             out[key] = tune.uniform(spec["low"], spec["high"])
         elif spec["type"] == "loguniform":

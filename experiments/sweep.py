@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,10 +28,12 @@ from ray import tune
 from core import tracking
 from core.config import Config, ConfigError, load_config
 from core.tracking import PARENT_TAG, STAGE_TAG, RunLogger
-from experiments.spaces import check_keys, load_space, narrow, project_path, sampled_keys, space_path, to_tune
+from experiments.spaces import (check_keys, grid_space, load_space, narrow, project_path, sampled_keys, space_path,
+                                to_tune)
 from experiments.trainables import METRICS, TrialSetup, make_trainable, trial_runs
 
 PIPELINE_KEYS = ("finetune_config", "eval_data")  # sweep.* keys only a pipeline config has
+SPLIT_KEYS = ("data.folds", "data.fold", "data.val_fraction", "data.split_seed")  # varied: trials split themselves
 STATE_FILE = "skinclr_sweep.json"  # in the sweep's folder: what --resume needs
 PIPELINE_FILE = "skinclr_pipeline.json"  # in a pipeline's folder: its run and finished steps
 SWEEP_TAG = "skinclr.sweep"
@@ -98,6 +101,8 @@ def check_sweep(cfg: Config) -> None:
         (s.workers_per_trial == 1 or cfg.stage == "pretrain", "sweep.workers_per_trial",
          "data-parallel trials exist for pretraining only; set it to 1 for fine-tuning"),
         (s.max_failures >= 0, "sweep.max_failures", f"must be 0 or more (got {s.max_failures})"),
+        (s.search == "grid" or not s.grid, "sweep.grid", f"only applies to sweep.search=grid (got '{s.search}')"),
+        (s.search != "grid" or not s.narrow, "sweep.narrow", "does not apply to a grid study; list the values in sweep.grid"),
     ]
     for ok, key, what in problems:
         if not ok:
@@ -108,13 +113,13 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if path else path
 
 
-def trial_base(cfg: Config, split_file: Path, cache_dir: Path) -> Config:
+def trial_base(cfg: Config, split_file: Path | None, cache_dir: Path) -> Config:
     """What every trial starts from: paths made absolute (trials run in their own folders), the
-    driver's split and cache pinned, one torch thread per CPU of the trial, and no implicit
-    resume of some other unfinished run with the same config."""
+    driver's split (unless the trials vary it) and cache pinned, one torch thread per CPU of the
+    trial, and no implicit resume of some other unfinished run with the same config."""
     base = copy.deepcopy(cfg)
     base.data.root = _absolute(base.data.root)
-    base.data.split_file = str(split_file)
+    base.data.split_file = str(split_file) if split_file else ""
     base.data.cache_dir = str(cache_dir)
     base.finetune.imagenet_weights = _absolute(base.finetune.imagenet_weights)
     if base.finetune.init not in ("scratch", "imagenet") and not base.finetune.init.startswith("runs:/"):
@@ -125,10 +130,11 @@ def trial_base(cfg: Config, split_file: Path, cache_dir: Path) -> Config:
 
 
 def search_algorithm(cfg: Config):
-    """TPE (Optuna) or random sampling, seeded by train.seed, at most max_concurrent at a time."""
+    """TPE (Optuna), random sampling or the full grid, seeded by train.seed, at most
+    max_concurrent at a time."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    if cfg.sweep.search == "random":
+    if cfg.sweep.search in ("random", "grid"):
         return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=cfg.sweep.max_concurrent)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -238,7 +244,8 @@ class ProgressLines(tune.Callback):
         print(f"[sweep] {trial.trial_id} FAILED; traceback in {trial.error_file or trial.path}", flush=True)
 
 
-def start(cfg: Config, folder: Path, uri: str, space_file: Path, space: dict, parent_of: str | None) -> TrialSetup:
+def start(cfg: Config, folder: Path, uri: str, space_file: Path | None, space: dict,
+          parent_of: str | None) -> TrialSetup:
     """A new sweep: decode once, pin the split, open the parent run, write the resume state."""
     from core.data import save_split
     from core.inputs import resolve_inputs
@@ -246,15 +253,20 @@ def start(cfg: Config, folder: Path, uri: str, space_file: Path, space: dict, pa
     inputs = resolve_inputs(cfg)  # the only decode of the sweep: trials find the cache built
     folder.mkdir(parents=True, exist_ok=True)
     split_file = save_split(inputs.split, folder / "split.csv")
-    base = trial_base(cfg, split_file, inputs.cache.path.parent)
+    own_split = set(SPLIT_KEYS) & set(sampled_keys(space))  # e.g. a study over folds
+    base = trial_base(cfg, None if own_split else split_file, inputs.cache.path.parent)
     parent = RunLogger.create(cfg.experiment, cfg.tracking.run_name or f"sweep-{folder.name}",
                               tags={SWEEP_TAG: "1", STAGE_TAG: cfg.stage, "skinclr.sweep_folder": str(folder),
+                                    "skinclr.search": cfg.sweep.search,
                                     **inputs.tags()},
                               parent_run_id=parent_of)
     parent.log_params(cfg.flat())
     with tempfile.TemporaryDirectory() as tmp:
         parent.log_artifact(cfg.save(Path(tmp) / "sweep_config.yaml"), "sweep")
-        shutil.copyfile(space_file, Path(tmp) / "search_space.yaml")
+        if space_file is not None:
+            shutil.copyfile(space_file, Path(tmp) / "search_space.yaml")
+        else:  # a grid study: the grid is the space
+            (Path(tmp) / "search_space.yaml").write_text(yaml.safe_dump(cfg.sweep.grid, sort_keys=False))
         (Path(tmp) / "search_space_narrowed.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
         for name in ("search_space.yaml", "search_space_narrowed.yaml"):
             parent.log_artifact(Path(tmp) / name, "sweep")
@@ -290,18 +302,34 @@ def read_state(folder: Path, uri: str) -> dict[str, Any]:
     return state
 
 
-def search_space(cfg: Config) -> tuple[Path, dict[str, Any]]:
-    """Check a stage sweep's settings and resolve its narrowed search space."""
+def search_space(cfg: Config) -> tuple[Path | None, dict[str, Any]]:
+    """Check a stage sweep's settings and resolve its narrowed search space (a grid study's
+    space is its grid; it has no file)."""
     check_sweep(cfg)
-    space_file = space_path(cfg.stage, cfg.sweep.space)
-    space = narrow(load_space(space_file), cfg.sweep.narrow)
+    if cfg.sweep.search == "grid":
+        space_file, space = None, grid_space(cfg.sweep.grid)
+    else:
+        space_file = space_path(cfg.stage, cfg.sweep.space)
+        space = narrow(load_space(space_file), cfg.sweep.narrow)
     check_keys(space, cfg)
     return space_file, space
 
 
+def check_inits(cfg: Config, space: dict[str, Any]) -> None:
+    """Every `runs:/RUN` a fine-tune sweep starts from must exist before any trial starts."""
+    spec = space.get("finetune.init", cfg.finetune.init)
+    inits = spec["values"] if isinstance(spec, dict) else [spec]
+    for init in inits:
+        if cfg.stage == "finetune" and str(init).startswith("runs:/"):
+            ref = str(init)[len("runs:/"):].strip("/").split("/")[0]
+            if tracking.find_run(ref, stage="pretrain") is None:
+                raise ConfigError(f"finetune.init '{init}': no pretrain run with that id or name in "
+                                  f"{tracking.tracking_uri()}; pass the id of a finished `skinclr pretrain` run")
+
+
 def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -> SweepOutcome:
     """One stage's sweep, new or resumed; `parent_of` nests its parent run (pipeline)."""
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     space_file, space = search_space(cfg)
     uri = driver_tracking_uri()
@@ -318,20 +346,24 @@ def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -
         setup = start(cfg, folder, uri, space_file, space, parent_of)
         state = json.loads((folder / STATE_FILE).read_text())
         s = cfg.sweep
-        print(f"[sweep] {s.num_samples} {cfg.stage} trials, {s.max_concurrent} at a time ({s.search} search, "
-              f"ASHA grace {s.grace_period} x{s.reduction_factor} up to {state['max_t']}); MLflow parent run "
+        grid = s.search == "grid"
+        how = (f"grid of {math.prod(len(v) for v in s.grid.values())}, no early stops" if grid else
+               f"{s.num_samples} trials, {s.search} search, ASHA grace {s.grace_period} x{s.reduction_factor} "
+               f"up to {state['max_t']}")
+        print(f"[sweep] {cfg.stage} {how}, {s.max_concurrent} at a time; MLflow parent run "
               f"{setup.parent_run_id} in {uri}; Ray folder {folder}", flush=True)
         tuner = tune.Tuner(
             make_trainable(setup),
             param_space=to_tune(space),
             tune_config=tune.TuneConfig(
-                metric=state["metric"], mode="max", search_alg=search_algorithm(cfg), num_samples=s.num_samples,
+                metric=state["metric"], mode="max", search_alg=search_algorithm(cfg),
+                num_samples=1 if grid else s.num_samples,  # a grid runs each combination once
                 # A trial that survives every rung ends on its own and its runner closes its
                 # run; ASHA stops it only if max_t < epochs. Each trial gets a fresh process: a
                 # stopped trial's thread never returns (see trainables.report_to_tune).
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=state["max_t"],
-                                        grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-                                        stop_last_trials=state["max_t"] < state["epochs"]),
+                scheduler=FIFOScheduler() if grid else ASHAScheduler(
+                    time_attr="epoch", max_t=state["max_t"], grace_period=s.grace_period,
+                    reduction_factor=s.reduction_factor, stop_last_trials=state["max_t"] < state["epochs"]),
                 trial_dirname_creator=trial_dirname, reuse_actors=False),
             run_config=tune.RunConfig(
                 name=folder.name, storage_path=str(folder.parent), verbose=0,
@@ -529,8 +561,10 @@ def main(config_path: str | Path | None, overrides: list[str] | None = None, res
             search_space(stage_cfg)
         check_resume(sweep_folder(cfg, extra) / PIPELINE_FILE, resume)
     else:
-        search_space(cfg)
+        _, space = search_space(cfg)
         check_resume(sweep_folder(cfg) / STATE_FILE, resume)
+        if not resume:
+            check_inits(cfg, space)
     with ray_session():
         if cfg.sweep.stage == "pipeline":
             return run_pipeline(cfg, extra, resume)

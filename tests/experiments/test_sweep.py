@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from core.config import Config, ConfigError
 from experiments.spaces import check_keys, load_space, narrow
-from experiments.sweep import STATE_FILE, load_sweep_config, main
+from experiments.sweep import STATE_FILE, load_sweep_config, main, search_space
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"FINISHED", "FAILED"}
@@ -313,6 +313,11 @@ def test_shipped_sweep_configs_resolve(tmp_path):
         assert cfg.stage == stage
         check_keys(narrow(load_space(REPO / cfg.sweep.space), cfg.sweep.narrow), cfg)
     assert extra["finetune_config"] == "experiments/sweeps/finetune_asha.yaml"
+    for name in ("sweeps/recipe_finetune", "sweeps/recipe_pretrain", "studies/label_efficiency"):
+        cfg, _ = load_sweep_config(REPO / "experiments" / f"{name}.yaml", [])
+        search_space(cfg)
+    with pytest.raises(ConfigError, match="runs:/SET_ME"):  # the study needs the SimCLR run named
+        main(REPO / "experiments" / "studies" / "label_efficiency.yaml", [f"sweep.storage={tmp_path}"])
     with pytest.raises(ConfigError, match="monitor.every"):
         main(REPO / "experiments" / "sweeps" / "pretrain_asha.yaml",
              ["monitor.every=2", f"sweep.storage={tmp_path}", "data.root=/nonexistent"])
