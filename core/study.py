@@ -64,13 +64,15 @@ def study_frame(parent: Run) -> pd.DataFrame:
     if frame.empty:
         raise StudyError(f"study {parent.info.run_id} has no finished child run with best-epoch metrics yet; "
                          "continue it with `skinclr sweep --config ... --resume`")
-    return frame.sort_values(["init", "label_fraction", "seed"], ignore_index=True)
+    order = {name: i for i, name in enumerate(COLOURS)}  # scratch, ImageNet, SimCLR
+    frame = frame.assign(_order=frame["init"].map(order))
+    return frame.sort_values(["_order", "label_fraction", "seed"], ignore_index=True).drop(columns="_order")
 
 
 def study_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean ± sample std over seeds per (init, fraction), with the run ids behind each cell."""
     rows = []
-    for (init, fraction), group in frame.groupby(["init", "label_fraction"], sort=True):
+    for (init, fraction), group in frame.groupby(["init", "label_fraction"], sort=False):
         row = {"init": init, "label fraction": fraction, "n runs": len(group)}
         for key, name in SCORES.items():
             mean, std = M.mean_std(group[key])
@@ -86,11 +88,12 @@ def plot_label_efficiency(frame: pd.DataFrame, path, title: str = "") -> Path:
     axes = fig.subplots(1, 2, sharex=True)
     fractions = sorted(frame["label_fraction"].unique())
     for ax, (key, name) in zip(axes, SCORES.items()):
-        for init, group in frame.groupby("init", sort=True):
+        for init, group in frame.groupby("init", sort=False):
             stats = group.groupby("label_fraction")[key].agg(["mean", "std", "count"]).reindex(fractions).dropna(subset=["mean"])
             x, mean, std = stats.index.to_numpy(), stats["mean"].to_numpy(), stats["std"].fillna(0).to_numpy()
             colour = COLOURS.get(init, "tab:green")
-            ax.plot(x, mean, marker="o", color=colour, label=f"{init} (n={int(stats['count'].min())}-{int(stats['count'].max())} per point)")
+            low, high = int(stats["count"].min()), int(stats["count"].max())
+            ax.plot(x, mean, marker="o", color=colour, label=f"{init} (n={low if low == high else f'{low}-{high}'} per point)")
             ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
         ax.set_xscale("log")
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
