@@ -53,8 +53,30 @@ class ModelConfig:
 
 
 @dataclass
-class SimCLRConfig:
+class PretrainConfig:
+    method: str = "simclr"  # simclr | moco_v2 | byol: the config section of that name holds its settings
+
+
+@dataclass
+class MethodConfig:
+    """A pretraining method's settings: the section's name is the method's name in `pretrain.method`."""
+
+
+@dataclass
+class SimCLRConfig(MethodConfig):
     temperature: float = 0.5
+
+
+@dataclass
+class MoCoV2Config(MethodConfig):
+    temperature: float = 0.2  # MoCo v2's
+    queue_size: int = 4096  # negatives kept from earlier batches (MoCo: 65,536 for ImageNet's 1.28M images)
+    momentum: float = 0.99  # key encoder EMA per step (MoCo: 0.999 over ~500k steps; short runs need it faster)
+
+
+@dataclass
+class BYOLConfig(MethodConfig):
+    momentum: float = 0.99  # the target's EMA rate at step 0, raised to 1 along a cosine over the run (BYOL: 0.996)
 
 
 @dataclass
@@ -127,7 +149,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    moco_v2: MoCoV2Config = field(default_factory=MoCoV2Config)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -152,6 +177,11 @@ class Config:
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or f"skinclr-{self.stage}"
+
+
+# Pretraining methods, named by their config sections (adding a method adds its section).
+PRETRAIN_METHODS = tuple(f.name for f in dataclasses.fields(Config)
+                         if isinstance(f.default_factory, type) and issubclass(f.default_factory, MethodConfig))
 
 
 # The paper's per-stage settings: a fine-tune config file need not repeat them.
@@ -302,6 +332,11 @@ def validate(cfg: Config) -> None:
         (cfg.data.aspect in ("center_crop", "pad", "stretch"), "data.aspect", "must be center_crop, pad or stretch"),
         (0.0 < cfg.augment.crop_min <= 1.0, "augment.crop_min", "must lie in (0, 1]"),
         (cfg.simclr.temperature > 0, "simclr.temperature", "must be positive"),
+        (cfg.pretrain.method in PRETRAIN_METHODS, "pretrain.method", f"must be one of {', '.join(PRETRAIN_METHODS)}"),
+        (cfg.moco_v2.temperature > 0, "moco_v2.temperature", "must be positive"),
+        (cfg.moco_v2.queue_size >= 1, "moco_v2.queue_size", "must be at least 1"),
+        (0.0 <= cfg.moco_v2.momentum < 1.0, "moco_v2.momentum", "must lie in [0, 1)"),
+        (0.0 <= cfg.byol.momentum < 1.0, "byol.momentum", "must lie in [0, 1)"),
         (cfg.train.epochs >= 1, "train.epochs", "must be at least 1"),
         (cfg.train.batch_size >= 2, "train.batch_size", "must be at least 2"),
         (cfg.train.lr > 0, "train.lr", "must be positive"),

@@ -1,4 +1,8 @@
-"""NT-Xent, SimCLR's contrastive loss, in one process or over the global batch of several.
+"""The pretraining losses: NT-Xent (SimCLR; in one process or over the global batch of
+several), InfoNCE against a queue (MoCo v2), and BYOL's normalised regression loss.
+
+All three compute in at least float32, also under autocast: bf16 has too few bits for logits
+of size 1/T and for 2 - 2cos near 0.
 
 Gradient convention across processes: every rank computes the loss of the whole global batch
 (the same value everywhere), and `gather_with_grad` sums the gradients that all ranks send
@@ -81,3 +85,40 @@ class NTXentLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather={self.gather}"
+
+
+def _check_pair(name: str, a: Tensor, b: Tensor) -> None:
+    if a.ndim != 2 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"{name} takes two (N, D) embeddings of the same shape with N >= 1; "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def _float32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """MoCo's InfoNCE: mean over queries of -log softmax(sim / T) at the query's own key.
+
+    Row i of `k` is another view of query i's image (from the momentum encoder); the rows of
+    `queue` are keys of earlier batches, the negatives. All three are compared as unit vectors."""
+    _check_pair("info_nce", q, k)
+    if queue.ndim != 2 or queue.shape[1] != q.shape[1] or len(queue) == 0:
+        raise ValueError(f"info_nce takes a (K, D) queue with K >= 1 and D = {q.shape[1]}; got {tuple(queue.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"info_nce temperature must be > 0, got {temperature}")
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = F.normalize(_float32(q), dim=1), F.normalize(_float32(k), dim=1)
+        negatives = F.normalize(queue.to(q.dtype), dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], dim=1) / temperature
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL's loss for one direction: |p/|p| - z/|z||^2 = 2 - 2 cos(p, z), averaged over the batch.
+
+    `p` is the online network's prediction of one view, `z` the target network's projection of
+    the other; the method passes `z` without gradient (the target moves only by its EMA)."""
+    _check_pair("byol_loss", p, z)
+    with torch.autocast(p.device.type, enabled=False):
+        return (2 - 2 * F.cosine_similarity(_float32(p), _float32(z), dim=1)).mean()

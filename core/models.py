@@ -73,10 +73,13 @@ def _load_file(file: Path) -> dict:
 
 
 class Projector(nn.Sequential):
-    """SimCLR's projection head g(h): the contrastive loss acts on its output, features are taken before it."""
+    """A two-layer MLP head: SimCLR's and MoCo v2's projection g(h), on whose output the loss acts
+    (features are taken before it). BYOL's projector and predictor put BatchNorm after the
+    hidden layer (`batch_norm`); without it BYOL's target-prediction task can collapse."""
 
-    def __init__(self, in_dim: int, hidden: int = 256, out: int = 128):
-        super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+    def __init__(self, in_dim: int, hidden: int = 256, out: int = 128, batch_norm: bool = False):
+        norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
+        super().__init__(nn.Linear(in_dim, hidden), *norm, nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
 
 class SimCLRNet(nn.Module):

@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 
 from core import tracking
 from core.config import Config, ConfigError
+from core.engine import EpochRecord
 from core.finetune import finetune
 from core.inputs import Inputs, resolve_inputs
 from core.models import imagenet_weights_file
-from core.pretrain import EpochRecord, pretrain
+from core.pretrain import pretrain
 from core.runtime import describe_device, load_checkpoint, pick_device, save_atomic
 from core.tracking import RunLogger
 
@@ -169,13 +170,13 @@ def run_finetune(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
             so a trial stopped early by a scheduler still leaves a complete run."""
             out = ckpt_dir / "report"
             out.mkdir(parents=True, exist_ok=True)
-            history = record.extra["history"]
+            history = record.history
             M.plot_loss_curves(history, out / "loss_curves.png")
             M.plot_accuracy_curves(history, out / "accuracy_curves.png")
             (out / "history.json").write_text(json.dumps(history, indent=1))
             files = [out / "loss_curves.png", out / "accuracy_curves.png", out / "history.json"]
             if record.is_best:
-                report = record.extra["report"]
+                report = record.report
                 M.plot_confusion_matrix(report, out / "confusion_matrix.png", title=f"val, epoch {record.epoch}")
                 M.write_confusion_csv(report, out / "confusion_matrix.csv", normalized=False)
                 M.write_confusion_csv(report, out / "confusion_matrix_normalized.csv", normalized=True)
@@ -185,7 +186,7 @@ def run_finetune(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
                 files += [out / n for n in ("confusion_matrix.png", "confusion_matrix.csv",
                                             "confusion_matrix_normalized.csv", "classification_report.csv",
                                             "classification_report.txt", "val_metrics.json")]
-                log_model(logger, record.extra["best_model"], cfg.model.backbone, cfg.data.image_size,
+                log_model(logger, record.best_model, cfg.model.backbone, cfg.data.image_size,
                           cfg.data.aspect)
                 logger.log_metrics({"best_val_balanced_accuracy": report["balanced_accuracy"],
                                     "best_val_accuracy": report["accuracy"]}, step=record.epoch)

@@ -36,6 +36,7 @@ from core.augment import eval_transform
 from core.cache import ASPECTS, fit_square
 from core.config import load_config
 from core.data import CLASSES, DECODE_ERRORS, DataError, decode_image, load_rgb
+from core.engine import infer
 from core.models import BACKBONES, ModelError, build_classifier
 from core.tracking import RunLogger
 
@@ -151,10 +152,8 @@ class Predictor:
         """Square it exactly as the training cache did, then the eval transform."""
         return self.transform(fit_square(rgb, self.size, self.meta["aspect"]))
 
-    @torch.no_grad()
     def _forward(self, batch: list[torch.Tensor]) -> np.ndarray:
-        x = torch.stack(batch).to(self.device, memory_format=torch.channels_last)
-        return self.model(x).double().softmax(1).cpu().numpy()
+        return infer(self.model, [torch.stack(batch)], self.device).double().softmax(1).numpy()
 
     def predict_proba(self, images: Any, batch_size: int = BATCH_SIZE, progress: bool = False) -> np.ndarray:
         """(N, 7) class probabilities in `classes` order; rows sum to 1.

@@ -1,4 +1,5 @@
-"""NT-Xent against a naive float64 reference, its invariants, and its multi-process form."""
+"""The pretraining losses against naive float64 references written here (values and gradients),
+their invariants, and NT-Xent's multi-process form."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from core.losses import NTXentLoss, gather_with_grad, nt_xent, nt_xent_gathered
+from core.losses import NTXentLoss, byol_loss, gather_with_grad, info_nce, nt_xent, nt_xent_gathered
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -103,6 +104,66 @@ def test_single_process_gather_is_identity_and_module_matches_function():
     assert nt_xent_gathered(z1, z2, 0.5).item() == nt_xent(z1, z2, 0.5).item()
     for gather in (False, True):
         assert NTXentLoss(0.5, gather=gather)(z1, z2).item() == nt_xent(z1, z2, 0.5).item()
+
+
+# --- InfoNCE against a queue (MoCo v2) and BYOL's regression loss ---------------------------
+
+
+def reference_info_nce(q, k, queue, temperature):
+    """MoCo's formula one query at a time in float64: -log e^(q.k+/T) / (e^(q.k+/T) + sum_queue e^(q.n/T))."""
+    unit = lambda v: v / v.norm()  # noqa: E731
+    total = 0.0
+    for qi, ki in zip(q.double(), k.double()):
+        positive = torch.exp(unit(qi) @ unit(ki) / temperature)
+        negatives = sum(torch.exp(unit(qi) @ unit(n) / temperature) for n in queue.double())
+        total = total - torch.log(positive / (positive + negatives))
+    return total / len(q)
+
+
+def reference_byol(p, z):
+    """|p/|p| - z/|z||^2 per row in float64, averaged."""
+    p, z = p.double(), z.double()
+    return sum(((pi / pi.norm() - zi / zi.norm()) ** 2).sum() for pi, zi in zip(p, z)) / len(p)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.2, 1.0])
+def test_info_nce_value_and_gradients_match_reference(temperature):
+    q, k = _pair(n=5, d=4, seed=5)
+    queue = torch.randn(7, 4, generator=torch.Generator().manual_seed(6))
+    a, b = q.clone().requires_grad_(), k.clone().requires_grad_()
+    ra, rb = q.double().requires_grad_(), k.double().requires_grad_()
+    loss, ref = info_nce(a, b, queue, temperature), reference_info_nce(ra, rb, queue, temperature)
+    loss.backward()
+    ref.backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(a.grad.double(), ra.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b.grad.double(), rb.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_info_nce_falls_when_the_key_matches_and_the_queue_does_not():
+    q = torch.eye(4, 8)
+    queue = -torch.eye(6, 8)  # every negative opposes every query's direction or is orthogonal to it
+    assert info_nce(q, q.clone(), queue, 0.2) < info_nce(q, q.roll(1, dims=0), queue, 0.2)
+    with pytest.raises(ValueError, match="queue"):
+        info_nce(q, q, torch.randn(3, 5), 0.2)
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce(q, q, queue, 0.0)
+
+
+def test_byol_loss_value_and_gradients_match_reference():
+    p, z = _pair(n=6, d=5, seed=8)
+    a, ra = p.clone().requires_grad_(), p.double().requires_grad_()
+    loss, ref = byol_loss(a, z), reference_byol(ra, z)
+    loss.backward()
+    ref.backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(a.grad.double(), ra.grad, rtol=1e-4, atol=1e-6)
+    assert byol_loss(z * 3.0, z).item() == pytest.approx(0.0, abs=1e-6)  # scale-free: 0 when aligned
+    assert byol_loss(-z, z).item() == pytest.approx(4.0, rel=1e-6)  # opposite: the maximum
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert byol_loss(p, z).dtype == torch.float32
+    with pytest.raises(ValueError, match="same shape"):
+        byol_loss(p, z[:2])
 
 
 # --- two processes on gloo ---------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""`skinclr pretrain` end to end on synthetic data: what lands in MLflow, and exact resume."""
+"""`skinclr pretrain` end to end on synthetic data, for every method: what lands in MLflow, that
+fine-tuning starts from it, and exact resume."""
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ from core import tracking
 from core.cli import main
 from core.config import load_config
 from core.inputs import resolve_inputs
+from core.methods import METHODS
 from core.models import build_backbone
 from core.pretrain import pretrain
 from core.runner import checkpoint_root
@@ -24,10 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "experiments" / "paper" / "simclr_pretrain.yaml"
 
 
-def pretrain_args(root, epochs=2, experiment="pretrain-test"):
+def pretrain_args(root, epochs=2, experiment="pretrain-test", *extra):
     sets = [f"data.root={root}", "data.image_size=32", f"train.epochs={epochs}", "train.batch_size=32",
             "data.workers=0", "monitor.k=5", "monitor.every=1",
-            f"tracking.experiment={experiment}"]
+            f"tracking.experiment={experiment}", *extra]
     return ["pretrain", "--config", str(CONFIG)] + [a for s in sets for a in ("--set", s)]
 
 
@@ -113,3 +116,47 @@ def test_simclr_losses_at_a_fixed_seed_are_unchanged(synth_dir):
     finally:
         torch.set_num_threads(threads)  # train.threads is process-wide; later tests keep their own
     assert losses == pytest.approx(SIMCLR_LOSSES_BEFORE_ENGINE, rel=1e-6)
+
+
+TINY = ("train.batch_size=16", "train.max_steps_per_epoch=2", "monitor.max_bank=60")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_leaves_a_complete_run_that_finetuning_starts_from(method, synth_dir):
+    assert main(pretrain_args(synth_dir, 2, f"pretrain-{method}", f"pretrain.method={method}", *TINY)) == 0
+    c, run = only_run(f"pretrain-{method}")
+    assert run.info.status == "FINISHED" and run.data.params["pretrain.method"] == method
+    for key in ("train_loss", "knn_balanced_accuracy", "images_per_second"):
+        assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    files = {f.path for f in c.list_artifacts(run.info.run_id, "checkpoints")}
+    assert {"checkpoints/backbone_last.pt", "checkpoints/backbone_best.pt"} <= files
+
+    finetune = ["finetune", "--config", str(REPO / "experiments" / "paper" / "finetune_simclr.yaml")] + [
+        a for s in (f"data.root={synth_dir}", "data.image_size=32", "data.workers=0", "train.epochs=1",
+                    "train.batch_size=16", "train.max_steps_per_epoch=1", f"finetune.init=runs:/{run.info.run_id}",
+                    f"tracking.experiment=finetune-{method}") for a in ("--set", s)]
+    assert main(finetune) == 0
+    c, tuned = only_run(f"finetune-{method}")
+    assert tuned.info.status == "FINISHED" and tuned.data.tags["skinclr.pretrain_run_id"] == run.info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_resumes_exactly(method, synth_dir):
+    """Epoch 2 from epoch 1's saved state equals epoch 2 of an uninterrupted run, weights, queue,
+    target and step counter included."""
+    cfg = load_config(CONFIG, [f"data.root={synth_dir}", "data.image_size=32", "train.epochs=2", "data.workers=0",
+                               "monitor.k=5", f"pretrain.method={method}", *TINY])
+    inputs = resolve_inputs(cfg, progress=False)
+    straight = pretrain(cfg, inputs)
+    saved = io.BytesIO()
+    torch.save(next(straight).state(), saved)  # what the runner's checkpoint holds after epoch 1
+    last = next(straight)
+    saved.seek(0)
+    resumed = list(pretrain(cfg, inputs, resume=torch.load(saved, weights_only=True)))
+    assert [r.epoch for r in resumed] == [2]
+    assert resumed[0].metrics["train_loss"] == last.metrics["train_loss"]
+    assert resumed[0].metrics["knn_balanced_accuracy"] == last.metrics["knn_balanced_accuracy"]
+    a, b = last.state()["model"], resumed[0].state()["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
