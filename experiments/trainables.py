@@ -5,6 +5,10 @@ sampled values to the sweep's base config and, after every epoch, hands Tune the
 metrics and a checkpoint directory (the runner's `checkpoint.pt` plus `trial.json` naming the
 MLflow run). A restored trial puts that file back where the runner looks for it and passes the
 run id, so it continues its own MLflow child run instead of opening a second one.
+
+With a tracking server (a cluster), a trial may be restarted on another node than the one that
+ran it: the runner's file then lives in the sweep's folder, which every node reads (as Tune's
+checkpoints do), never only on the node that wrote it.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from core.tracking import PARENT_TAG, RunLogger
 
 METRICS = {"pretrain": "knn_balanced_accuracy", "finetune": "val_balanced_accuracy"}
 TRIAL_TAG = "skinclr.trial_id"
+NODE_TAG = "skinclr.node_ip"  # the Ray node the trial ran on last
 SWEEP_TAG = "skinclr.sweep_run_id"
 SAMPLED_TAG = "skinclr.sampled."
 STATE_FILE = "trial.json"
@@ -62,6 +67,13 @@ def use_driver_store(setup: TrialSetup) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
     if tracking.tracking_uri() != setup.tracking_uri:
         raise RuntimeError(f"trial would log to {tracking.tracking_uri()}, not the sweep's store {setup.tracking_uri}")
+
+
+def use_sweep_checkpoints(setup: TrialSetup) -> None:
+    """With a tracking server, keep the runner's resume file in the sweep's folder (shared by every
+    node); with a local SQLite store it stays beside the store (`core.runner.checkpoint_root`)."""
+    if not setup.tracking_uri.startswith("sqlite:"):
+        os.environ["SKINCLR_CHECKPOINTS"] = str(Path(setup.storage) / setup.name / "runner-checkpoints")
 
 
 def trial_runs(parent_run_id: str) -> dict[str, Any]:
@@ -138,8 +150,10 @@ def report_to_tune(record, checkpoint_file: Path, run_id: str) -> None:
 
 def trial_tags(setup: TrialSetup, params: dict[str, Any], trial_id: str) -> dict[str, str]:
     resources = f"{setup.workers} x ({setup.cpus:g} CPU" + (f", {setup.gpus:g} GPU)" if setup.gpus else ")")
+    import ray
+
     return {TRIAL_TAG: trial_id, SWEEP_TAG: setup.parent_run_id, "skinclr.trial_resources": resources,
-            **{f"{SAMPLED_TAG}{k}": str(v) for k, v in params.items()}}
+            NODE_TAG: ray.util.get_node_ip_address(), **{f"{SAMPLED_TAG}{k}": str(v) for k, v in params.items()}}
 
 
 def quiet_ray_logs() -> None:
@@ -151,6 +165,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """A single-process trial (`sweep.workers_per_trial` 1)."""
     quiet_ray_logs()
     use_driver_store(setup)
+    use_sweep_checkpoints(setup)
     context = tune.get_context()
     cfg = trial_config(setup, params)
     cfg.tracking.run_name = context.get_trial_name()
@@ -205,11 +220,13 @@ def train_worker(config: dict[str, Any]) -> None:
     scratch = None
     if rank == 0:
         use_driver_store(setup)
+        use_sweep_checkpoints(setup)
         run_id = restored_run(checkpoint, setup.parent_run_id, config["trial_id"])
         tags = trial_tags(setup, params, config["trial_id"])
     else:
         scratch = tempfile.mkdtemp(prefix=f"skinclr-rank{rank}-")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
+        os.environ["SKINCLR_CHECKPOINTS"] = f"{scratch}/checkpoints"
         run_id = RunLogger.create(cfg.experiment).run_id
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:

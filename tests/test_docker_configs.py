@@ -33,16 +33,27 @@ def compose() -> dict:
     return yaml.safe_load((DOCKER / "compose.yaml").read_text())
 
 
-@pytest.fixture(scope="module")
-def cluster() -> dict:
-    return yaml.safe_load((DOCKER / "ray-cluster.yaml").read_text())
+def cluster(name: str) -> dict:
+    return yaml.safe_load((DOCKER / name).read_text())
+
+
+def run_env(cfg: dict) -> dict[str, str]:
+    """The cluster's environment: `--env K=V` of the containers, or the exports of ~/.skinclr-env."""
+    options = " ".join(cfg.get("docker", {}).get("run_options", []))
+    found = dict(re.findall(r"--env (\w+)=(\S+)", options))
+    for command in cfg.get("setup_commands", []):
+        if "~/.skinclr-env" in command and "printf" in command:
+            fmt, *values = shlex.split(command.split("printf", 1)[1].split(">")[0])
+            for name, value in re.findall(r"export (\w+)=([^\\]+)", fmt):
+                found[name] = values.pop(0) if value.startswith("%s") else value
+    return found
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
 def test_images_install_the_project_with_the_pinned_constraints(name):
     steps = instructions(DOCKER / name)
     runs = " ".join(args for op, args in steps if op == "RUN")
-    assert "install -r constraints.txt" in runs and 'install -c constraints.txt ".[tune]"' in runs
+    assert "install -r constraints.txt" in runs and 'install -c constraints.txt ".[tune,server]"' in runs
     for op, args in steps:
         if op == "COPY" and not args.startswith("--from"):
             *sources, _ = shlex.split(args)
@@ -84,38 +95,65 @@ def test_compose_runs_the_tracking_server_on_postgres_with_an_artifact_volume(co
     assert pg["volumes"][0].split(":")[0] in compose["volumes"]
 
 
-def test_ray_cluster_passes_rays_own_validation(cluster):
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
+def test_cluster_configs_pass_rays_own_validation(name):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    prepared = prepare_config(cluster)
+    prepared = prepare_config(cluster(name))
     validate_config(prepared)
-    head_type = prepared["head_node_type"]
-    node_type = prepared["available_node_types"][head_type]
-    workers = cluster["provider"]["worker_ips"]
-    assert cluster["provider"]["head_ip"] not in workers
-    assert node_type["min_workers"] == node_type["max_workers"] == len(workers) >= 1
+    assert prepared["head_node_type"] in prepared["available_node_types"]
 
 
-def test_ray_cluster_runs_the_gpu_image_with_the_repo_and_the_tracking_server(cluster, compose):
-    docker = cluster["docker"]
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
+def test_every_node_logs_to_the_tracking_server_and_keeps_sweeps_on_shared_storage(name, compose):
+    env = run_env(cluster(name))
+    uri = urlparse(env["MLFLOW_TRACKING_URI"])
+    assert uri.scheme == "http" and f"{uri.port}:{uri.port}" in compose["services"]["mlflow"]["ports"]
+    assert env["SKINCLR_SWEEP_STORAGE"].startswith("/"), "sweep storage must be one absolute path on every node"
+    assert env["NO_ALBUMENTATIONS_UPDATE"] == "1"
+
+
+def test_the_cloud_cluster_runs_the_cuda_image_on_gpu_workers():
+    cfg = cluster("cluster.yaml")
+    assert cfg["provider"]["type"] == "aws" and cfg["provider"]["cache_stopped_nodes"] is False
+    docker = cfg["docker"]
     assert docker["image"].endswith("/skinclr:cuda")
-    options = " ".join(docker["run_options"])
-    assert "--gpus all" in options
-    uri = re.search(r"--env MLFLOW_TRACKING_URI=(\S+)", options).group(1)
-    parsed = urlparse(uri)
-    assert parsed.hostname == cluster["provider"]["head_ip"], "workers must log to the head's tracking server"
-    assert f"{parsed.port}:{parsed.port}" in compose["services"]["mlflow"]["ports"]
+    assert "--gpus all" in docker["worker_run_options"]
+    workers = [t for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"]]
+    assert workers and all(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers)
+    assert all(t["min_workers"] >= 1 for t in workers)
+    storage = run_env(cfg)["SKINCLR_SWEEP_STORAGE"]
+    mounted = [o.split()[1].split(":")[1] for o in docker["run_options"] if o.startswith("--volume")]
+    assert any(storage.startswith(m) for m in mounted), "the sweep storage must be the mounted shared folder"
+    assert any("mount" in c and "/mnt/shared" in c for c in cfg["initialization_commands"])
 
-    mounted = {k: v for k, v in cluster["file_mounts"].items() if v == "."}
-    assert list(mounted) == ["~/skinclr"], "the checkout (ray up runs from the repo root) goes to ~/skinclr"
-    assert any("-e ~/skinclr" in c for c in cluster["setup_commands"])
-    assert any("ray start --head" in c for c in cluster["head_start_ray_commands"])
-    assert any("ray start --address=$RAY_HEAD_IP" in c for c in cluster["worker_start_ray_commands"])
+
+def test_the_local_cluster_syncs_a_slim_copy_and_puts_its_venv_on_path():
+    cfg = cluster("cluster-local.yaml")
+    provider = cfg["provider"]
+    assert provider["type"] == "local" and provider["head_ip"] not in provider["worker_ips"]
+    assert urlparse(run_env(cfg)["MLFLOW_TRACKING_URI"]).hostname == provider["head_ip"]
+    assert cfg["file_mounts"] == {"~/skinclr": "build/cluster-src"}, "never sync the checkout itself (.venv)"
+    setup = " && ".join(cfg["setup_commands"])
+    assert "-c ~/skinclr/constraints.txt" in setup and "skinclr[tune,server]" in setup
+    assert "export PATH=%s:$PATH" in setup and ". ~/.skinclr-env' >> ~/.bashrc" in setup
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert "--node-ip-address=$(echo $SSH_CONNECTION" in cfg[key][-1]
+    assert "ray start --head" in cfg["head_start_ray_commands"][-1]
+    assert "--address=$RAY_HEAD_IP:6379" in cfg["worker_start_ray_commands"][-1]
+
+
+def test_the_readmes_submit_sweeps_with_the_submit_script():
+    for readme in (REPO / "README.md", DOCKER / "README.md"):
+        text = readme.read_text()
+        assert "ray submit docker/cluster" in text and "experiments/submit.py --" in text, readme
+        assert "my_script.py" not in text and "ray exec" not in text, readme
 
 
 def test_the_readme_names_only_files_and_configs_that_exist():
     text = (DOCKER / "README.md").read_text()
     paths = set(re.findall(r"\b((?:docker|experiments)/[\w./-]+\.(?:yaml|cuda|md)|docker/Dockerfile)\b", text))
-    assert {"docker/ray-cluster.yaml", "docker/compose.yaml", "docker/Dockerfile", "docker/Dockerfile.cuda"} <= paths
+    assert {"docker/cluster.yaml", "docker/cluster-local.yaml", "docker/compose.yaml", "docker/Dockerfile",
+            "docker/Dockerfile.cuda"} <= paths
     for path in paths:
         assert (REPO / path).is_file(), f"docker/README.md names {path}, which does not exist"
