@@ -3,7 +3,7 @@
     ray submit docker/cluster.yaml experiments/submit.py -- --config experiments/sweeps/finetune_asha.yaml --set k=v
     ray job submit --working-dir . -- python experiments/submit.py --config /abs/sweep.yaml --set k=v
 
-It is `skinclr sweep` joined to the cluster (RAY_ADDRESS=auto) instead of a Ray of its own, with
+It is `skinclr sweep` joined to the running cluster instead of a Ray of its own, with
 what the cluster's environment names: the tracking server every trial logs to
 (MLFLOW_TRACKING_URI, required: trials on other machines cannot write into a local store) and
 the sweep's storage (SKINCLR_SWEEP_STORAGE, a folder every node mounts; `--set sweep.storage=`
@@ -43,19 +43,32 @@ def store_problem(env: dict[str, str]) -> str | None:
             "run_options, or ~/.skinclr-env in docker/cluster-local.yaml)")
 
 
+def join_cluster() -> None:
+    """Connect to the running cluster before the sweep does (it then reuses the connection).
+
+    In a `ray job submit` job, connecting unpacks the job's working folder again, in place: the
+    folder the job started in is replaced, so the process moves into the new one."""
+    import ray
+
+    folder = os.getcwd()
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", include_dashboard=False, logging_level="WARNING")
+    os.chdir(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     problem = store_problem(dict(os.environ))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    os.environ.setdefault("RAY_ADDRESS", "auto")
-    from core.cli import main as skinclr
-
+    args = sweep_arguments(sys.argv[1:] if argv is None else argv, dict(os.environ))
     try:
-        return skinclr(sweep_arguments(sys.argv[1:] if argv is None else argv, dict(os.environ)))
-    except ConnectionError as err:  # ray.init found no cluster
+        join_cluster()
+    except ConnectionError as err:  # no cluster where RAY_ADDRESS (or `ray start`) points
         print(f"error: no running Ray cluster to join ({err}); start one with `ray up CLUSTER.yaml`", file=sys.stderr)
         return 2
+    from core.cli import main as skinclr
+
+    return skinclr(args)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Throwaway machines for tests, on loopback only: network namespaces, an SSH host, PostgreSQL.
+"""Throwaway machines for tests, on loopback only: network namespaces, SSH hosts, PostgreSQL.
 
 A test that binds a server to 0.0.0.0 or starts a Ray cluster does it inside a network
 namespace it made itself: there every listener is reachable only from that namespace, and Ray
-(which otherwise picks this machine's outward address) uses 127.0.0.1. The SSH host also lives
-in its own PID and mount namespaces: its processes (sshd, Ray, trials) see only each other, so
-`ray stop`, which Ray runs on `ray up` and `ray down` and which kills every Ray process it sees
-by name, cannot touch a Ray process of anyone else; its home folder is a temporary one mounted
-over /root. Each thing is ended by its PID: killing the SSH host's first process ends every
-process in it.
+(which otherwise picks this machine's outward address) uses 127.0.0.1. Each SSH host (one
+loopback address, one "machine") also lives in its own PID and mount namespaces: its processes
+(sshd, Ray, trials) see only each other, so `ray stop`, which Ray runs on `ray up` and
+`ray down` and which kills every Ray process it sees by name, touches no other host's Ray and
+no one else's; there root's home folder is a temporary one (a copy of /etc/passwd mounted over
+it says so), so nothing it writes to ~ lands in the real /root. Each thing is ended by its PID:
+killing an SSH host's first process ends every process in it.
 """
 from __future__ import annotations
 
@@ -74,10 +75,14 @@ class Namespace:
     def __init__(self, outward: str | None = None):
         self.name = f"skinclr-{uuid.uuid4().hex[:8]}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)
-        self.run("ip", "link", "set", "lo", "up")
-        if outward:
-            self.run("ip", "addr", "add", f"{outward}/32", "dev", "lo")
-            self.run("ip", "route", "add", "default", "dev", "lo", "src", outward)
+        try:
+            self.run("ip", "link", "set", "lo", "up")
+            if outward:
+                self.run("ip", "addr", "add", f"{outward}/32", "dev", "lo")
+                self.run("ip", "route", "add", "default", "dev", "lo", "src", outward)
+        except BaseException:
+            self.remove()
+            raise
 
     def cmd(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
@@ -110,35 +115,42 @@ class Namespace:
 
 
 class SSHHost:
-    """sshd on port 22 of 127.0.0.1 and 127.0.0.2 in `ns`, in its own PID and mount namespaces,
-    root's home replaced by `home`; logins only with the key this makes (`self.key`)."""
+    """One machine: sshd on port 22 of `address` in `ns`, in its own PID and mount namespaces, with
+    root's home folder `self.home`; logins only with `key` (made here if not given). Two hosts in
+    one namespace reach each other like two machines on a network, and share the file system."""
 
-    def __init__(self, ns: Namespace, folder: Path, addresses=("127.0.0.1", "127.0.0.2")):
-        self.ns, self.folder = ns, folder
+    def __init__(self, ns: Namespace, folder: Path, address: str, key: Path | None = None):
+        self.ns, self.folder, self.address = ns, folder, address
         self.home = folder / "home"
         (self.home / ".ssh").mkdir(parents=True)
         self.home.chmod(0o700)
-        self.key = folder / "id_ed25519"
-        for key in (self.key, folder / "host_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        self.key = key or folder / "id_ed25519"
+        for made in ([] if key else [self.key]) + [folder / "host_key"]:
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(made)], check=True)
         shutil.copyfile(f"{self.key}.pub", self.home / ".ssh" / "authorized_keys")
         config = folder / "sshd_config"
         config.write_text("\n".join([
-            "Port 22", *(f"ListenAddress {a}" for a in addresses), f"HostKey {folder / 'host_key'}",
+            "Port 22", f"ListenAddress {address}", f"HostKey {folder / 'host_key'}",
             f"PidFile {folder / 'sshd.pid'}", "PermitRootLogin prohibit-password", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "UsePAM no", "AuthorizedKeysFile .ssh/authorized_keys",
             "MaxStartups 50", "MaxSessions 50"]) + "\n")
+        passwd = folder / "passwd"
+        passwd.write_text("".join(f"root:x:0:0:root:{self.home}:/bin/bash\n" if line.startswith("root:") else line
+                                  for line in open("/etc/passwd")))
         # /run/sshd is sshd's privilege-separation folder: a private /run provides it
-        setup = (f"mount -t tmpfs tmpfs /run && mkdir -m 755 /run/sshd && mount --bind {self.home} /root && "
+        setup = (f"mount -t tmpfs tmpfs /run && mkdir -m 755 /run/sshd && mount --bind {passwd} /etc/passwd && "
                  f"exec /usr/sbin/sshd -D -e -f {config}")
         self.log = folder / "sshd.log"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 ns.cmd("unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
                        "sh", "-c", setup), stdout=out, stderr=subprocess.STDOUT)
-        wait_for("sshd", lambda: self.log.read_text().count("Server listening") >= len(addresses), 20,
-                 self.proc, self.log)
-        self.pid_ns = wait_for("the SSH host's PID namespace", self._pid_ns, 10)
+        try:
+            wait_for(f"sshd on {address}", lambda: "Server listening" in self.log.read_text(), 20, self.proc, self.log)
+            self.pid_ns = wait_for("the SSH host's PID namespace", self._pid_ns, 10)
+        except BaseException:
+            self.close()
+            raise
 
     def _pid_ns(self) -> str | None:
         for pid in children(self.proc.pid):
@@ -148,10 +160,10 @@ class SSHHost:
                 pass
         return None
 
-    def ssh(self, address: str, command: str, **kw) -> subprocess.CompletedProcess:
+    def ssh(self, command: str, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(self.ns.cmd("ssh", "-i", str(self.key), "-o", "StrictHostKeyChecking=no",
                                           "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-                                          "-o", "LogLevel=ERROR", f"root@{address}", command), **kw)
+                                          "-o", "LogLevel=ERROR", f"root@{self.address}", command), **kw)
 
     def processes(self, *words: str) -> list[int]:
         """PIDs (as this machine sees them) of the host's processes whose command line holds every word."""
@@ -209,7 +221,11 @@ class Postgres:
                    "-c", "synchronous_commit=off", "-c", "max_connections=200"),
             stdout=out, stderr=subprocess.STDOUT)
         out.close()
-        wait_for("PostgreSQL", lambda: "ready to accept connections" in self.log.read_text(), 30, self.proc, self.log)
+        try:
+            wait_for("PostgreSQL", lambda: "ready to accept connections" in self.log.read_text(), 30, self.proc, self.log)
+        except BaseException:
+            self.close()
+            raise
         self.uri = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def close(self) -> None:
