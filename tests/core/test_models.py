@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.models import (BACKBONES, ModelError, build_backbone, build_classifier, build_simclr,
+from core.models import (BACKBONES, ModelError, Projector, build_backbone, build_classifier, build_simclr,
                          imagenet_state_dict, load_backbone)
 
 
@@ -37,6 +37,14 @@ def test_backbone_features_and_head_widths(name, dim):
     assert [(m.in_features, m.out_features) for m in proj if isinstance(m, nn.Linear)] == [(dim, 256), (256, 128)]
     clf = build_classifier(name)
     assert (clf.head.in_features, clf.head.out_features) == (dim, 7)
+
+
+def test_projector_keys_stay_put_and_batch_norm_is_opt_in():
+    # SimCLR checkpoints written before BYOL existed must still load: same layer indices
+    assert set(Projector(8, 6, 4).state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    byol = Projector(8, 6, 4, batch_norm=True)
+    assert isinstance(byol[1], nn.BatchNorm1d) and byol[1].num_features == 6
+    assert byol(torch.randn(5, 8)).shape == (5, 4)
 
 
 def test_forward_shapes_and_channels_last():
