@@ -233,8 +233,8 @@ def cmd_predict(args) -> int:
 
     frame = predict(args.model, [str(p) for p in args.images], out_csv=args.out)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
-    failed = frame[frame["error"].notna()] if "error" in frame else frame.iloc[:0]
-    for image, error in zip(failed["image"], failed["error"]):
+    failed = [error for error in frame["error"] if isinstance(error, str)] if "error" in frame.columns else []
+    for error in failed:
         print(f"error: {error}", file=sys.stderr)
     if len(failed):
         print(f"{len(failed)} of {len(frame)} images could not be read; the others were predicted"
@@ -312,7 +312,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     Only modules already imported are looked at: an error cannot come from one that is not."""
     errors: list[type[BaseException]] = [FileNotFoundError, UsageError]
     for module, name in (("core.config", "ConfigError"), ("core.data", "DataError"), ("core.models", "ModelError"),
-                         ("core.tracking", "StoreError"),
+                         ("core.tracking", "StoreError"), ("core.runtime", "BusyError"),
                          ("core.serving", "ModelNotFound"), ("core.registry", "PromotionError"), ("core.report", "ReportError"),
                          ("core.download", "DownloadError")):
         if module in sys.modules and hasattr(sys.modules[module], name):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,7 @@ class TrackingConfig:
     experiment: str = ""  # empty: skinclr-<stage>
     run_name: str = ""
     resume: bool = True  # an unfinished run with the same config resumes instead of restarting
+    retry_seconds: float = -1.0  # how long a run waits for a store that went away; -1: $SKINCLR_TRACKING_RETRY_S or 300
 
 
 @dataclass
@@ -318,7 +320,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def validate(cfg: Config) -> None:
-    """Catch values that would fail deep inside training, while the fix is still obvious."""
+    """Catch values that would fail deep inside training, while the fix is still obvious.
+
+    Needs nothing heavier than the config itself, so a wrong value answers at once."""
+    for key, value in cfg.flat().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number (got {value!r})")
+    init = cfg.finetune.init
+    if init.startswith("runs:/") and (not init[len("runs:/"):].strip("/") or set("'\"\\") & set(init)):
+        raise ConfigError(f"config key 'finetune.init' {init!r}: give runs:/RUN_ID or runs:/RUN_NAME "
+                          "(a run id, or a run name without quotes or backslashes)")
     checks = [
         (cfg.data.image_size >= 16, "data.image_size", "must be at least 16 pixels"),
         (0.0 < cfg.data.val_fraction <= 0.5, "data.val_fraction", "must lie in (0, 0.5]"),
@@ -328,6 +339,17 @@ def validate(cfg: Config) -> None:
         (cfg.data.min_per_class >= 0, "data.min_per_class", "must be 0 or more"),
         (0.0 < cfg.data.label_fraction <= 1.0, "data.label_fraction", "must lie in (0, 1]"),
         (cfg.data.label_seed >= -1, "data.label_seed", "must be -1 (follow train.seed) or a seed >= 0"),
+        (cfg.data.split_seed >= 0, "data.split_seed", "must be 0 or more"),
+        (cfg.data.workers >= 0, "data.workers", "must be 0 (load in the training process) or more"),
+        (cfg.augment.color_strength >= 0, "augment.color_strength", "must be 0 or more"),
+        (0.0 <= cfg.augment.blur_prob <= 1.0, "augment.blur_prob", "must lie in [0, 1]"),
+        (0.0 <= cfg.augment.gray_prob <= 1.0, "augment.gray_prob", "must lie in [0, 1]"),
+        (0.0 <= cfg.augment.rotation <= 180.0, "augment.rotation", "must lie in [0, 180] degrees"),
+        (cfg.model.proj_hidden >= 1, "model.proj_hidden", "must be at least 1"),
+        (cfg.model.proj_dim >= 1, "model.proj_dim", "must be at least 1"),
+        (cfg.monitor.every >= 1, "monitor.every", "must be at least 1 (monitor every k-th epoch)"),
+        (cfg.monitor.k >= 1, "monitor.k", "must be at least 1"),
+        (cfg.monitor.max_bank >= 0, "monitor.max_bank", "must be 0 (the whole train split) or more"),
         (cfg.augment.device in ("auto", "cpu", "cuda"), "augment.device", "must be auto, cpu or cuda"),
         (cfg.data.aspect in ("center_crop", "pad", "stretch"), "data.aspect", "must be center_crop, pad or stretch"),
         (0.0 < cfg.augment.crop_min <= 1.0, "augment.crop_min", "must lie in (0, 1]"),
@@ -340,6 +362,15 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs >= 1, "train.epochs", "must be at least 1"),
         (cfg.train.batch_size >= 2, "train.batch_size", "must be at least 2"),
         (cfg.train.lr > 0, "train.lr", "must be positive"),
+        (cfg.train.seed >= 0, "train.seed", "must be 0 or more"),
+        (cfg.train.threads >= 0, "train.threads", "must be 0 (torch's default) or more"),
+        (cfg.train.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be 0 (full epochs) or more"),
+        (cfg.finetune.weight_decay >= 0, "finetune.weight_decay", "must be 0 or more"),
+        (0.0 < cfg.finetune.lr_factor < 1.0, "finetune.lr_factor", "must lie in (0, 1)"),
+        (cfg.finetune.lr_patience >= 0, "finetune.lr_patience", "must be 0 or more"),
+        (cfg.finetune.early_stop_patience >= 1, "finetune.early_stop_patience", "must be at least 1"),
+        (cfg.tracking.retry_seconds >= 0 or cfg.tracking.retry_seconds == -1, "tracking.retry_seconds",
+         "must be -1 ($SKINCLR_TRACKING_RETRY_S, else 300) or 0 or more seconds"),
         (0.0 <= cfg.finetune.label_smoothing < 1.0, "finetune.label_smoothing", "must lie in [0, 1)"),
         (cfg.finetune.monitor in ("val_balanced_accuracy", "val_accuracy", "val_loss"),
          "finetune.monitor", "must be val_balanced_accuracy, val_accuracy or val_loss"),

@@ -2,8 +2,10 @@
 
 A promotion registers `runs:/RUN_ID/model` as a new version of the registered model, then moves
 `champion` to it if, and only if, it beats the current champion on the same validation split
-(different splits give incomparable numbers). The champion it replaces keeps alias `previous`,
-so `rollback` is one swap. Everything that serves or evaluates a model loads it as
+(different splits give incomparable numbers). Only runs on the champion's split compete for
+it (or on `--split`; with no champion yet, the runs must share one split), and a run is
+registered once: promoting it again goes through the version it has. The champion it replaces
+keeps alias `previous`, so `rollback` is one swap. Everything that serves or evaluates a model loads it as
 `models:/NAME@champion`.
 
 Two failure modes are designed out:
@@ -105,8 +107,11 @@ def _experiment_id(client: MlflowClient, experiment: str) -> str:
     return exp.experiment_id
 
 
-def select_candidate(client: MlflowClient, experiment: str, metric: str, run_id: str | None = None) -> Candidate:
-    """The given run, or the best finished run of the experiment that logged a model."""
+def select_candidate(client: MlflowClient, experiment: str, metric: str, run_id: str | None = None,
+                     split: str | None = None) -> Candidate:
+    """The given run, or the best finished run of the experiment that logged a model, among the
+    runs validated on `split` (a split fingerprint). Without a split, the runs must share one:
+    scores on different validation splits are not comparable."""
     if run_id is not None:
         try:
             run = client.get_run(run_id)
@@ -125,12 +130,24 @@ def select_candidate(client: MlflowClient, experiment: str, metric: str, run_id:
     runs = mlflow.search_runs([exp_id], filter_string="attributes.status = 'FINISHED'", output_format="list")
     scored = [(s, run) for run in runs if (s := run_score(client, run, metric)) is not None]
     scored.sort(key=lambda item: item[0][0], reverse=not lower_is_better(metric))
-    for (score, how), run in scored:
-        if has_model(client, run.info.run_id):
-            return Candidate(run, score, how)
-    raise PromotionError(f"experiment '{experiment}' has no finished run with metric '{metric}' and a "
-                         f"'{MODEL_ARTIFACT}' artifact ({len(runs)} finished runs, {len(scored)} with the metric); "
-                         "run `skinclr finetune` first")
+    models = [(s, run) for s, run in scored if has_model(client, run.info.run_id)]
+    if not models:
+        raise PromotionError(f"experiment '{experiment}' has no finished run with metric '{metric}' and a "
+                             f"'{MODEL_ARTIFACT}' artifact ({len(runs)} finished runs, {len(scored)} with the metric); "
+                             "run `skinclr finetune` first")
+    by_split: dict[str | None, list] = {}
+    for item in models:
+        by_split.setdefault(item[1].data.tags.get("split_fingerprint"), []).append(item)
+    if split is None and len(by_split) > 1:
+        listing = "; ".join(f"{fp}: {len(items)} runs, best {items[0][0][0]:.4f}" for fp, items in by_split.items())
+        raise PromotionError(f"experiment '{experiment}' holds runs validated on {len(by_split)} different splits "
+                             f"({listing}); their scores are not comparable: pick one with --split FINGERPRINT")
+    if split is not None and split not in by_split:
+        raise PromotionError(f"experiment '{experiment}' has no finished run with a model on split {split} "
+                             f"(splits there: {', '.join(map(str, by_split))}); pass another --split, or --run RUN_ID "
+                             "(with --force to replace a champion of another split)")
+    (score, how), run = by_split[split if split is not None else next(iter(by_split))][0]
+    return Candidate(run, score, how)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -297,30 +314,56 @@ def _check_name(name: str) -> None:
 
 
 def promote(experiment: str, metric: str = "val_balanced_accuracy", name: str = "skinclr",
-            run_id: str | None = None, force: bool = False) -> str:
+            run_id: str | None = None, force: bool = False, split: str | None = None) -> str:
     """Register the best (or the given) run's model as a new version of `name`; make it `champion`
     if it beats the current one on the same split (or `force`). Returns what happened, in words.
+
+    Only runs validated on the champion's split (or `split`) compete, and a run registered
+    before is compared again through its existing version, never registered twice.
 
     The candidate's score is `best_<metric>` when logged, else the max of the metric's history
     (min for a loss); the champion's source run is scored the same way, so the comparison is
     always on the numbers the runs hold now."""
     _check_name(name)
     client = tracking.client()
-    cand = select_candidate(client, experiment, metric, run_id)
     champ = alias_version(client, name, CHAMPION)
+    if split is None and run_id is None and champ is not None:
+        split = _source_split(client, champ)
+    cand = select_candidate(client, experiment, metric, run_id, split)
     if champ is not None and champ.run_id == cand.run_id:
         return f"run {cand.run_id} is already {CHAMPION} ({name} version {champ.version}, {metric} {cand.score:.4f})"
-    version = register(client, name, cand, metric)
+    existing = run_versions(client, name, cand.run_id)
+    version = existing[-1] if existing else register(client, name, cand, metric)
     try:
-        with serialized(client, name, int(version.version)):
+        # a version registered earlier holds no place in the ticket order: wait for every pending one
+        with serialized(client, name, None if existing else int(version.version)):
             message = _decide(client, name, version, cand, metric, force)
     except BaseException:
         with suppress(MlflowException):
             client.set_model_version_tag(name, version.version, PROMOTION_TAG, "failed")
         raise
     client.set_model_version_tag(name, version.version, PROMOTION_TAG, "done")
+    if existing:
+        return f"{message} (run {cand.run_id} was registered before as version {version.version}; no new version)"
     client.update_model_version(name, version.version, description=f"{version.description}\n\nPromotion: {message}.")
     return message
+
+
+def run_versions(client: MlflowClient, name: str, run_id: str) -> list[ModelVersion]:
+    """The versions of `name` registered from this run, oldest first."""
+    try:
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        return []
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def _source_split(client: MlflowClient, version: ModelVersion) -> str | None:
+    """The split fingerprint a version's run was validated on (None when unknown)."""
+    try:
+        return client.get_run(version.run_id).data.tags.get("split_fingerprint") if version.run_id else None
+    except MlflowException:
+        return version.tags.get("skinclr.split_fingerprint")
 
 
 def rollback(name: str = "skinclr") -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from core.finetune import finetune
 from core.inputs import Inputs, resolve_inputs
 from core.models import imagenet_weights_file
 from core.pretrain import pretrain
-from core.runtime import describe_device, load_checkpoint, pick_device, save_atomic
+from core.runtime import (BusyError, check_devices, describe_device, load_checkpoint, lock, pick_device,
+                          pixel_digest, save_atomic)
 from core.tracking import RunLogger
 
 OnEpoch = Callable[[EpochRecord, Path, str], None]  # (record, checkpoint file, run id)
@@ -47,31 +49,75 @@ def checkpoint_root() -> Path:
     return Path.home() / ".cache" / "skinclr" / "checkpoints"
 
 
+_claims: dict = {}  # run id -> the open lock file this process holds for it
+
+
+def _claim(run_id: str, wait: float = 0.0):
+    _claims[run_id] = lock(checkpoint_root() / run_id / "run.lock", wait, holder=f"run {run_id}")
+
+
+def _release(run_id: str) -> None:
+    fh = _claims.pop(run_id, None)
+    if fh is not None:
+        fh.close()
+
+
+def prepare(cfg: Config) -> None:
+    """Before any data is cached or a run opened: the devices exist, the retry budget is set."""
+    check_devices(cfg)
+    if cfg.tracking.retry_seconds >= 0:
+        tracking.set_retry_seconds(cfg.tracking.retry_seconds)
+
+
 def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str | None,
              tags: dict[str, str] | None) -> tuple[RunLogger, dict[str, Any] | None]:
-    """Resume the given run, or the newest unfinished run of the same config, or start one."""
+    """Resume the given run, or the newest unfinished run of the same config, or start one.
+
+    The process holds a lock beside the run's checkpoint until the run ends, so a second
+    identical command refuses, naming the run, instead of logging every epoch twice. A lock on
+    the config's key makes finding and claiming the run one step for identical commands."""
     key = tracking.run_key(cfg.flat())
-    if run_id is None and cfg.tracking.resume:
-        found = tracking.find_resumable(tracking.ensure_experiment(cfg.experiment), key)
-        run_id = found.info.run_id if found else None
-    state = None
-    if run_id is not None:
-        logger = RunLogger(run_id)
-        ckpt = checkpoint_root() / run_id / "checkpoint.pt"
-        if ckpt.is_file():
-            state = load_checkpoint(ckpt)
-        logger.reopen()
-    else:
-        logger = RunLogger.create(cfg.experiment, cfg.tracking.run_name, parent_run_id=parent_run_id,
-                                  tags={tracking.RUN_KEY_TAG: key, tracking.STAGE_TAG: cfg.stage})
-    logger.set_tags({**inputs.tags(), "skinclr.device": describe_device(pick_device(cfg.train.device)), **(tags or {})})
-    logger.log_params(cfg.flat())
-    with tempfile.TemporaryDirectory() as tmp:
-        logger.log_artifact(cfg.save(Path(tmp) / "config.yaml"))
-        split = Path(tmp) / "split.csv"
-        columns = ["image", "label", "lesion_id", "split"] + (["labelled"] if "labelled" in inputs.split else [])
-        inputs.split[columns].to_csv(split, index=False)
-        logger.log_artifact(split)
+    device = describe_device(pick_device(cfg.train.device))
+    created = False
+    if run_id is None:  # (a run id given is a trial's, and Tune runs one process per trial)
+        with lock(checkpoint_root() / "locks" / f"{key}.lock", wait=60, holder=f"config {key}"):
+            found = tracking.find_resumable(tracking.ensure_experiment(cfg.experiment), key) \
+                if cfg.tracking.resume else None
+            if found is not None:
+                run_id = found.info.run_id
+                try:
+                    _claim(run_id)
+                except BusyError as err:
+                    raise BusyError(f"{err}; or set tracking.resume=false to start a separate run") from None
+            else:
+                run_id = RunLogger.create(cfg.experiment, cfg.tracking.run_name, parent_run_id=parent_run_id,
+                                          tags={tracking.RUN_KEY_TAG: key, tracking.STAGE_TAG: cfg.stage}).run_id
+                created = True
+                _claim(run_id)
+    logger, state = RunLogger(run_id), None
+    try:
+        if not created:
+            ckpt = checkpoint_root() / run_id / "checkpoint.pt"
+            if ckpt.is_file():
+                state = load_checkpoint(ckpt)
+            logger.reopen()
+        logger.set_tags({**inputs.tags(), "skinclr.device": device, **(tags or {})})
+        logger.log_params(cfg.flat())
+        with tempfile.TemporaryDirectory() as tmp:
+            logger.log_artifact(cfg.save(Path(tmp) / "config.yaml"))
+            split = Path(tmp) / "split.csv"
+            columns = ["image", "label", "lesion_id", "split"] + (["labelled"] if "labelled" in inputs.split else [])
+            table = inputs.split[columns].copy()
+            # what the model saw of each image: evaluation tells its own images from others of the same id
+            images = inputs.cache.images
+            table["pixels"] = [pixel_digest(images[r]) for r in inputs.cache.rows(table["image"])]
+            table.to_csv(split, index=False)
+            logger.log_artifact(split)
+    except BaseException as err:
+        _release(run_id)
+        if not isinstance(err, tracking.StoreError):
+            logger.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     return logger, state
 
 
@@ -101,19 +147,25 @@ def drive(cfg: Config, loop, logger: RunLogger, state: dict | None, on_epoch: On
     except KeyboardInterrupt:
         logger.end("KILLED")
         raise
+    except tracking.StoreError:
+        raise  # the store is gone: the run stays marked RUNNING and resumes once it is back
     except BaseException:
         logger.end("FAILED")
         raise
     finally:
         bar.close()
+        _release(logger.run_id)
     logger.set_tags({"skinclr.epochs_run": epoch})
     logger.end("FINISHED")
+    # A finished run never resumes: its ~100+ MB resume state goes (models and backbones are in MLflow).
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return RunResult(logger.run_id, "FINISHED", last, best, epoch)
 
 
 def run_pretrain(cfg: Config, *, inputs: Inputs | None = None, run_id: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  on_epoch: OnEpoch | None = None, progress: bool = True, distributed: bool = False) -> RunResult:
+    prepare(cfg)
     inputs = inputs or resolve_inputs(cfg, progress=progress)
     logger, state = open_run(cfg, inputs, run_id, parent_run_id, tags)
 
@@ -160,6 +212,7 @@ def run_finetune(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
     from core import metrics as M
     from core.serving import log_model
 
+    prepare(cfg)
     with tempfile.TemporaryDirectory() as work:
         checkpoint, init_tags = resolve_init(cfg, Path(work))
         inputs = inputs or resolve_inputs(cfg, progress=progress)

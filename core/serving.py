@@ -1,10 +1,10 @@
 """The servable model: image files or encoded images in, seven class probabilities out.
 
-A fine-tune run logs its classifier twice: as an MLflow pyfunc folder under the artifact path
-`model` (what `mlflow.pyfunc.load_model`, the model registry and `mlflow models serve` take),
-and as a bare state_dict under `weights/`. Both hold the same two files, the weights and a
-`meta.json` naming the backbone, input size and aspect policy, so the model preprocesses the
-way its training data was cached whoever loads it.
+A fine-tune run logs its classifier once, as an MLflow pyfunc folder under the artifact path
+`model` (what `mlflow.pyfunc.load_model`, the model registry and `mlflow models serve` take).
+Its `artifacts/` folder holds two plain files, the weights (`classifier.pt`, a state_dict for
+`torch.load`) and a `meta.json` naming the backbone, input size and aspect policy, so the model
+preprocesses the way its training data was cached whoever loads it.
 
 The pyfunc folder is written with `mlflow.pyfunc.save_model` and uploaded as plain artifacts
 (no active run, no LoggedModel), and it carries a copy of the `core` package: serving it needs
@@ -17,8 +17,11 @@ import binascii
 import importlib.metadata
 import io
 import json
+import logging
+import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,7 @@ from core.engine import infer
 from core.models import BACKBONES, ModelError, build_classifier
 from core.tracking import RunLogger
 
-MODEL_ARTIFACT = "model"  # the run's pyfunc folder: runs:/RUN_ID/model
-WEIGHTS_ARTIFACT = "weights"  # the same weights and meta as plain files, for torch.load
+MODEL_ARTIFACT = "model"  # the run's pyfunc folder: runs:/RUN_ID/model (weights in model/artifacts/)
 WEIGHTS_FILE = "classifier.pt"
 META_FILE = "meta.json"
 BATCH_SIZE = 64
@@ -141,8 +143,7 @@ class Predictor:
 
     @classmethod
     def from_files(cls, weights: str | Path, meta: str | Path, run_id: str | None = None, uri: str = "") -> Predictor:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        return cls(state, json.loads(Path(meta).read_text()), run_id, uri or str(weights))
+        return cls(load_weights(Path(weights)), json.loads(Path(meta).read_text()), run_id, uri or str(weights))
 
     @property
     def classes(self) -> list[str]:
@@ -249,24 +250,29 @@ def _requirements() -> list[str]:
 def save_pyfunc(path: str | Path, state_dict: dict, backbone: str, image_size: int, aspect: str) -> Path:
     """Write the pyfunc folder (MLmodel, weights, meta, a copy of `core`, pinned requirements)."""
     path = Path(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        weights, meta = _write_weights(Path(tmp), state_dict, backbone, image_size, aspect)
-        mlflow.pyfunc.save_model(
-            str(path), python_model=SkinLesionClassifier(), artifacts={"weights": str(weights), "meta": str(meta)},
-            code_paths=[str(Path(__file__).resolve().parent)], signature=signature(),
-            input_example=_input_example(), pip_requirements=_requirements())
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    # MLflow warns that a Python object is pickled (this one holds no state: the weights are plain
+    # files) and announces its input-example check at INFO: neither is news to a user.
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights, meta = _write_weights(Path(tmp), state_dict, backbone, image_size, aspect)
+            mlflow.pyfunc.save_model(
+                str(path), python_model=SkinLesionClassifier(), artifacts={"weights": str(weights), "meta": str(meta)},
+                code_paths=[str(Path(__file__).resolve().parent)], signature=signature(),
+                input_example=_input_example(), pip_requirements=_requirements())
+    finally:
+        pyfunc_log.setLevel(level)
     return path
 
 
 def log_model(logger: RunLogger, state_dict: dict, backbone: str, image_size: int, aspect: str) -> str:
-    """Log the pyfunc under `model` and the bare weights under `weights/`; returns the model URI.
-
-    Logging again (a better epoch) overwrites both in place."""
+    """Log the pyfunc under `model`; returns the model URI. Logging again (a better epoch)
+    overwrites it in place."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_pyfunc(Path(tmp) / MODEL_ARTIFACT, state_dict, backbone, image_size, aspect)
         logger.log_artifact(folder, MODEL_ARTIFACT)
-        logger.log_artifact(folder / "artifacts" / WEIGHTS_FILE, WEIGHTS_ARTIFACT)
-        logger.log_artifact(folder / "artifacts" / META_FILE, WEIGHTS_ARTIFACT)
     return f"runs:/{logger.run_id}/{MODEL_ARTIFACT}"
 
 
@@ -341,7 +347,7 @@ def _download(uri: str, dst: str) -> Path:
 
 
 def _from_folder(folder: Path, run_id: str | None, uri: str) -> Predictor:
-    """A pyfunc folder (weights in artifacts/) or a `weights/` folder (weights at the top)."""
+    """A pyfunc folder (weights in artifacts/) or a folder holding the two files themselves."""
     for sub in (folder / "artifacts", folder):
         if (sub / WEIGHTS_FILE).is_file() and (sub / META_FILE).is_file():
             return Predictor.from_files(sub / WEIGHTS_FILE, sub / META_FILE, run_id, uri)
@@ -350,12 +356,28 @@ def _from_folder(folder: Path, run_id: str | None, uri: str) -> Predictor:
                         f"it holds {found})")
 
 
+def load_weights(path: Path) -> Any:
+    """`torch.load` of tensors only; anything else is refused in words of our own (torch's own
+    message advises loading arbitrary code, which skinclr never does)."""
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every way a file can fail to be plain weights
+        if isinstance(err, (EOFError, RuntimeError)):
+            reason = "it is empty, truncated or damaged"
+        elif isinstance(err, pickle.UnpicklingError):
+            reason = "it is not a weights file, or it holds Python objects besides tensors"
+        else:
+            reason = "it is not a weights file"
+        raise ModelError(f"{path}: not a PyTorch weights file skinclr can load ({reason}); give models:/NAME@ALIAS, "
+                         "runs:/RUN_ID/model, a pyfunc folder, or a state_dict saved with torch.save such as a "
+                         "run's model/artifacts/classifier.pt") from None
+
+
 def _state_dict_from_file(path: Path) -> dict:
     """A classifier state_dict, or a fine-tune checkpoint holding one (its best model if it has one)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle of arbitrary objects, a truncated file, not a torch file
-        raise ModelError(f"cannot read weights from {path}: {type(err).__name__}: {err}") from None
+    obj = load_weights(path)
     if isinstance(obj, dict):
         for key in ("best_model", "model"):
             if isinstance(obj.get(key), dict):
@@ -373,5 +395,5 @@ def _meta_beside(path: Path) -> dict:
         cfg = load_config(path.parent / "config.yaml")
         return _meta(cfg.model.backbone, cfg.data.image_size, cfg.data.aspect)
     raise ModelNotFound(f"model '{path}': a weights file needs its {META_FILE} (or the run's config.yaml) in the same "
-                        f"folder to know its backbone, input size and aspect; download the run's '{WEIGHTS_ARTIFACT}/' "
-                        "artifact folder whole, or use runs:/RUN_ID/model")
+                        "folder to know its backbone, input size and aspect; download the run's 'model/artifacts/' "
+                        "folder whole, or use runs:/RUN_ID/model")

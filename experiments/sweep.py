@@ -448,6 +448,8 @@ def ray_session():
     if ray.is_initialized():
         yield
         return
+    if not os.environ.get("RAY_ADDRESS"):  # a new local cluster: Ray's default token auth, without its warning
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="WARNING")
     try:
         yield

@@ -87,3 +87,70 @@ def test_predict_writes_one_row_per_image(trained_state, labelled_dir, tmp_path)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
     assert written["predicted"].tolist() == [CLASSES[i] for i in probs.argmax(axis=1)]
     np.testing.assert_allclose(probs, load_predictor(model).predict_proba(paths), atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# "test" means unseen
+
+
+def _subset(source: Path, names: list[str], out: Path) -> Path:
+    """A folder in the training layout holding `names` of `source` (images, labels, lesions)."""
+    from core.data import GROUPINGS, TRAINING_GT, TRAINING_INPUT
+
+    (out / TRAINING_INPUT).mkdir(parents=True)
+    for name in names:
+        shutil.copy(source / TRAINING_INPUT / f"{name}.jpg", out / TRAINING_INPUT)
+    for table in (TRAINING_GT, GROUPINGS):
+        frame = pd.read_csv(source / table)
+        frame[frame["image"].isin(names)].to_csv(out / table, index=False)
+    return out
+
+
+@pytest.mark.slow
+def test_the_models_own_images_are_scored_as_train_and_val_never_as_test(synth_dir, tmp_path):
+    from core.report import evaluation_runs
+    from core.synth import make_synthetic
+    from tests.core.test_registry import finetune_run
+
+    run = finetune_run(synth_dir)
+    uri = f"runs:/{run}/model"
+    split = pd.read_csv(tracking.RunLogger(run).download("split.csv", tmp_path))
+    c = tracking.client()
+
+    own = evaluate(uri, synth_dir, progress=False)  # the folder it was trained on
+    counts = split["split"].value_counts()
+    assert own["data_role"] == "mixed" and own["matched_by"] == "same data"
+    assert own["images_by_role"] == {"train": counts["train"], "val": counts["val"], "test": 0}
+    logged = c.get_run(own["run_id"]).data.metrics
+    assert not any(k.startswith("test_") for k in logged)
+    val = split.loc[split["split"] == "val", "image"]
+    manifest = read_manifest(synth_dir).frame
+    probs = load_predictor(uri).predict_proba(manifest.loc[manifest["image"].isin(val), "path"].tolist())
+    direct = classification_metrics(manifest.loc[manifest["image"].isin(val), "label"].to_numpy(), probs)
+    assert logged["val_balanced_accuracy"] == pytest.approx(direct["balanced_accuracy"])
+    assert "train_balanced_accuracy" in logged
+    assert len(own["warnings"]) == 1 and f"{len(split)} of {len(split)} images" in own["warnings"][0]
+    assert evaluation_runs([run]) == {}  # the report lists no test number for it
+
+    # another synthetic set reuses the same image ids with other pixels: all unseen, all test
+    held = make_synthetic(tmp_path / "held", n=40, seed=1)
+    unseen = evaluate(uri, held, progress=False)
+    assert unseen["data_role"] == "test" and unseen["matched_by"] == "pixels" and unseen["warnings"] == []
+    assert c.get_run(unseen["run_id"]).data.metrics["test_balanced_accuracy"] == unseen["balanced_accuracy"]
+    assert evaluation_runs([run])[run].info.run_id == unseen["run_id"]
+
+    # some training images copied among held-out ones, in a folder of its own: found by their pixels
+    taken = split.loc[split["image"] > "ISIC_9000040", ["image", "split"]].head(12)
+    mixed = _subset(synth_dir, taken["image"].tolist(), tmp_path / "mixed")
+    fresh = _subset(held, [f"ISIC_{9_000_000 + i:07d}" for i in range(40)], tmp_path / "fresh")
+    for table in ("ISIC2018_Task3_Training_GroundTruth.csv", "ISIC2018_Task3_Training_LesionGroupings.csv"):
+        both = pd.concat([pd.read_csv(mixed / table), pd.read_csv(fresh / table)])
+        both.to_csv(mixed / table, index=False)
+    for jpg in (fresh / "ISIC2018_Task3_Training_Input").glob("*.jpg"):
+        shutil.copy(jpg, mixed / "ISIC2018_Task3_Training_Input")
+    part = evaluate(uri, mixed, progress=False)
+    expected = taken["split"].value_counts()
+    assert part["matched_by"] == "pixels" and part["data_role"] == "mixed"
+    assert part["images_by_role"] == {"train": expected.get("train", 0), "val": expected.get("val", 0), "test": 40}
+    assert part["parts"]["test"]["num_samples"] == 40
+    assert c.get_run(part["run_id"]).data.tags["skinclr.data_role"] == "mixed"

@@ -83,16 +83,18 @@ def test_linear_probe_leaves_the_backbone_untouched(synth_dir, tmp_path):
                       small(synth_dir, "train.epochs=1", "finetune.linear_probe=true", "train.batch_size=16",
                             "train.max_steps_per_epoch=3", "train.lr=0.01"), stage="finetune")
     result = run_finetune(cfg, progress=False)
-    from core.runner import checkpoint_root
+    from core.tracking import RunLogger
 
-    state = torch.load(checkpoint_root() / result.run_id / "checkpoint.pt", weights_only=True)
+    # the run's model (its only epoch); a finished run keeps no resume checkpoint
+    weights = RunLogger(result.run_id).download("model/artifacts/classifier.pt", tmp_path)
+    model = torch.load(weights, weights_only=True)
     torch.manual_seed(cfg.train.seed)
     from core.models import build_classifier
 
     fresh = build_classifier("resnet18").state_dict()
-    backbone = {k: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    backbone = {k: v for k, v in model.items() if k.startswith("backbone.")}
     assert all(torch.equal(v, fresh[k]) for k, v in backbone.items())
-    assert not torch.equal(state["model"]["head.weight"], fresh["head.weight"])
+    assert not torch.equal(model["head.weight"], fresh["head.weight"])
 
 
 def test_imagenet_init_without_weights_says_where_to_put_them(synth_dir, tmp_path, monkeypatch, capsys):

@@ -75,10 +75,17 @@ def test_runs_differ_in_split_where_intended(runs):
     assert splits["a"] == splits["b"] == splits["c"] != splits["other_split"]
 
 
+def split_of(run_id: str) -> str:
+    return tracking.client().get_run(run_id).data.tags["split_fingerprint"]
+
+
 def test_promote_picks_the_best_run_and_records_where_it_came_from(runs):
-    message = promote(EXPERIMENT)
+    with pytest.raises(PromotionError, match="2 different splits.*--split"):
+        promote(EXPERIMENT)  # no champion yet, and scores on two splits do not compare
+    assert not tracking.client().search_registered_models()
+    message = promote(EXPERIMENT, split=split_of(runs["a"]))
     champ = registry.alias_version(tracking.client(), "skinclr", CHAMPION)
-    best = max(score(r) for r in runs.values())
+    best = max(score(runs[k]) for k in ("a", "b", "c"))
     assert score(champ.run_id) == best
     assert "first champion" in message and champ.run_id in message
     c = tracking.client()
@@ -129,6 +136,32 @@ def test_a_run_on_another_split_is_not_comparable(runs):
     assert (alias_run(CHAMPION), alias_run(PREVIOUS)) == (runs["other_split"], runs["a"])
 
 
+def test_only_runs_on_the_champions_split_compete_and_no_run_is_registered_twice(runs):
+    """The champion's split decides who competes: a run on another split never enters, however
+    good, and promoting again registers no second version of a run."""
+    c = tracking.client()
+    ids = [runs[k] for k in ("a", "b", "c")]
+    worst = min(ids, key=score)
+    promote(EXPERIMENT, run_id=worst)
+    for _ in range(2):
+        promote(EXPERIMENT)
+    versions = c.search_model_versions("name='skinclr'")
+    sources = [v.run_id for v in versions]
+    assert len(sources) == len(set(sources)), sources  # one version per run
+    assert runs["other_split"] not in sources
+    assert alias_run(CHAMPION) == max(ids, key=score)
+
+    promote(EXPERIMENT, run_id=worst, force=True)  # champion forced back to the worst run's version 1
+    message = promote(EXPERIMENT)  # the best run moves back in through the version it already has
+    assert alias_run(CHAMPION) == max(ids, key=score) and "no new version" in message
+    assert len(c.search_model_versions("name='skinclr'")) == len(versions)
+
+    other = promote(EXPERIMENT, split=split_of(runs["other_split"]))
+    assert "not comparable" in other and alias_run(CHAMPION) == max(ids, key=score)
+    with pytest.raises(PromotionError, match="no finished run with a model on split nope"):
+        promote(EXPERIMENT, split="nope")
+
+
 def test_a_crash_before_the_alias_moves_leaves_the_old_champion(runs, monkeypatch):
     promote(EXPERIMENT, run_id=runs["a"])
     real = MlflowClient.set_registered_model_alias
@@ -146,9 +179,10 @@ def test_a_crash_before_the_alias_moves_leaves_the_old_champion(runs, monkeypatc
     c = tracking.client()
     assert alias_run(CHAMPION) == runs["a"]
     assert c.get_model_version("skinclr", "2").tags[PROMOTION_TAG] == "failed"
-    promote(EXPERIMENT, run_id=runs["b"], force=True)
+    promote(EXPERIMENT, run_id=runs["b"], force=True)  # the retry goes through the version it registered
     assert (alias_run(CHAMPION), alias_run(PREVIOUS)) == (runs["b"], runs["a"])
-    assert c.get_model_version("skinclr", "3").tags[PROMOTION_TAG] == "done"
+    assert c.get_model_version("skinclr", "2").tags[PROMOTION_TAG] == "done"
+    assert len(c.search_model_versions("name='skinclr'")) == 2
 
 
 def _promote_elsewhere(uri: str, run_id: str, name: str, force: bool, barrier, results) -> None:

@@ -21,7 +21,8 @@ PRETRAIN = ["data.image_size=32", "train.epochs=1", "train.batch_size=16", "trai
 
 @pytest.fixture(scope="module")
 def report_db(synth_dir, tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """Two scratch seeds (both evaluated), one fine-tune from a tiny SimCLR run (not evaluated)."""
+    """Two scratch seeds (both evaluated on held-out images, one also on its training data), one
+    fine-tune from a tiny SimCLR run (not evaluated)."""
     from core.config import load_config
     from core.evaluate import evaluate
     from core.runner import run_pretrain
@@ -38,8 +39,12 @@ def report_db(synth_dir, tmp_path_factory) -> tuple[Path, dict[str, str]]:
                "simclr": finetune_run(synth_dir, "train.seed=0", f"finetune.init=runs:/{pretrain}",
                                       config="finetune_simclr.yaml"),
                "pretrain": pretrain}
+        from core.synth import make_synthetic
+
+        held_out = make_synthetic(root / "held-out", n=70, seed=1)  # same ids as synth_dir, other images
         for key in ("scratch0", "scratch1"):
-            evaluate(f"runs:/{ids[key]}/model", synth_dir, progress=False)
+            evaluate(f"runs:/{ids[key]}/model", held_out, progress=False)
+        evaluate(f"runs:/{ids['scratch0']}/model", synth_dir, progress=False)  # newer, but on its own training data
     return root / "mlflow.db", ids
 
 
@@ -56,7 +61,8 @@ def _metric(run_id: str, key: str) -> float:
 def _test_metric(run_id: str, key: str) -> float:
     c = tracking.client()
     exp = c.get_experiment_by_name("skinclr-evaluate")
-    [ev] = c.search_runs([exp.experiment_id], filter_string=f"tags.`skinclr.model_run_id` = '{run_id}'")
+    [ev] = c.search_runs([exp.experiment_id], filter_string=f"tags.`skinclr.model_run_id` = '{run_id}' and "
+                         "tags.`skinclr.data_role` = 'test'")
     return ev.data.metrics[key]
 
 

@@ -97,8 +97,9 @@ def test_logged_model_loads_by_run_registry_version_and_alias(trained_state, lab
         assert predictor.meta["image_size"] == SIZE and predictor.meta["aspect"] == "center_crop"
         np.testing.assert_array_equal(predictor.predict_proba(paths), frame.to_numpy())
 
-    # the same weights as a plain state_dict beside its meta.json, for torch.load
-    weights = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/weights", dst_path=str(tmp_path)))
+    # the model is stored once; its weights are a plain state_dict beside its meta.json, for torch.load
+    assert {a.path for a in tracking.client().list_artifacts(run_id)} == {"model"}
+    weights = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/artifacts", dst_path=str(tmp_path)))
     state = torch.load(weights / "classifier.pt", map_location="cpu", weights_only=True)
     build_classifier("resnet18").load_state_dict(state)  # strict: every key, right shapes
     assert all(torch.equal(state[k], v) for k, v in trained_state.items())
@@ -226,3 +227,22 @@ def test_saving_refuses_weights_that_do_not_fit(trained_state, tmp_path):
         save_pyfunc(tmp_path / "a", trained_state, "resnet50", SIZE, "center_crop")
     with pytest.raises(ModelError, match="aspect 'squash'"):
         save_pyfunc(tmp_path / "b", trained_state, "resnet18", SIZE, "squash")
+
+
+def test_a_file_that_is_not_plain_weights_is_refused_in_one_line(tmp_path):
+    """A random file, a damaged one, or a pickle of other objects: one line, never torch's advice to
+    load untrusted code."""
+    import collections
+    import pickle
+
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(3000))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "objects.pt").write_bytes(pickle.dumps({"w": collections.OrderedDict(a=object)}))
+    for name in ("random.pt", "empty.pt", "truncated.pt", "objects.pt"):
+        with pytest.raises(ModelError) as err:
+            load_predictor(tmp_path / name)
+        text = str(err.value)
+        assert name in text and "\n" not in text and "weights_only" not in text, text
