@@ -14,10 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.augment import eval_transform, finetune_transform
+from core.augment import finetune_transform
+from core.augment_gpu import DeviceBatches, DeviceImages, eval_batches, finetune_pipeline, tensor_path
 from core.config import Config, ConfigError
 from core.data import CLASSES
-from core.engine import EpochRecord, Task, infer, run, to_device
+from core.engine import EpochRecord, Task, adam, compiled, infer, run, to_device
 from core.inputs import Inputs, make_loader
 from core.metrics import classification_metrics
 from core.models import build_classifier, imagenet_state_dict, load_backbone
@@ -62,8 +63,8 @@ class Finetuning(Task):
         if ft.linear_probe:
             model.freeze_backbone()
         self.model = model.to(device, memory_format=torch.channels_last)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=ft.weight_decay)
+        self.net = compiled(self.model, cfg.train.compile)
+        optimizer = adam([p for p in self.model.parameters() if p.requires_grad], cfg.train.lr, device, ft.weight_decay)
         self.maximize = ft.monitor != "val_loss"
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max" if self.maximize else "min", factor=ft.lr_factor, patience=ft.lr_patience)
@@ -71,6 +72,9 @@ class Finetuning(Task):
         self.criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=ft.label_smoothing)
         self.augment = finetune_transform(cfg.data.image_size, cfg.augment.crop_min, cfg.augment.rotation,
                                           cfg.augment.color_strength)
+        self.data = None
+        if tensor_path(cfg.augment.device, device):
+            self.use_tensor_path()
         self.history, self.best, self.best_model, self.stale = [], None, None, 0
         if resume is not None:
             self.scheduler.load_state_dict(resume["scheduler"])
@@ -78,24 +82,33 @@ class Finetuning(Task):
             self.best_model = resume["best_model"]
         return optimizer
 
+    def use_tensor_path(self) -> None:
+        """Augment on the training device (core/augment_gpu.py) instead of in CPU workers."""
+        a = self.cfg.augment
+        self.data = DeviceImages(self.inputs.cache, self.device)
+        self.augment = finetune_pipeline(self.cfg.data.image_size, a.crop_min, a.rotation, a.color_strength)
+
     def batches(self, epoch: int):
         cfg, labels = self.cfg, self.inputs.train_labels
+        weights = class_weights(labels)[labels].double() if cfg.finetune.balanced_sampler else None
+        order = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch, shuffle=True, drop_last=True)
+        if self.data is not None:
+            return DeviceBatches(self.data, self.inputs.train_rows, self.augment, weights=weights, **order)
         sampler = None
-        if cfg.finetune.balanced_sampler:  # each class drawn equally often, in expectation
-            w = class_weights(labels)[labels].double()
+        if weights is not None:  # each class drawn equally often, in expectation
             sampler = torch.utils.data.WeightedRandomSampler(
-                w, len(w), generator=torch.Generator().manual_seed(cfg.train.seed * 7 + epoch))
-        return make_loader(self.inputs.cache, self.inputs.train_rows, self.augment, batch_size=cfg.train.batch_size,
-                           seed=cfg.train.seed, epoch=epoch, shuffle=True, sampler=sampler, drop_last=True,
-                           workers=cfg.data.workers, pin_memory=self.device.type == "cuda")
+                weights, len(weights), generator=torch.Generator().manual_seed(cfg.train.seed * 7 + epoch))
+        return make_loader(self.inputs.cache, self.inputs.train_rows, self.augment, sampler=sampler,
+                           workers=cfg.data.workers, pin_memory=self.device.type == "cuda", **order)
 
     def loss(self, batch) -> tuple[torch.Tensor, int]:
         x, y = batch
-        return self.criterion(self.model(to_device(x, self.device)).float(), y.to(self.device)), len(y)
+        return self.criterion(self.net(to_device(x, self.device)).float(), y.to(self.device)), len(y)
 
     def evaluate(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
         ft = self.cfg.finetune
-        probs, val_loss = predict(self.model, self.inputs, self.inputs.val_rows, self.cfg.data.image_size, self.device)
+        probs, val_loss = predict(self.model, self.inputs, self.inputs.val_rows, self.cfg.data.image_size, self.device,
+                                  self.data)
         report = classification_metrics(self.inputs.val_labels, probs)
         metrics.update(val_loss=val_loss, val_accuracy=report["accuracy"],
                        val_balanced_accuracy=report["balanced_accuracy"])
@@ -117,10 +130,10 @@ class Finetuning(Task):
                 "best_model": self.best_model, "scheduler": self.scheduler.state_dict()}
 
 
-def predict(model, inputs: Inputs, rows: np.ndarray, size: int, device) -> tuple[np.ndarray, float]:
+def predict(model, inputs: Inputs, rows: np.ndarray, size: int, device, data: DeviceImages | None = None
+            ) -> tuple[np.ndarray, float]:
     """Class probabilities and mean cross-entropy (without smoothing) over cache rows."""
-    loader = make_loader(inputs.cache, rows, eval_transform(size), batch_size=256, seed=0)
-    logits = infer(model, loader, device)
+    logits = infer(model, eval_batches(inputs, rows, size, data), device)
     labels = torch.as_tensor(inputs.cache.labels[rows])
     return logits.softmax(1).numpy(), F.cross_entropy(logits.double(), labels).item()
 

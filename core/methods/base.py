@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from core.augment import eval_transform, simclr_transform
+from core.augment import simclr_transform
+from core.augment_gpu import DeviceBatches, DeviceImages, eval_batches, simclr_pipeline, tensor_path
 from core.config import Config
-from core.engine import Task, infer, to_device
+from core.engine import Task, adam, compiled, infer, to_device
 from core.inputs import Inputs, make_loader
 from core.metrics import knn_balanced_accuracy
 
@@ -36,24 +37,37 @@ class Pretraining(Task):
         raise NotImplementedError
 
     def setup(self, device: torch.device, resume: dict | None) -> torch.optim.Optimizer:
+        cfg = self.cfg
         self.device = device
         self.model = self.build().to(device, memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.train.lr)
-        online = nn.Sequential(*(getattr(self.model, name) for name in self.online_parts))
-        self.net = online
+        optimizer = adam([p for p in self.model.parameters() if p.requires_grad], cfg.train.lr, device)
+        net = nn.Sequential(*(getattr(self.model, name) for name in self.online_parts))
         if self.distributed:
-            self.net = nn.parallel.DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda" else None)
-        a = self.cfg.augment
-        self.views = simclr_transform(self.cfg.data.image_size, a.crop_min, a.color_strength, a.blur_prob, a.gray_prob)
-        self.bank_rows = monitor_bank(self.inputs, self.cfg)
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = compiled(net, cfg.train.compile)
+        a = cfg.augment
+        self.views = simclr_transform(cfg.data.image_size, a.crop_min, a.color_strength, a.blur_prob, a.gray_prob)
+        self.data = None
+        if tensor_path(a.device, device):
+            self.use_tensor_path()
+        self.bank_rows = monitor_bank(self.inputs, cfg)
         if resume is not None:
             self.best = resume["best"]
         return optimizer
 
+    def use_tensor_path(self) -> None:
+        """Augment on the training device (core/augment_gpu.py) instead of in CPU workers."""
+        a = self.cfg.augment
+        self.data = DeviceImages(self.inputs.cache, self.device)
+        self.views = simclr_pipeline(self.cfg.data.image_size, a.crop_min, a.color_strength, a.blur_prob, a.gray_prob)
+
     def batches(self, epoch: int):
-        return make_loader(self.inputs.cache, self.rows, self.views, batch_size=self.cfg.train.batch_size,
-                           seed=self.cfg.train.seed + 1000 * self.rank, epoch=epoch, shuffle=True, drop_last=True,
-                           workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda")
+        order = dict(batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed + 1000 * self.rank, epoch=epoch,
+                     shuffle=True, drop_last=True)
+        if self.data is not None:
+            return DeviceBatches(self.data, self.rows, self.views, views=2, **order)
+        return make_loader(self.inputs.cache, self.rows, self.views, workers=self.cfg.data.workers,
+                           pin_memory=self.device.type == "cuda", **order)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps in one epoch of this shard (momentum schedules span the whole run)."""
@@ -66,7 +80,7 @@ class Pretraining(Task):
         if epoch % cfg.monitor.every and epoch != cfg.train.epochs:
             return {}
         t0 = time.perf_counter()
-        knn = knn_monitor(self.model.backbone, self.inputs, cfg, self.device, self.bank_rows)
+        knn = knn_monitor(self.model.backbone, self.inputs, cfg, self.device, self.bank_rows, self.data)
         metrics["monitor_seconds"] = time.perf_counter() - t0
         metrics["knn_balanced_accuracy"] = knn
         is_best = knn > self.best
@@ -111,17 +125,13 @@ def monitor_bank(inputs: Inputs, cfg: Config) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
-def features(backbone: nn.Module, inputs: Inputs, rows: np.ndarray, size: int, device: torch.device) -> Tensor:
-    loader = make_loader(inputs.cache, rows, eval_transform(size), batch_size=256, seed=0)
-    return infer(backbone, loader, device)
-
-
-def knn_monitor(backbone: nn.Module, inputs: Inputs, cfg: Config, device: torch.device, bank_rows: np.ndarray) -> float:
+def knn_monitor(backbone: nn.Module, inputs: Inputs, cfg: Config, device: torch.device, bank_rows: np.ndarray,
+                data: DeviceImages | None = None) -> float:
     """Balanced accuracy of a cosine kNN on frozen features: comparable across methods and
     temperatures, unlike their loss values, so sweeps can select and stop on it."""
     size = cfg.data.image_size
-    bank = features(backbone, inputs, bank_rows, size, device)
-    query = features(backbone, inputs, inputs.val_rows, size, device)
+    bank = infer(backbone, eval_batches(inputs, bank_rows, size, data), device)
+    query = infer(backbone, eval_batches(inputs, inputs.val_rows, size, data), device)
     return knn_balanced_accuracy(bank, inputs.cache.labels[bank_rows], query, inputs.val_labels,
                                  k=cfg.monitor.k, balanced=cfg.monitor.balanced)
 
