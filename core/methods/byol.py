@@ -2,6 +2,8 @@
 target network's projection of the other view; the target is an EMA of the online backbone
 and projector, its rate raised from `byol.momentum` to 1 along a cosine over the run. No
 negatives. Symmetric loss: each view is predicted from the other, and the two terms add.
+Both views come from the project's SimCLR augmentation, as for every method here (BYOL's
+paper blurs and solarizes its two views with different probabilities).
 
 The step counter that drives the schedule is a buffer of the model, so a resumed run picks
 up the schedule where it stopped.
