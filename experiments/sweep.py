@@ -309,7 +309,9 @@ def search_space(cfg: Config) -> tuple[Path | None, dict[str, Any]]:
     if cfg.sweep.search == "grid":
         space_file, space = None, grid_space(cfg.sweep.grid)
     else:
-        space_file = space_path(cfg.stage, cfg.sweep.space)
+        # a pretraining method other than SimCLR searches its own knobs unless sweep.space names a file
+        own = cfg.stage == "pretrain" and cfg.pretrain.method != "simclr"
+        space_file = space_path(f"pretrain_{cfg.pretrain.method}" if own else cfg.stage, cfg.sweep.space)
         space = narrow(load_space(space_file), cfg.sweep.narrow)
     check_keys(space, cfg)
     return space_file, space
@@ -373,6 +375,8 @@ def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[ChildRuns(setup.parent_run_id, uri, state["max_t"], state["epochs"]),
                            ProgressLines(state["metric"], state["max_t"], state["epochs"])]))
+    print(f"[sweep] follow it in the MLflow UI{tracking.browse_hint()}: {tracking.run_link(setup.parent_run_id)}",
+          flush=True)
     grid = tuner.fit()
     return finish(grid, setup, state, folder)
 

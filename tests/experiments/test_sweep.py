@@ -307,11 +307,21 @@ def test_space_with_unknown_keys_names_every_culprit(tmp_path):
     assert "train.lr" not in message
 
 
+def test_a_method_other_than_simclr_searches_its_own_space():
+    cfg, _ = load_sweep_config(REPO / "experiments" / "sweeps" / "pretrain_asha.yaml", ["pretrain.method=byol"])
+    space_file, space = search_space(cfg)
+    assert space_file.name == "pretrain_byol.yaml" and "byol.momentum" in space
+    cfg, _ = load_sweep_config(REPO / "experiments" / "sweeps" / "pretrain_asha.yaml", [])
+    assert search_space(cfg)[0].name == "pretrain.yaml"
+
+
 def test_shipped_sweep_configs_resolve(tmp_path):
     for name, stage in (("pretrain_asha", "pretrain"), ("finetune_asha", "finetune"), ("pipeline", "pretrain")):
         cfg, extra = load_sweep_config(REPO / "experiments" / "sweeps" / f"{name}.yaml", [])
         assert cfg.stage == stage
-        check_keys(narrow(load_space(REPO / cfg.sweep.space), cfg.sweep.narrow), cfg)
+        space_file, space = search_space(cfg)
+        assert space_file.name == f"{stage}.yaml"
+        check_keys(narrow(load_space(space_file), cfg.sweep.narrow), cfg)
     assert extra["finetune_config"] == "experiments/sweeps/finetune_asha.yaml"
     for name in ("sweeps/recipe_finetune", "sweeps/recipe_pretrain", "studies/label_efficiency"):
         cfg, _ = load_sweep_config(REPO / "experiments" / f"{name}.yaml", [])
