@@ -6,7 +6,10 @@ import fcntl
 import hashlib
 import os
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -72,16 +75,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def interrupts_deferred():
+    """Ctrl-C or SIGTERM arriving inside the block takes effect when it ends: torch.save cut
+    short raises an error of its own, which would hide the interrupt and fail the run instead
+    of leaving it resumable."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary name, then rename: a kill mid-write never leaves a torn file."""
+    """torch.save to a temporary name, then rename: a kill mid-write never leaves a torn file,
+    and an interrupt waits for the write to end."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with interrupts_deferred():
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     return path
 
 
