@@ -210,6 +210,7 @@ def cmd_train(args) -> int:
     shown = {k: round(v, 4) for k, v in result.last.items() if not k.endswith("seconds")}
     print(f"{args.command} run {result.run_id} {result.status} after {result.epochs} epochs: {shown}")
     print(f"experiment '{cfg.experiment}' in {_store()}")
+    _show("the run", run=result.run_id)
     return 0
 
 
@@ -222,6 +223,7 @@ def cmd_evaluate(args) -> int:
     for line in result["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
     print(format_summary(result))
+    _show("the evaluation", run=result["run_id"])
     return 0
 
 
@@ -259,6 +261,7 @@ def cmd_promote(args) -> int:
     else:
         print(promote(args.experiment, metric=args.metric, name=args.name, run_id=args.run, force=args.force,
                       split=args.split))
+    _show(f"{args.name}@champion", champion=args.name)
     return 0
 
 
@@ -292,6 +295,20 @@ def cmd_server(args) -> int:
     from core.server import serve
 
     return serve(args.host, args.port, args.backend_store_uri, args.artifacts_destination)
+
+
+def _show(what: str, run: str | None = None, champion: str | None = None) -> None:
+    """One line with a link into the MLflow UI, opening in its model-training view."""
+    from core import tracking
+
+    if champion is not None:
+        from core.registry import CHAMPION, alias_version
+
+        version = alias_version(tracking.client(), champion, CHAMPION)
+        link = tracking.model_link(champion, version.version if version else None)
+    else:
+        link = tracking.run_link(run)
+    print(f"open {what} in the MLflow UI{tracking.browse_hint()}: {link}")
 
 
 def _store() -> str:

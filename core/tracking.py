@@ -281,27 +281,97 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def ensure_experiment(name: str) -> str:
+KIND_TAG, NOTE_TAG = "mlflow.experimentKind", "mlflow.note.content"
+KIND = "custom_model_development"  # the UI's model-training view, not its GenAI one
+# What an experiment holds, by the stage of the runs skinclr puts in it ({name}: the experiment).
+NOTES = {
+    "pretrain": "Self-supervised pretraining runs (SimCLR, MoCo v2 or BYOL; `pretrain.method`). Filled by "
+                "`skinclr pretrain --config F --set tracking.experiment={name}` (one run each) and by `skinclr sweep` "
+                "of a pretraining config (a parent run, one child run per trial). Fine-tune from one with "
+                "`--set finetune.init=runs:/RUN_ID`.",
+    "finetune": "Fine-tuned classifiers, each logging its model under `model`. Filled by `skinclr finetune --config F "
+                "--set tracking.experiment={name}` (one run each) and by `skinclr sweep` of a fine-tune config (a "
+                "parent run, one child run per trial). `skinclr promote --experiment {name}` registers the best.",
+    "evaluate": "Evaluations of a model on a labelled folder, one run each, filled by `skinclr evaluate --model URI "
+                "--data DIR --experiment {name}`. test_* metrics cover images the model never saw; its own "
+                "training and validation images are scored as train_* and val_*.",
+    "report": "The paper's tables and figures, one run per `skinclr report --experiment E --out DIR` (report.md and "
+              "its files are the run's artifacts).",
+    "pipeline": "Two-stage pipelines filled by `skinclr sweep --config experiments/sweeps/pipeline.yaml`: one run per "
+                "pipeline, with its pretraining sweep, fine-tuning and evaluation as child runs.",
+}
+
+
+def ensure_experiment(name: str, stage: str | None = None) -> str:
     """Create the store and the experiment if missing; return the experiment id.
 
-    Call it in the driver before any concurrent writer: the first use of a fresh SQLite store
-    migrates its schema, and two processes doing that at once lose runs."""
+    The experiment carries the model-training kind (the UI opens its runs table, not an empty
+    traces page) and, once the stage of its runs is known, a note saying what it holds and which
+    command fills it. Call it in the driver before any concurrent writer: the first use of a
+    fresh SQLite store migrates its schema, and two processes doing that at once lose runs."""
     c = client()
+    tags = {KIND_TAG: KIND, **({NOTE_TAG: NOTES[stage].format(name=name)} if stage in NOTES else {})}
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        for key, value in tags.items():
+            if key not in exp.tags:  # a note a user wrote in the UI stays
+                c.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     root = artifact_root(tracking_uri())
     location = f"{root}/{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}" if root else None
-    try:  # the kind tag makes the UI open the classic ML view, not the GenAI one
-        return c.create_experiment(name, artifact_location=location,
-                                   tags={"mlflow.experimentKind": "custom_model_development"})
+    try:
+        return c.create_experiment(name, artifact_location=location, tags=tags)
     except mlflow.exceptions.MlflowException:
         exp = c.get_experiment_by_name(name)  # created by someone else in the meantime
         if exp is None:
             raise
         return exp.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Links into the MLflow UI, in its model-training view (a fresh browser opens the GenAI one)
+
+UI_ENV = "SKINCLR_UI_URL"
+ML_VIEW = "workflowType=machine_learning"
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `skinclr server` listens by default
+
+
+def ui_base() -> str:
+    """The UI of this store: $SKINCLR_UI_URL, the tracking server itself, or `skinclr server`'s
+    default address for a local store."""
+    if os.environ.get(UI_ENV, "").strip():
+        return os.environ[UI_ENV].strip().rstrip("/")
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/")
+    return DEFAULT_UI
+
+
+def experiments_link(base: str | None = None) -> str:
+    return f"{base or ui_base()}/#/experiments?{ML_VIEW}"
+
+
+def experiment_link(experiment_id: str) -> str:
+    return f"{ui_base()}/#/experiments/{experiment_id}/runs?{ML_VIEW}"
+
+
+def run_link(run_id: str) -> str:
+    experiment_id = client().get_run(run_id).info.experiment_id
+    return f"{ui_base()}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
+
+
+def model_link(name: str, version: str | int | None = None) -> str:
+    where = f"{name}/versions/{version}" if version is not None else name
+    return f"{ui_base()}/#/models/{where}?{ML_VIEW}"
+
+
+def browse_hint() -> str:
+    """What to start to see a link's page, for a local store (a server store is already up)."""
+    return "" if tracking_uri().startswith(("http://", "https://")) or os.environ.get(UI_ENV) else \
+        " (with `skinclr server` running)"
 
 
 def git_commit() -> str:
@@ -362,8 +432,8 @@ class RunLogger:
     @classmethod
     def create(cls, experiment: str, run_name: str = "", tags: dict[str, str] | None = None,
                parent_run_id: str | None = None) -> "RunLogger":
-        exp_id = ensure_experiment(experiment)
         tags = dict(tags or {})
+        exp_id = ensure_experiment(experiment, tags.get(STAGE_TAG))
         tags.setdefault("mlflow.source.git.commit", git_commit())
         if parent_run_id:
             tags[PARENT_TAG] = parent_run_id

@@ -13,6 +13,7 @@ from core import tracking
 from core.config import load_config
 
 HERE = Path(__file__).resolve().parent
+MODEL_NAME = "skinclr-quickstart"  # its registered model
 SWEEP_CONFIG = HERE / "quickstart.yaml"
 FINETUNE_CONFIG = HERE / "quickstart_finetune.yaml"
 
@@ -23,7 +24,7 @@ def _step(n: int, text: str) -> None:
 
 def quickstart(workdir: Path = Path("quickstart")) -> int:
     from core.evaluate import evaluate
-    from core.registry import promote
+    from core.registry import CHAMPION, alias_version, promote
     from core.runner import run_finetune
     from core.synth import make_synthetic
     from experiments.sweep import ray_session, run_sweep
@@ -55,8 +56,11 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
     result = evaluate(model_uri, test, json_out=workdir / f"evaluation-{stamp}.json",
                       experiment=ft_cfg.experiment.replace("finetune", "evaluate"))
 
+    for line in result["warnings"]:
+        print(f"warning: {line}")
+
     _step(5, "promote to the Model Registry (alias champion moves only if the model is better)")
-    print(promote(ft_cfg.experiment, metric="val_balanced_accuracy", name="skinclr-quickstart"))
+    print(promote(ft_cfg.experiment, metric="val_balanced_accuracy", name=MODEL_NAME))
 
     print("\nSimCLR sweep trials (kNN balanced accuracy on the lesion-grouped val split):")
     table = sweep.table
@@ -67,6 +71,12 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
     print(f"  val  balanced accuracy {finetuned.last.get('val_balanced_accuracy', float('nan')):.4f}   "
           f"accuracy {finetuned.last.get('val_accuracy', float('nan')):.4f}  (last epoch)")
     print(f"  test balanced accuracy {result['balanced_accuracy']:.4f}   accuracy {result['accuracy']:.4f}")
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s. Browse every run, metric and artifact in the MLflow UI:")
-    print(f"  .venv/bin/skinclr server      # then open http://127.0.0.1:5000  (store: {tracking.tracking_uri()})")
+    champion = alias_version(tracking.client(), MODEL_NAME, CHAMPION)
+    start = "" if tracking.browse_hint() == "" else "  .venv/bin/skinclr server      # first, then open:\n"
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s. Browse every run, metric and artifact in the MLflow UI "
+          f"(store: {tracking.tracking_uri()}):\n{start}"
+          f"  the sweep's trials   {tracking.experiment_link(tracking.ensure_experiment(cfg.experiment))}\n"
+          f"  the sweep            {tracking.run_link(sweep.parent_run_id)}\n"
+          f"  the fine-tuned model {tracking.run_link(finetuned.run_id)}\n"
+          f"  the champion         {tracking.model_link(MODEL_NAME, champion.version if champion else None)}")
     return 0

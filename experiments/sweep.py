@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -452,8 +453,8 @@ def ray_session():
     if ray.is_initialized():
         yield
         return
-    if not os.environ.get("RAY_ADDRESS"):  # a new local cluster: Ray's default token auth, without its warning
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # A new local cluster keeps Ray's default token auth; only the notice that it is the default goes.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="WARNING")
     try:
         yield

@@ -20,7 +20,14 @@ def test_quickstart_runs_twice_and_promotes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     for text in ("[1/5]", "[5/5]", "SimCLR sweep trials", "test balanced accuracy", "skinclr server"):
         assert text in first.stdout
+    assert "were seen by the model" not in first.stdout  # its test set is held out, though ids repeat
     c = MlflowClient(tracking.tracking_uri())
+    exp = c.get_experiment_by_name("skinclr-quickstart-pretrain")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "skinclr sweep" in exp.tags["mlflow.note.content"]
+    links = [line.split()[-1] for line in first.stdout.splitlines() if line.startswith("  the ")]
+    assert links[0] == f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    assert len(links) == 4 and all(link.endswith("?workflowType=machine_learning") for link in links)
     champion = c.get_model_version_by_alias("skinclr-quickstart", "champion")
     assert champion.run_id
     sweeps = c.search_runs([tracking.ensure_experiment("skinclr-quickstart-pretrain")],

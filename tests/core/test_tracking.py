@@ -183,3 +183,43 @@ def test_find_run_takes_names_with_quotes():
     run.end()
     assert tracking.find_run("it's mine", stage="pretrain") == run.run_id
     assert tracking.find_run("it's \"both\"") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a user looks: experiments that say what they hold, links in the model-training view
+
+
+def test_experiments_say_what_they_hold_and_open_in_the_model_training_view():
+    c = tracking.client()
+    RunLogger.create("notes-ft", tags={tracking.STAGE_TAG: "finetune"}).end()
+    exp = c.get_experiment_by_name("notes-ft")
+    assert exp.tags[tracking.KIND_TAG] == "custom_model_development"
+    note = exp.tags[tracking.NOTE_TAG]
+    assert "skinclr finetune" in note and "skinclr promote --experiment notes-ft" in note
+
+    tracking.ensure_experiment("notes-sweep")  # a sweep's driver makes it before it knows the stage
+    assert tracking.NOTE_TAG not in c.get_experiment_by_name("notes-sweep").tags
+    RunLogger.create("notes-sweep", tags={tracking.STAGE_TAG: "pretrain"}).end()
+    assert "skinclr sweep" in c.get_experiment_by_name("notes-sweep").tags[tracking.NOTE_TAG]
+
+    older = c.create_experiment("notes-older")  # made elsewhere, a note of the user's own
+    c.set_experiment_tag(older, tracking.NOTE_TAG, "my own words")
+    RunLogger.create("notes-older", tags={tracking.STAGE_TAG: "evaluate"}).end()
+    tags = c.get_experiment(older).tags
+    assert tags[tracking.NOTE_TAG] == "my own words" and tags[tracking.KIND_TAG] == "custom_model_development"
+
+
+def test_links_open_the_ui_in_its_model_training_view(monkeypatch):
+    run = RunLogger.create("links")
+    exp = run.run.info.experiment_id
+    view = "?workflowType=machine_learning"
+    assert tracking.run_link(run.run_id) == f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run.run_id}{view}"
+    assert tracking.experiment_link(exp) == f"http://127.0.0.1:5000/#/experiments/{exp}/runs{view}"
+    assert tracking.model_link("skinclr", 3) == f"http://127.0.0.1:5000/#/models/skinclr/versions/3{view}"
+    assert tracking.experiments_link() == f"http://127.0.0.1:5000/#/experiments{view}"
+    assert "skinclr server" in tracking.browse_hint()
+    monkeypatch.setenv(tracking.UI_ENV, "http://ui.example:8080/")
+    assert tracking.experiments_link() == f"http://ui.example:8080/#/experiments{view}"
+    monkeypatch.delenv(tracking.UI_ENV)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://me:secret@mlflow.example")
+    assert tracking.ui_base() == "https://mlflow.example" and tracking.browse_hint() == ""
