@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
 
 STORAGE_ENV = "SKINCLR_SWEEP_STORAGE"
 
@@ -46,13 +48,30 @@ def store_problem(env: dict[str, str]) -> str | None:
 def join_cluster() -> None:
     """Connect to the running cluster before the sweep does (it then reuses the connection).
 
-    In a `ray job submit` job, connecting unpacks the job's working folder again, in place: the
-    folder the job started in is replaced, so the process moves into the new one."""
+    In a `ray job submit` job the process starts in Ray's unpacked copy of the working folder,
+    and connecting makes Ray unpack that copy again: it deletes the folder and extracts it anew
+    (under `<folder>.zip.lock`). The process waits for the new copy and moves into it, so
+    relative paths and later imports read complete files."""
     import ray
 
-    folder = os.getcwd()
+    def inode(path: Path) -> int | None:
+        try:
+            return path.stat().st_ino
+        except OSError:
+            return None
+
+    folder = Path.cwd()
+    before = inode(folder)
     ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", include_dashboard=False, logging_level="WARNING")
-    os.chdir(folder)
+    if "working_dir_files" not in folder.parts:  # not a job's copy
+        return
+    from filelock import FileLock
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and inode(folder) in (None, before):
+        time.sleep(0.2)
+    with FileLock(f"{folder}.zip.lock", timeout=120):
+        os.chdir(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     args = sweep_arguments(sys.argv[1:] if argv is None else argv, dict(os.environ))
+    from core.cli import main as skinclr
+    from experiments import sweep  # noqa: F401 - the sweep layer and torch load before Ray connects
+
     try:
         join_cluster()
     except ConnectionError as err:  # no cluster where RAY_ADDRESS (or `ray start`) points
         print(f"error: no running Ray cluster to join ({err}); start one with `ray up CLUSTER.yaml`", file=sys.stderr)
         return 2
-    from core.cli import main as skinclr
-
     return skinclr(args)
 
 
