@@ -169,18 +169,33 @@ class SSHHost:
         """PIDs (as this machine sees them) of the host's processes whose command line holds every word."""
         found = []
         for entry in glob.glob("/proc/[0-9]*"):
+            pid = int(entry.rsplit("/", 1)[1])
             try:
                 if os.readlink(f"{entry}/ns/pid") != self.pid_ns:
                     continue
-                cmdline = Path(f"{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if all(w in cmdline for w in words):
-                found.append(int(entry.rsplit("/", 1)[1]))
+            if all(w in cmdline(pid) for w in words):
+                found.append(pid)
         return found
 
     def close(self) -> None:
         end(self.proc, signal.SIGKILL)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def exe(pid: int) -> str:
+    """The program's file name; '' once the process is gone."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return ""
 
 
 def children(pid: int) -> list[int]:
