@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.tracking import artifact_root, experiments_link, tracking_uri
+from core.tracking import artifact_root, experiment_links, experiments_link, tracking_uri
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -99,8 +99,8 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | No
     address = _reachable_address(host)
     url = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
     print(f"MLflow tracking server at {url} (UI and REST)\n"
-          f"  open       {experiments_link(url)}\n"
-          f"  store      {backend}\n  artifacts  {artifacts}\n"
+          f"  open       {experiments_link(url)}", *experiment_links(url, backend), sep="\n")
+    print(f"  store      {backend}\n  artifacts  {artifacts}\n"
           f"workers use it with:\n  export MLFLOW_TRACKING_URI={url}", flush=True)
     # MLflow's GenAI job runner: several more processes that tracking and the registry never use
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}

@@ -282,7 +282,7 @@ def client() -> MlflowClient:
 
 
 KIND_TAG, NOTE_TAG = "mlflow.experimentKind", "mlflow.note.content"
-KIND = "custom_model_development"  # the UI's model-training view, not its GenAI one
+KIND = "custom_model_development"  # a model-training experiment, not a GenAI one
 # What an experiment holds, by the stage of the runs skinclr puts in it ({name}: the experiment).
 NOTES = {
     "pretrain": "Self-supervised pretraining runs (SimCLR, MoCo v2 or BYOL; `pretrain.method`). Filled by "
@@ -305,9 +305,9 @@ NOTES = {
 def ensure_experiment(name: str, stage: str | None = None) -> str:
     """Create the store and the experiment if missing; return the experiment id.
 
-    The experiment carries the model-training kind (the UI opens its runs table, not an empty
-    traces page) and, once the stage of its runs is known, a note saying what it holds and which
-    command fills it. Call it in the driver before any concurrent writer: the first use of a
+    The experiment carries MLflow's model-training kind tag (the 3.17 UI still picks its view by
+    the `workflowType` of the URL, hence the links below) and, once the stage of its runs is
+    known, a note saying what it holds and which command fills it. Call it in the driver before any concurrent writer: the first use of a
     fresh SQLite store migrates its schema, and two processes doing that at once lose runs."""
     c = client()
     tags = {KIND_TAG: KIND, **({NOTE_TAG: NOTES[stage].format(name=name)} if stage in NOTES else {})}
@@ -354,13 +354,28 @@ def experiments_link(base: str | None = None) -> str:
     return f"{base or ui_base()}/#/experiments?{ML_VIEW}"
 
 
-def experiment_link(experiment_id: str) -> str:
-    return f"{ui_base()}/#/experiments/{experiment_id}/runs?{ML_VIEW}"
+def experiment_link(experiment_id: str, base: str | None = None) -> str:
+    return f"{base or ui_base()}/#/experiments/{experiment_id}/runs?{ML_VIEW}"
 
 
-def run_link(run_id: str) -> str:
-    experiment_id = client().get_run(run_id).info.experiment_id
-    return f"{ui_base()}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
+def experiment_links(base: str, store: str, limit: int = 10) -> list[str]:
+    """Lines naming the store's skinclr experiments (newest first) with a link to each one's runs.
+
+    The UI opens an experiment clicked in its list in the GenAI view whatever the link that led
+    there, so a user who wants the runs table follows these."""
+    try:
+        found = MlflowClient(tracking_uri=store).search_experiments(
+            filter_string=f"tags.`{KIND_TAG}` = '{KIND}'", max_results=limit, order_by=["last_update_time DESC"])
+    except mlflow.exceptions.MlflowException:
+        return []
+    width = max((len(e.name) for e in found), default=0)
+    return [f"  {'runs of' if i == 0 else '':<10} {e.name:<{width}}  {experiment_link(e.experiment_id, base)}"
+            for i, e in enumerate(found)]
+
+
+def run_link(run_id: str, experiment_id: str | None = None, base: str | None = None) -> str:
+    experiment_id = experiment_id or client().get_run(run_id).info.experiment_id
+    return f"{base or ui_base()}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
 
 
 def model_link(name: str, version: str | int | None = None) -> str:

@@ -223,3 +223,11 @@ def test_links_open_the_ui_in_its_model_training_view(monkeypatch):
     monkeypatch.delenv(tracking.UI_ENV)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://me:secret@mlflow.example")
     assert tracking.ui_base() == "https://mlflow.example" and tracking.browse_hint() == ""
+
+
+def test_the_server_lists_skinclr_experiments_with_links_to_their_runs():
+    RunLogger.create("listed", tags={tracking.STAGE_TAG: "finetune"}).end()
+    tracking.client().create_experiment("made elsewhere")
+    exp = tracking.client().get_experiment_by_name("listed").experiment_id
+    [line] = tracking.experiment_links("http://host:5000", tracking.tracking_uri())
+    assert "listed" in line and line.endswith(f"http://host:5000/#/experiments/{exp}/runs?workflowType=machine_learning")
