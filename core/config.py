@@ -129,7 +129,7 @@ class SweepConfig:
     stage: str = "pretrain"  # pretrain | finetune | pipeline
     space: str = ""  # search-space YAML; empty: search_spaces/<stage>.yaml
     narrow: dict = field(default_factory=dict)  # key -> fixed value or {low, high} / [choices]
-    num_samples: int = 8
+    num_samples: int = 8  # trials (a grid study runs each combination of sweep.grid once instead)
     max_concurrent: int = 2
     search: str = "optuna"  # optuna | random | grid (every combination of sweep.grid, no ASHA)
     grid: dict = field(default_factory=dict)  # grid search: config key -> list of values
