@@ -121,10 +121,11 @@ def main() -> None:
         if not dry:
             (out / "done" / name).touch()
 
-    def run(name: str, commands: list[list[str]]) -> None:
+    def run(name: str, commands: list[list[str]], configured: bool = True) -> None:
+        """Run a step's commands; `configured` ones (training runs) take the --set overrides too."""
         if not done(name):
             for cmd in commands:
-                sh([*cmd, *extra], dry, out / "logs" / f"{name}.log")
+                sh([*cmd, *(extra if configured else [])], dry, out / "logs" / f"{name}.log")
             finish(name)
 
     def sweep(name: str, config: str, overrides: tuple = ()) -> None:
@@ -168,7 +169,7 @@ def main() -> None:
     sweep("study", "experiments/studies/label_efficiency.yaml",
           ("sweep.grid.finetune.init=[scratch, 'runs:/recipe_pretrain']", *(f"{k}={v}" for k, v in sampled.items())))
     run("reports", [[*skinclr, "report", "--experiment", e, "--out", str(out / "reports" / e)]
-                    for e in ("skinclr-recipes", "skinclr-paper-cpu", "skinclr-study")])
+                    for e in ("skinclr-recipes", "skinclr-paper-cpu", "skinclr-study")], configured=False)
 
 
 if __name__ == "__main__":
