@@ -144,21 +144,22 @@ def drive(cfg: Config, loop, logger: RunLogger, state: dict | None, on_epoch: On
                              if k in ("train_loss", "knn_balanced_accuracy", "val_balanced_accuracy")})
             if record.is_best:
                 best = record.metrics.get("knn_balanced_accuracy", record.metrics.get("monitor_value"))
-    except KeyboardInterrupt:
-        logger.end("KILLED")
-        raise
-    except tracking.StoreError:
-        raise  # the store is gone: the run stays marked RUNNING and resumes once it is back
-    except BaseException:
-        logger.end("FAILED")
+    except BaseException as err:
+        try:
+            if isinstance(err, KeyboardInterrupt):
+                logger.end("KILLED")
+            elif not isinstance(err, tracking.StoreError):  # a store that is gone leaves it RUNNING, resumable
+                logger.end("FAILED")
+        finally:
+            _release(logger.run_id)
         raise
     finally:
         bar.close()
-        _release(logger.run_id)
     logger.set_tags({"skinclr.epochs_run": epoch})
     logger.end("FINISHED")
     # A finished run never resumes: its ~100+ MB resume state goes (models and backbones are in MLflow).
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    _release(logger.run_id)  # last: until now another process must not take the run for unfinished
     return RunResult(logger.run_id, "FINISHED", last, best, epoch)
 
 
