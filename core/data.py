@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps
 
-CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+from core.names import CLASSES
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MAX_LINES = 20  # listed lines per kind of problem; the rest are counted
 

@@ -22,13 +22,13 @@ import pandas as pd
 
 from core import metrics as M
 from core.cache import fit_square
-from core.data import CLASSES, DataError, load_rgb, read_manifest
+from core.data import DataError, load_rgb, read_manifest
 from core.runtime import pixel_digest
 from core.serving import Predictor, decode_input, load_predictor
-from core.tracking import STAGE_TAG, RunLogger
+from core.tracking import RunLogger
+from core import names
 
 ROLES = ("train", "val", "test")  # what an evaluated image was to the model; test: never seen
-ROLE_TAG = "skinclr.data_role"  # train | val | test | mixed | unknown (no split to compare with)
 
 
 def image_roles(predictor: Predictor, manifest, workdir: Path) -> tuple[np.ndarray, str]:
@@ -45,7 +45,7 @@ def image_roles(predictor: Predictor, manifest, workdir: Path) -> tuple[np.ndarr
     split = pd.read_csv(path, dtype={"image": str, "pixels": str})
     seen = manifest.frame[["image", "path"]].merge(split, on="image", how="left")
     hit = seen["split"].notna().to_numpy().copy()
-    if source.run.data.tags.get("data_fingerprint") == manifest.fingerprint:
+    if source.run.data.tags.get(names.DATA_FINGERPRINT_TAG) == manifest.fingerprint:
         how = "same data"
     elif "pixels" in split:
         how = "pixels"
@@ -59,16 +59,16 @@ def image_roles(predictor: Predictor, manifest, workdir: Path) -> tuple[np.ndarr
 
 
 def _tags(model_uri: str, predictor: Predictor, manifest, role: str, counts: dict[str, int]) -> dict[str, str]:
-    tags = {"skinclr.model_uri": model_uri, STAGE_TAG: "evaluate", "data_fingerprint": manifest.fingerprint,
-            "data_root": str(manifest.root), "data_layout": manifest.layout, ROLE_TAG: role,
-            **{f"skinclr.{r}_images": str(n) for r, n in counts.items()}}
+    tags = {names.MODEL_URI_TAG: model_uri, names.STAGE_TAG: "evaluate", names.DATA_FINGERPRINT_TAG: manifest.fingerprint,
+            names.DATA_ROOT_TAG: str(manifest.root), names.DATA_LAYOUT_TAG: manifest.layout, names.DATA_ROLE_TAG: role,
+            **{names.ROLE_IMAGES_TAG.format(role=r): str(n) for r, n in counts.items()}}
     note = f"Evaluation of `{model_uri}` on `{manifest.root}` ({len(manifest.frame)} images"
     note += "; unseen by the model)." if role == "test" else f"; {role}: " + ", ".join(
         f"{n} {r}" for r, n in counts.items() if n) + " images)."
     if predictor.run_id:
-        tags["skinclr.model_run_id"] = predictor.run_id
+        tags[names.MODEL_RUN_TAG] = predictor.run_id
         note += f" The model was trained in run [{predictor.run_id}](#/runs/{predictor.run_id})."
-    tags["mlflow.note.content"] = note
+    tags[names.NOTE_TAG] = note
     return tags
 
 
@@ -80,14 +80,14 @@ def _run_metrics(report: dict, role: str) -> dict[str, float | None]:
 
 
 def _write_artifacts(report: dict, result: dict, out: Path, title: str) -> list[Path]:
-    M.plot_confusion_matrix(report, out / "confusion_matrix.png", title=title)
-    M.write_confusion_csv(report, out / "confusion_matrix.csv", normalized=False)
-    M.write_confusion_csv(report, out / "confusion_matrix_normalized.csv", normalized=True)
-    M.report_frame(report).to_csv(out / "classification_report.csv")
+    M.plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=title)
+    M.write_confusion_csv(report, out / names.CONFUSION_CSV, normalized=False)
+    M.write_confusion_csv(report, out / names.CONFUSION_NORMALIZED_CSV, normalized=True)
+    M.report_frame(report).to_csv(out / names.CLASSIFICATION_REPORT_CSV)
     (out / "classification_report.txt").write_text(M.report_text(report))
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    return [out / n for n in ("confusion_matrix.png", "confusion_matrix.csv", "confusion_matrix_normalized.csv",
-                              "classification_report.csv", "classification_report.txt", "metrics.json")]
+    return [out / n for n in (names.CONFUSION_PNG, names.CONFUSION_CSV, names.CONFUSION_NORMALIZED_CSV,
+                              names.CLASSIFICATION_REPORT_CSV, "classification_report.txt", "metrics.json")]
 
 
 def _warnings(counts: dict[str, int], how: str, run_id: str | None, root: Path) -> list[str]:
@@ -168,12 +168,12 @@ def predict(model_uri: str, images: list[str], out_csv=None) -> pd.DataFrame:
             except DataError as err:
                 errors[i] = "; ".join(err.problems)
         good = [i for i in range(len(images)) if i not in errors]
-        probs = np.full((len(images), len(CLASSES)), np.nan)
+        probs = np.full((len(images), len(names.CLASSES)), np.nan)
         if good:
             probs[good] = predictor.predict_proba([images[i] for i in good])
-    frame = pd.DataFrame(probs, columns=list(CLASSES))
+    frame = pd.DataFrame(probs, columns=list(names.CLASSES))
     frame.insert(0, "image", images)
-    frame["predicted"] = [None if i in errors else CLASSES[k] for i, k in enumerate(np.nan_to_num(probs).argmax(1))]
+    frame["predicted"] = [None if i in errors else names.CLASSES[k] for i, k in enumerate(np.nan_to_num(probs).argmax(1))]
     if errors:
         frame["error"] = [errors.get(i) for i in range(len(images))]
     if out_csv:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from core.augment import finetune_transform
 from core.augment_gpu import DeviceBatches, DeviceImages, eval_batches, finetune_pipeline, tensor_path
 from core.config import Config, ConfigError
-from core.data import CLASSES
+from core.names import CLASSES
 from core.engine import EpochRecord, Task, adam, compiled, infer, run, to_device
 from core.inputs import Inputs, make_loader
 from core.metrics import classification_metrics

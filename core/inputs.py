@@ -17,6 +17,7 @@ from core.cache import CachedDataset, ImageCache, build_cache
 from core.config import Config, ConfigError
 from core.data import (Manifest, check_split, label_fingerprint, label_subset, load_split, read_manifest, save_split,
                        split_by_lesion, split_fingerprint)
+from core import names
 
 
 @dataclass
@@ -45,13 +46,13 @@ class Inputs:
         return label_fingerprint(self.split)
 
     def tags(self) -> dict[str, str]:
-        tags = {"data_fingerprint": self.manifest.fingerprint, "split_fingerprint": self.split_fingerprint,
-                "data_root": str(self.manifest.root)}
+        tags = {names.DATA_FINGERPRINT_TAG: self.manifest.fingerprint, names.SPLIT_FINGERPRINT_TAG: self.split_fingerprint,
+                names.DATA_ROOT_TAG: str(self.manifest.root)}
         if "labelled" in self.split:
-            tags["label_fingerprint"] = self.label_fingerprint
-            tags["skinclr.train_images"] = str(len(self.train_rows))
+            tags[names.LABEL_FINGERPRINT_TAG] = self.label_fingerprint
+            tags[names.TRAIN_IMAGES_TAG] = str(len(self.train_rows))
         if self.missing_classes:
-            tags["skinclr.missing_classes"] = ",".join(self.missing_classes)
+            tags[names.MISSING_CLASSES_TAG] = ",".join(self.missing_classes)
         return tags
 
 

@@ -35,8 +35,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-# Canonical class order of ISIC 2018 Task 3. Defined here until core/data.py owns it.
-CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+from core.names import CLASSES
 
 _KNN_CHUNK = 1024  # queries per similarity block: 1024 x 10k floats is 40 MB
 

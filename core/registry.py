@@ -46,10 +46,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from core import tracking
+from core import names
 
 CHAMPION, PREVIOUS = "champion", "previous"
-PROMOTION_TAG = "skinclr.promotion"  # pending -> done | failed
-MODEL_ARTIFACT = "model"
 LOCK_TIMEOUT_S = 120.0  # longest wait for the local lock file
 STALE_S = 60.0  # a server-side promotion pending this long is taken for dead
 POLL_S = 0.25
@@ -95,14 +94,14 @@ def run_score(client: MlflowClient, run: Run, metric: str) -> tuple[float, str] 
 
 
 def has_model(client: MlflowClient, run_id: str) -> bool:
-    return any(a.path == f"{MODEL_ARTIFACT}/MLmodel" for a in client.list_artifacts(run_id, MODEL_ARTIFACT))
+    return any(a.path == f"{names.MODEL_ARTIFACT}/MLmodel" for a in client.list_artifacts(run_id, names.MODEL_ARTIFACT))
 
 
 def _experiment_id(client: MlflowClient, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-        raise PromotionError(f"no experiment '{experiment}' in {tracking.tracking_uri()} (experiments: {names}); "
+        known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+        raise PromotionError(f"no experiment '{experiment}' in {tracking.tracking_uri()} (experiments: {known}); "
                              "check --experiment and MLFLOW_TRACKING_URI")
     return exp.experiment_id
 
@@ -123,7 +122,7 @@ def select_candidate(client: MlflowClient, experiment: str, metric: str, run_id:
         if scored is None:
             raise PromotionError(f"--run {run_id} has no metric '{metric}' (nor best_{metric}); pick another --metric")
         if not has_model(client, run_id):
-            raise PromotionError(f"--run {run_id} logged no '{MODEL_ARTIFACT}' artifact; only fine-tune runs can be promoted")
+            raise PromotionError(f"--run {run_id} logged no '{names.MODEL_ARTIFACT}' artifact; only fine-tune runs can be promoted")
         return Candidate(run, *scored)
 
     exp_id = _experiment_id(client, experiment)
@@ -133,11 +132,11 @@ def select_candidate(client: MlflowClient, experiment: str, metric: str, run_id:
     models = [(s, run) for s, run in scored if has_model(client, run.info.run_id)]
     if not models:
         raise PromotionError(f"experiment '{experiment}' has no finished run with metric '{metric}' and a "
-                             f"'{MODEL_ARTIFACT}' artifact ({len(runs)} finished runs, {len(scored)} with the metric); "
+                             f"'{names.MODEL_ARTIFACT}' artifact ({len(runs)} finished runs, {len(scored)} with the metric); "
                              "run `skinclr finetune` first")
     by_split: dict[str | None, list] = {}
     for item in models:
-        by_split.setdefault(item[1].data.tags.get("split_fingerprint"), []).append(item)
+        by_split.setdefault(item[1].data.tags.get(names.SPLIT_FINGERPRINT_TAG), []).append(item)
     if split is None and len(by_split) > 1:
         listing = "; ".join(f"{fp}: {len(items)} runs, best {items[0][0][0]:.4f}" for fp, items in by_split.items())
         raise PromotionError(f"experiment '{experiment}' holds runs validated on {len(by_split)} different splits "
@@ -160,16 +159,16 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 def _version_tags(cand: Candidate, metric: str) -> dict[str, str]:
     tags = cand.run.data.tags
     out = {
-        PROMOTION_TAG: "pending",
-        "skinclr.source_run_id": cand.run_id,
-        "skinclr.metric": metric,
-        "skinclr.metric_value": repr(cand.score),
-        "skinclr.split_fingerprint": tags.get("split_fingerprint"),
-        "skinclr.data_fingerprint": tags.get("data_fingerprint"),
-        "skinclr.git_commit": tags.get("mlflow.source.git.commit"),
-        "skinclr.pretrain_run_id": tags.get("skinclr.pretrain_run_id"),
-        "skinclr.sweep_run_id": tags.get("skinclr.sweep_run_id"),
-        "skinclr.init": tags.get("skinclr.init", cand.run.data.params.get("finetune.init")),
+        names.PROMOTION_TAG: "pending",
+        names.SOURCE_RUN_TAG: cand.run_id,
+        names.METRIC_TAG: metric,
+        names.METRIC_VALUE_TAG: repr(cand.score),
+        names.VERSION_SPLIT_TAG: tags.get(names.SPLIT_FINGERPRINT_TAG),
+        names.VERSION_DATA_TAG: tags.get(names.DATA_FINGERPRINT_TAG),
+        names.VERSION_COMMIT_TAG: tags.get(names.GIT_COMMIT_TAG),
+        names.PRETRAIN_RUN_TAG: tags.get(names.PRETRAIN_RUN_TAG),
+        names.SWEEP_RUN_TAG: tags.get(names.SWEEP_RUN_TAG),
+        names.INIT_TAG: tags.get(names.INIT_TAG, cand.run.data.params.get("finetune.init")),
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -195,7 +194,7 @@ def register(client: MlflowClient, name: str, cand: Candidate, metric: str) -> M
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    return client.create_model_version(name, source=f"runs:/{cand.run_id}/{MODEL_ARTIFACT}", run_id=cand.run_id,
+    return client.create_model_version(name, source=f"runs:/{cand.run_id}/{names.MODEL_ARTIFACT}", run_id=cand.run_id,
                                        tags=_version_tags(cand, metric), description=_description(cand, metric))
 
 
@@ -240,7 +239,7 @@ def wait_for_turn(client: MlflowClient, name: str, version: int | None, stale: f
     while True:
         now = time.monotonic()
         ahead = [str(v.version) for v in client.search_model_versions(f"name='{name}'")
-                 if (version is None or int(v.version) < version) and v.tags.get(PROMOTION_TAG) == "pending"]
+                 if (version is None or int(v.version) < version) and v.tags.get(names.PROMOTION_TAG) == "pending"]
         for v in ahead:
             first_seen.setdefault(v, now)
         if all(now - first_seen[v] >= stale for v in ahead):
@@ -285,8 +284,8 @@ def _decide(client: MlflowClient, name: str, version: ModelVersion, cand: Candid
         champ_run = client.get_run(champ.run_id) if champ.run_id else None
     except MlflowException:
         champ_run = None
-    here = cand.run.data.tags.get("split_fingerprint")
-    there = champ_run.data.tags.get("split_fingerprint") if champ_run else None
+    here = cand.run.data.tags.get(names.SPLIT_FINGERPRINT_TAG)
+    there = champ_run.data.tags.get(names.SPLIT_FINGERPRINT_TAG) if champ_run else None
     champ_score = run_score(client, champ_run, metric) if champ_run else None
     if champ_run is None or champ_score is None:
         why = f"{CHAMPION} version {champ.version} has no source run with metric '{metric}' to compare with"
@@ -340,9 +339,9 @@ def promote(experiment: str, metric: str = "val_balanced_accuracy", name: str = 
             message = _decide(client, name, version, cand, metric, force)
     except BaseException:
         with suppress(MlflowException):
-            client.set_model_version_tag(name, version.version, PROMOTION_TAG, "failed")
+            client.set_model_version_tag(name, version.version, names.PROMOTION_TAG, "failed")
         raise
-    client.set_model_version_tag(name, version.version, PROMOTION_TAG, "done")
+    client.set_model_version_tag(name, version.version, names.PROMOTION_TAG, "done")
     if existing:
         return f"{message} (run {cand.run_id} was registered before as version {version.version}; no new version)"
     client.update_model_version(name, version.version, description=f"{version.description}\n\nPromotion: {message}.")
@@ -361,9 +360,9 @@ def run_versions(client: MlflowClient, name: str, run_id: str) -> list[ModelVers
 def _source_split(client: MlflowClient, version: ModelVersion) -> str | None:
     """The split fingerprint a version's run was validated on (None when unknown)."""
     try:
-        return client.get_run(version.run_id).data.tags.get("split_fingerprint") if version.run_id else None
+        return client.get_run(version.run_id).data.tags.get(names.SPLIT_FINGERPRINT_TAG) if version.run_id else None
     except MlflowException:
-        return version.tags.get("skinclr.split_fingerprint")
+        return version.tags.get(names.VERSION_SPLIT_TAG)
 
 
 def rollback(name: str = "skinclr") -> str:

@@ -24,7 +24,8 @@ from mlflow.entities import Run
 
 from core import metrics as M
 from core import tracking
-from core.tracking import STAGE_TAG, RunLogger
+from core.tracking import RunLogger
+from core import names
 
 REPORT_EXPERIMENT = "skinclr-report"
 INITS = ("scratch", "ImageNet", "SimCLR")
@@ -40,19 +41,19 @@ class ReportError(ValueError):
 
 def init_group(run: Run) -> str:
     """scratch, ImageNet, or SimCLR (a `runs:/` pretrain run or a backbone checkpoint path)."""
-    init = run.data.tags.get("skinclr.init") or run.data.params.get("finetune.init", "")
+    init = run.data.tags.get(names.INIT_TAG) or run.data.params.get("finetune.init", "")
     return {"scratch": "scratch", "imagenet": "ImageNet"}.get(init, "SimCLR")
 
 
 def is_sweep_run(run: Run) -> bool:
     tags = run.data.tags
-    return "skinclr.sweep_run_id" in tags or "skinclr.sweep" in tags
+    return names.SWEEP_RUN_TAG in tags or names.SWEEP_PARENT_TAG in tags
 
 
 def finetune_runs(experiments: list[str]) -> tuple[list[Run], int]:
     """Finished fine-tune runs with best-epoch metrics (newest first), and how many sweep runs were left out."""
     ids = experiment_ids(experiments)
-    runs = mlflow.search_runs(ids, filter_string=f"attributes.status = 'FINISHED' and tags.`{STAGE_TAG}` = 'finetune'",
+    runs = mlflow.search_runs(ids, filter_string=f"attributes.status = 'FINISHED' and tags.`{names.STAGE_TAG}` = 'finetune'",
                               output_format="list")
     sweep = [r for r in runs if is_sweep_run(r)]
     kept = [r for r in runs if not is_sweep_run(r) and "best_val_balanced_accuracy" in r.data.metrics]
@@ -68,19 +69,19 @@ def evaluation_runs(model_run_ids: list[str]) -> dict[str, Run]:
     logs train_*/val_* numbers, never test_* ones; one from before that check counts only if its
     data differs from the data the model was trained on."""
     evals = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                               filter_string=f"attributes.status = 'FINISHED' and tags.`{STAGE_TAG}` = 'evaluate'",
+                               filter_string=f"attributes.status = 'FINISHED' and tags.`{names.STAGE_TAG}` = 'evaluate'",
                                order_by=["attributes.start_time DESC"])
     wanted, out, trained_on = set(model_run_ids), {}, {}
     for run in evals:
-        rid, tags = run.data.tags.get("skinclr.model_run_id"), run.data.tags
+        rid, tags = run.data.tags.get(names.MODEL_RUN_TAG), run.data.tags
         if rid not in wanted or rid in out or "test_balanced_accuracy" not in run.data.metrics:
             continue
-        if "skinclr.data_role" in tags:
-            unseen = tags["skinclr.data_role"] in ("test", "mixed")
+        if names.DATA_ROLE_TAG in tags:
+            unseen = tags[names.DATA_ROLE_TAG] in ("test", "mixed")
         else:
             if rid not in trained_on:
-                trained_on[rid] = tracking.client().get_run(rid).data.tags.get("data_fingerprint")
-            unseen = tags.get("data_fingerprint") != trained_on[rid]
+                trained_on[rid] = tracking.client().get_run(rid).data.tags.get(names.DATA_FINGERPRINT_TAG)
+            unseen = tags.get(names.DATA_FINGERPRINT_TAG) != trained_on[rid]
         if unseen:
             out[rid] = run
     return out
@@ -182,10 +183,10 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     parts, files, tags = [], [], {}
     if runs:
-        section, names, best_id = _paper_section(runs, n_sweep, out)
+        section, written, best_id = _paper_section(runs, n_sweep, out)
         parts += section
-        files += names
-        tags["skinclr.best_run_id"] = best_id
+        files += written
+        tags[names.BEST_RUN_TAG] = best_id
     if parent is not None:
         try:
             frame = S.study_frame(parent)
@@ -193,10 +194,10 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
             raise ReportError(str(err)) from None
         parts += _study_section(frame, parent, out)
         files += ["label_efficiency.png", "label_efficiency.csv"]
-        tags["skinclr.study_run_id"] = parent.info.run_id
+        tags[names.STUDY_RUN_TAG] = parent.info.run_id
 
     logger = RunLogger.create(REPORT_EXPERIMENT, run_name="report", tags={
-        "skinclr.report": "1", STAGE_TAG: "report", "skinclr.report_experiments": ",".join(experiments), **tags})
+        names.REPORT_TAG: "1", names.STAGE_TAG: "report", names.REPORT_EXPERIMENTS_TAG: ",".join(experiments), **tags})
     try:
         logger.log_params({"experiments": ",".join(experiments), "runs": len(runs), "sweep_runs_left_out": n_sweep})
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -26,6 +26,7 @@ from core.pretrain import pretrain
 from core.runtime import (BusyError, check_devices, describe_device, load_checkpoint, lock, pick_device,
                           pixel_digest, save_atomic)
 from core.tracking import RunLogger
+from core import names
 
 OnEpoch = Callable[[EpochRecord, Path, str], None]  # (record, checkpoint file, run id)
 
@@ -91,7 +92,7 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
                     raise BusyError(f"{err}; or set tracking.resume=false to start a separate run") from None
             else:
                 run_id = RunLogger.create(cfg.experiment, cfg.tracking.run_name, parent_run_id=parent_run_id,
-                                          tags={tracking.RUN_KEY_TAG: key, tracking.STAGE_TAG: cfg.stage}).run_id
+                                          tags={names.RUN_KEY_TAG: key, names.STAGE_TAG: cfg.stage}).run_id
                 created = True
                 _claim(run_id)
     logger, state = RunLogger(run_id), None
@@ -101,10 +102,10 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
             if ckpt.is_file():
                 state = load_checkpoint(ckpt)
             logger.reopen()
-        logger.set_tags({**inputs.tags(), "skinclr.device": device, **(tags or {})})
+        logger.set_tags({**inputs.tags(), names.DEVICE_TAG: device, **(tags or {})})
         logger.log_params(cfg.flat())
         with tempfile.TemporaryDirectory() as tmp:
-            logger.log_artifact(cfg.save(Path(tmp) / "config.yaml"))
+            logger.log_artifact(cfg.save(Path(tmp) / names.CONFIG_ARTIFACT))
             split = Path(tmp) / "split.csv"
             columns = ["image", "label", "lesion_id", "split"] + (["labelled"] if "labelled" in inputs.split else [])
             table = inputs.split[columns].copy()
@@ -155,7 +156,7 @@ def drive(cfg: Config, loop, logger: RunLogger, state: dict | None, on_epoch: On
         raise
     finally:
         bar.close()
-    logger.set_tags({"skinclr.epochs_run": epoch})
+    logger.set_tags({names.EPOCHS_RUN_TAG: epoch})
     logger.end("FINISHED")
     # A finished run never resumes: its ~100+ MB resume state goes (models and backbones are in MLflow).
     shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -193,7 +194,7 @@ def resolve_init(cfg: Config, workdir: Path) -> tuple[str | None, dict[str, str]
     if init == "imagenet":
         imagenet_weights_file(cfg.model.backbone, cfg.finetune.imagenet_weights or None)
     if not init.startswith("runs:/"):
-        return None, ({"skinclr.init": init})
+        return None, ({names.INIT_TAG: init})
     run_id = tracking.find_run(init[len("runs:/"):].strip("/").split("/")[0], stage="pretrain")
     if run_id is None:
         raise ConfigError(f"finetune.init '{init}': no run with that id or name in the tracking store "
@@ -202,7 +203,7 @@ def resolve_init(cfg: Config, workdir: Path) -> tuple[str | None, dict[str, str]
     for name in ("checkpoints/backbone_best.pt", "checkpoints/backbone_last.pt"):
         path = logger.download(name, workdir)
         if path is not None:
-            return str(path), {"skinclr.pretrain_run_id": run_id, "skinclr.init": init}
+            return str(path), {names.PRETRAIN_RUN_TAG: run_id, names.INIT_TAG: init}
     raise ConfigError(f"finetune.init '{init}': run {run_id} has no checkpoints/backbone_*.pt artifact; "
                       "is it a finished skinclr pretrain run?")
 
@@ -231,25 +232,25 @@ def run_finetune(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
             files = [out / "loss_curves.png", out / "accuracy_curves.png", out / "history.json"]
             if record.is_best:
                 report = record.report
-                M.plot_confusion_matrix(report, out / "confusion_matrix.png", title=f"val, epoch {record.epoch}")
-                M.write_confusion_csv(report, out / "confusion_matrix.csv", normalized=False)
-                M.write_confusion_csv(report, out / "confusion_matrix_normalized.csv", normalized=True)
-                M.report_frame(report).to_csv(out / "classification_report.csv")
+                M.plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=f"val, epoch {record.epoch}")
+                M.write_confusion_csv(report, out / names.CONFUSION_CSV, normalized=False)
+                M.write_confusion_csv(report, out / names.CONFUSION_NORMALIZED_CSV, normalized=True)
+                M.report_frame(report).to_csv(out / names.CLASSIFICATION_REPORT_CSV)
                 (out / "classification_report.txt").write_text(M.report_text(report))
                 (out / "val_metrics.json").write_text(json.dumps(report, indent=1))
-                files += [out / n for n in ("confusion_matrix.png", "confusion_matrix.csv",
-                                            "confusion_matrix_normalized.csv", "classification_report.csv",
+                files += [out / n for n in (names.CONFUSION_PNG, names.CONFUSION_CSV,
+                                            names.CONFUSION_NORMALIZED_CSV, names.CLASSIFICATION_REPORT_CSV,
                                             "classification_report.txt", "val_metrics.json")]
                 log_model(logger, record.best_model, cfg.model.backbone, cfg.data.image_size,
                           cfg.data.aspect)
                 logger.log_metrics({"best_val_balanced_accuracy": report["balanced_accuracy"],
                                     "best_val_accuracy": report["accuracy"]}, step=record.epoch)
-                logger.set_tags({"skinclr.best_epoch": record.epoch})
+                logger.set_tags({names.BEST_EPOCH_TAG: record.epoch})
             for f in files:
                 logger.log_artifact(f, "report")
 
         loop = finetune(cfg, inputs, resume=state, pretrain_checkpoint=checkpoint, progress=progress)
         result = drive(cfg, loop, logger, state, on_epoch, on_record, progress)
     if result.epochs < cfg.train.epochs:
-        RunLogger(result.run_id).set_tags({"skinclr.early_stopped_at": result.epochs})
+        RunLogger(result.run_id).set_tags({names.EARLY_STOPPED_TAG: result.epochs})
     return result

@@ -38,14 +38,12 @@ from core import __version__, tracking
 from core.augment import eval_transform
 from core.cache import ASPECTS, fit_square
 from core.config import load_config
-from core.data import CLASSES, DECODE_ERRORS, DataError, decode_image, load_rgb
+from core.data import DECODE_ERRORS, DataError, decode_image, load_rgb
 from core.engine import infer
 from core.models import BACKBONES, ModelError, build_classifier
 from core.tracking import RunLogger
+from core import names
 
-MODEL_ARTIFACT = "model"  # the run's pyfunc folder: runs:/RUN_ID/model (weights in model/artifacts/)
-WEIGHTS_FILE = "classifier.pt"
-META_FILE = "meta.json"
 BATCH_SIZE = 64
 REQUIREMENTS = ("torch", "torchvision", "albumentations", "mlflow", "pillow", "numpy", "pandas", "scikit-learn")
 _BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
@@ -190,8 +188,8 @@ def _check_meta(meta: dict, where: str) -> dict:
         raise ModelError(f"{where}: unknown backbone {meta['backbone']!r}; known: {', '.join(BACKBONES)}")
     if meta["aspect"] not in ASPECTS:
         raise ModelError(f"{where}: aspect {meta['aspect']!r} is not one of {', '.join(ASPECTS)}")
-    if tuple(meta["classes"]) != CLASSES:
-        raise ModelError(f"{where}: classes {meta['classes']} differ from {list(CLASSES)}; skinclr evaluates the "
+    if tuple(meta["classes"]) != names.CLASSES:
+        raise ModelError(f"{where}: classes {meta['classes']} differ from {list(names.CLASSES)}; skinclr evaluates the "
                          "seven ISIC 2018 classes in that order")
     return {**meta, "image_size": int(meta["image_size"])}
 
@@ -212,7 +210,7 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
 
 
 def _meta(backbone: str, image_size: int, aspect: str) -> dict:
-    return {"backbone": backbone, "image_size": int(image_size), "aspect": aspect, "classes": list(CLASSES),
+    return {"backbone": backbone, "image_size": int(image_size), "aspect": aspect, "classes": list(names.CLASSES),
             "skinclr_version": __version__}
 
 
@@ -221,13 +219,13 @@ def _write_weights(folder: Path, state_dict: dict, backbone: str, image_size: in
     meta = _check_meta(_meta(backbone, image_size, aspect), "save_pyfunc")
     state = {k: v.detach().cpu() for k, v in state_dict.items()}
     try:
-        build_classifier(backbone, num_classes=len(CLASSES)).load_state_dict(state)
+        build_classifier(backbone, num_classes=len(names.CLASSES)).load_state_dict(state)
     except RuntimeError as err:
         raise ModelError(f"the state_dict to save does not fit a {backbone} classifier: {err}") from None
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / WEIGHTS_FILE)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1))
-    return folder / WEIGHTS_FILE, folder / META_FILE
+    torch.save(state, folder / names.WEIGHTS_FILE)
+    (folder / names.META_FILE).write_text(json.dumps(meta, indent=1))
+    return folder / names.WEIGHTS_FILE, folder / names.META_FILE
 
 
 def _input_example() -> pd.DataFrame:
@@ -240,7 +238,7 @@ def _input_example() -> pd.DataFrame:
 def signature() -> ModelSignature:
     """`image` is typed `any` so in-process callers may also pass uint8 arrays through the pyfunc."""
     return ModelSignature(inputs=Schema([ColSpec(AnyType(), "image")]),
-                          outputs=Schema([ColSpec("double", c) for c in CLASSES]))
+                          outputs=Schema([ColSpec("double", c) for c in names.CLASSES]))
 
 
 def _requirements() -> list[str]:
@@ -271,9 +269,9 @@ def log_model(logger: RunLogger, state_dict: dict, backbone: str, image_size: in
     """Log the pyfunc under `model`; returns the model URI. Logging again (a better epoch)
     overwrites it in place."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_pyfunc(Path(tmp) / MODEL_ARTIFACT, state_dict, backbone, image_size, aspect)
-        logger.log_artifact(folder, MODEL_ARTIFACT)
-    return f"runs:/{logger.run_id}/{MODEL_ARTIFACT}"
+        folder = save_pyfunc(Path(tmp) / names.MODEL_ARTIFACT, state_dict, backbone, image_size, aspect)
+        logger.log_artifact(folder, names.MODEL_ARTIFACT)
+    return f"runs:/{logger.run_id}/{names.MODEL_ARTIFACT}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,15 +301,15 @@ def load_predictor(uri: str | Path) -> Predictor:
 
 def _parse_runs_uri(uri: str) -> tuple[str, str]:
     run_id, _, artifact = uri[len("runs:/"):].strip("/").partition("/")
-    artifact = artifact or MODEL_ARTIFACT
+    artifact = artifact or names.MODEL_ARTIFACT
     try:
-        names = [a.path for a in tracking.client().list_artifacts(run_id)]
+        logged = [a.path for a in tracking.client().list_artifacts(run_id)]
     except MlflowException:
         raise ModelNotFound(f"model '{uri}': no run {run_id!r} in the tracking store {tracking.tracking_uri()}; "
                             "check the run id and MLFLOW_TRACKING_URI") from None
-    if artifact.split("/")[0] not in names:
+    if artifact.split("/")[0] not in logged:
         raise ModelNotFound(f"model '{uri}': run {run_id} has no '{artifact}' artifact (it has: "
-                            f"{', '.join(names) or 'nothing'}); only fine-tune runs log a model")
+                            f"{', '.join(logged) or 'nothing'}); only fine-tune runs log a model")
     return run_id, artifact
 
 
@@ -349,10 +347,10 @@ def _download(uri: str, dst: str) -> Path:
 def _from_folder(folder: Path, run_id: str | None, uri: str) -> Predictor:
     """A pyfunc folder (weights in artifacts/) or a folder holding the two files themselves."""
     for sub in (folder / "artifacts", folder):
-        if (sub / WEIGHTS_FILE).is_file() and (sub / META_FILE).is_file():
-            return Predictor.from_files(sub / WEIGHTS_FILE, sub / META_FILE, run_id, uri)
+        if (sub / names.WEIGHTS_FILE).is_file() and (sub / names.META_FILE).is_file():
+            return Predictor.from_files(sub / names.WEIGHTS_FILE, sub / names.META_FILE, run_id, uri)
     found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-    raise ModelNotFound(f"model '{uri}': {folder} is not a skinclr model folder (no {WEIGHTS_FILE} and {META_FILE}; "
+    raise ModelNotFound(f"model '{uri}': {folder} is not a skinclr model folder (no {names.WEIGHTS_FILE} and {names.META_FILE}; "
                         f"it holds {found})")
 
 
@@ -389,11 +387,11 @@ def _state_dict_from_file(path: Path) -> dict:
 
 def _meta_beside(path: Path) -> dict:
     """The meta of a bare weights file: meta.json next to it, or the run's resolved config.yaml."""
-    if (path.parent / META_FILE).is_file():
-        return json.loads((path.parent / META_FILE).read_text())
-    if (path.parent / "config.yaml").is_file():
-        cfg = load_config(path.parent / "config.yaml")
+    if (path.parent / names.META_FILE).is_file():
+        return json.loads((path.parent / names.META_FILE).read_text())
+    if (path.parent / names.CONFIG_ARTIFACT).is_file():
+        cfg = load_config(path.parent / names.CONFIG_ARTIFACT)
         return _meta(cfg.model.backbone, cfg.data.image_size, cfg.data.aspect)
-    raise ModelNotFound(f"model '{path}': a weights file needs its {META_FILE} (or the run's config.yaml) in the same "
+    raise ModelNotFound(f"model '{path}': a weights file needs its {names.META_FILE} (or the run's config.yaml) in the same "
                         "folder to know its backbone, input size and aspect; download the run's 'model/artifacts/' "
                         "folder whole, or use runs:/RUN_ID/model")

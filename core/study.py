@@ -15,7 +15,7 @@ from mlflow.entities import Run
 
 from core import metrics as M
 from core import tracking
-from core.tracking import PARENT_TAG
+from core import names
 
 FRACTION = "data.label_fraction"
 SCORES = {"best_val_balanced_accuracy": "val balanced accuracy", "best_val_accuracy": "val accuracy"}
@@ -54,9 +54,9 @@ def study_frame(parent: Run) -> pd.DataFrame:
     """One row per finished child run: init group, fraction, seed and the best epoch's scores."""
     c = tracking.client()
     children = c.search_runs([parent.info.experiment_id], max_results=10_000,
-                             filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and attributes.status = 'FINISHED'")
+                             filter_string=f"tags.`{names.PARENT_TAG}` = '{parent.info.run_id}' and attributes.status = 'FINISHED'")
     rows = [{"run_id": r.info.run_id, "init": _init_group(r), "label_fraction": float(r.data.params[FRACTION]),
-             "seed": int(r.data.params.get("train.seed", 0)), "train_images": r.data.tags.get("skinclr.train_images", ""),
+             "seed": int(r.data.params.get("train.seed", 0)), "train_images": r.data.tags.get(names.TRAIN_IMAGES_TAG, ""),
              **{k: r.data.metrics.get(k, np.nan) for k in SCORES}}
             for r in children if FRACTION in r.data.params]
     frame = pd.DataFrame(rows, columns=["run_id", "init", "label_fraction", "seed", "train_images", *SCORES])

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from core.data import CLASSES, GROUPINGS, TRAINING_GT, TRAINING_INPUT, DataError
+from core.names import CLASSES
+from core.data import GROUPINGS, TRAINING_GT, TRAINING_INPUT, DataError
 
 MARKER = "skinclr_synth.json"
 WIDTH, HEIGHT = 200, 150  # the real images' size

@@ -34,13 +34,11 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+from core import names
 
 # A new store announces its schema set-up at INFO on first use, in every process that opens it.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
-RUN_KEY_TAG = "skinclr.run_key"  # hash of the resolved config: finds a run to resume
-STAGE_TAG = "skinclr.stage"
-PARENT_TAG = "mlflow.parentRunId"
 RETRY_ENV = "SKINCLR_TRACKING_RETRY_S"  # how long a run waits for a store that went away
 DEFAULT_RETRY_S = 300.0
 CHECK_TIMEOUT_S = 8.0  # the store check answers within this, whatever the store does
@@ -281,7 +279,6 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-KIND_TAG, NOTE_TAG = "mlflow.experimentKind", "mlflow.note.content"
 KIND = "custom_model_development"  # a model-training experiment, not a GenAI one
 # What an experiment holds, by the stage of the runs skinclr puts in it ({name}: the experiment).
 NOTES = {
@@ -310,7 +307,7 @@ def ensure_experiment(name: str, stage: str | None = None) -> str:
     known, a note saying what it holds and which command fills it. Call it in the driver before any concurrent writer: the first use of a
     fresh SQLite store migrates its schema, and two processes doing that at once lose runs."""
     c = client()
-    tags = {KIND_TAG: KIND, **({NOTE_TAG: NOTES[stage].format(name=name)} if stage in NOTES else {})}
+    tags = {names.KIND_TAG: KIND, **({names.NOTE_TAG: NOTES[stage].format(name=name)} if stage in NOTES else {})}
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -365,7 +362,7 @@ def experiment_links(base: str, store: str, limit: int = 10) -> list[str]:
     there, so a user who wants the runs table follows these."""
     try:
         found = MlflowClient(tracking_uri=store).search_experiments(
-            filter_string=f"tags.`{KIND_TAG}` = '{KIND}'", max_results=limit, order_by=["last_update_time DESC"])
+            filter_string=f"tags.`{names.KIND_TAG}` = '{KIND}'", max_results=limit, order_by=["last_update_time DESC"])
     except mlflow.exceptions.MlflowException:
         return []
     width = max((len(e.name) for e in found), default=0)
@@ -406,7 +403,7 @@ def run_key(flat_config: dict[str, Any], ignore: Iterable[str] = ("tracking.resu
 def find_resumable(experiment_id: str, key: str):
     """The newest unfinished run (killed, failed or still marked running) with this config."""
     runs = client().search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'",
+        [experiment_id], filter_string=f"tags.`{names.RUN_KEY_TAG}` = '{key}'",
         order_by=["attributes.start_time DESC"], max_results=5)
     for run in runs:
         if run.info.status != "FINISHED":
@@ -424,7 +421,7 @@ def find_run(id_or_name: str, stage: str | None = None) -> str | None:
     if "'" in id_or_name and '"' in id_or_name:
         return None  # no string literal of MLflow's filter language can hold both quotes
     quote = '"' if "'" in id_or_name else "'"
-    stage_filter = f" and tags.`{STAGE_TAG}` = '{stage}'" if stage else ""
+    stage_filter = f" and tags.`{names.STAGE_TAG}` = '{stage}'" if stage else ""
     experiments = [e.experiment_id for e in c.search_experiments()]
     runs = c.search_runs(experiments, filter_string=f"tags.`mlflow.runName` = {quote}{id_or_name}{quote} and "
                          f"attributes.status = 'FINISHED'{stage_filter}",
@@ -448,10 +445,10 @@ class RunLogger:
     def create(cls, experiment: str, run_name: str = "", tags: dict[str, str] | None = None,
                parent_run_id: str | None = None) -> "RunLogger":
         tags = dict(tags or {})
-        exp_id = ensure_experiment(experiment, tags.get(STAGE_TAG))
-        tags.setdefault("mlflow.source.git.commit", git_commit())
+        exp_id = ensure_experiment(experiment, tags.get(names.STAGE_TAG))
+        tags.setdefault(names.GIT_COMMIT_TAG, git_commit())
         if parent_run_id:
-            tags[PARENT_TAG] = parent_run_id
+            tags[names.PARENT_TAG] = parent_run_id
         # not retried: a create whose answer was lost would leave a second, orphaned run
         run = client().create_run(exp_id, run_name=run_name or None, tags=tags)
         opened_runs.append(run.info.run_id)

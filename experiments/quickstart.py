@@ -11,6 +11,7 @@ from pathlib import Path
 
 from core import tracking
 from core.config import load_config
+from core import names
 
 HERE = Path(__file__).resolve().parent
 MODEL_NAME = "skinclr-quickstart"  # its registered model
@@ -49,7 +50,7 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
     _step(3, f"fine-tune from the best trial's backbone (run {sweep.best_run_id})")
     ft_cfg = load_config(FINETUNE_CONFIG, [f"data.root={train}", f"finetune.init=runs:/{sweep.best_run_id}",
                                            f"data.split_file={sweep.folder / 'split.csv'}"], stage="finetune")
-    finetuned = run_finetune(ft_cfg, tags={"skinclr.sweep_run_id": sweep.parent_run_id})
+    finetuned = run_finetune(ft_cfg, tags={names.SWEEP_RUN_TAG: sweep.parent_run_id})
 
     _step(4, f"evaluate on a held-out synthetic test set ({test})")
     model_uri = f"runs:/{finetuned.run_id}/model"

@@ -28,18 +28,14 @@ from ray import tune
 
 from core import tracking
 from core.config import Config, ConfigError, load_config
-from core.tracking import PARENT_TAG, STAGE_TAG, RunLogger
+from core.tracking import RunLogger
+from core import names
 from experiments.spaces import (check_keys, grid_space, load_space, narrow, project_path, sampled_keys, space_path,
                                 to_tune)
 from experiments.trainables import METRICS, TrialSetup, make_trainable, trial_runs
 
 PIPELINE_KEYS = ("finetune_config", "eval_data")  # sweep.* keys only a pipeline config has
 SPLIT_KEYS = ("data.folds", "data.fold", "data.val_fraction", "data.split_seed")  # varied: trials split themselves
-STATE_FILE = "skinclr_sweep.json"  # in the sweep's folder: what --resume needs
-PIPELINE_FILE = "skinclr_pipeline.json"  # in a pipeline's folder: its run and finished steps
-SWEEP_TAG = "skinclr.sweep"
-STOPPED_BY_TAG = "skinclr.stopped_by"
-STOPPED_AT_TAG = "skinclr.stopped_at_epoch"
 
 
 @dataclass
@@ -189,13 +185,13 @@ class ChildRuns(tune.Callback):
         # The runner tags the epochs it ran when its loop ends, which Tune may not have heard of
         # (a driver killed right then).
         result = trial.last_result or {}
-        epoch = max(int(result.get("epoch", 0)), int(run.data.tags.get("skinclr.epochs_run", 0)))
+        epoch = max(int(result.get("epoch", 0)), int(run.data.tags.get(names.EPOCHS_RUN_TAG, 0)))
         why = stopped_by({**result, "epoch": epoch}, status == "ERROR", self.max_t, self.epochs)
         end = "FAILED" if status == "ERROR" else "FINISHED"
-        if run.data.tags.get(STOPPED_BY_TAG) != why:
-            tags = {STOPPED_BY_TAG: why, "skinclr.epochs_run": epoch}
+        if run.data.tags.get(names.STOPPED_BY_TAG) != why:
+            tags = {names.STOPPED_BY_TAG: why, names.EPOCHS_RUN_TAG: epoch}
             if why in ("asha", "max_t"):
-                tags[STOPPED_AT_TAG] = epoch
+                tags[names.STOPPED_AT_TAG] = epoch
             logger.set_tags(tags)
         if run.info.status != end:  # a trial that ran to its end was closed by the runner itself
             logger.end(end)
@@ -257,8 +253,8 @@ def start(cfg: Config, folder: Path, uri: str, space_file: Path | None, space: d
     own_split = set(SPLIT_KEYS) & set(sampled_keys(space))  # e.g. a study over folds
     base = trial_base(cfg, None if own_split else split_file, inputs.cache.path.parent)
     parent = RunLogger.create(cfg.experiment, cfg.tracking.run_name or f"sweep-{folder.name}",
-                              tags={SWEEP_TAG: "1", STAGE_TAG: cfg.stage, "skinclr.sweep_folder": str(folder),
-                                    "skinclr.search": cfg.sweep.search,
+                              tags={names.SWEEP_PARENT_TAG: "1", names.STAGE_TAG: cfg.stage, names.SWEEP_FOLDER_TAG: str(folder),
+                                    names.SEARCH_TAG: cfg.sweep.search,
                                     **inputs.tags()},
                               parent_run_id=parent_of)
     parent.log_params(cfg.flat())
@@ -278,7 +274,7 @@ def start(cfg: Config, folder: Path, uri: str, space_file: Path | None, space: d
                        workers=s.workers_per_trial)
     state = {"setup": asdict(setup), "sampled": sampled_keys(space), "metric": METRICS[cfg.stage],
              "max_t": s.max_t or cfg.train.epochs, "epochs": cfg.train.epochs}
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+    (folder / names.SWEEP_STATE_FILE).write_text(json.dumps(state, indent=1))
     return setup
 
 
@@ -292,7 +288,7 @@ def check_resume(state_file: Path, resume: bool) -> None:
 
 
 def read_state(folder: Path, uri: str) -> dict[str, Any]:
-    state_file = folder / STATE_FILE
+    state_file = folder / names.SWEEP_STATE_FILE
     if not tune.Tuner.can_restore(str(folder)):
         raise ConfigError(f"no sweep to resume in {folder}: it stopped before its first trial; "
                           "remove the folder and run the same command without --resume")
@@ -338,7 +334,7 @@ def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -
     uri = driver_tracking_uri()
     tracking.ensure_experiment(cfg.experiment)  # before any trial: see core.tracking.ensure_experiment
     folder = sweep_folder(cfg)
-    check_resume(folder / STATE_FILE, resume)
+    check_resume(folder / names.SWEEP_STATE_FILE, resume)
     if resume:
         state = read_state(folder, uri)
         setup = TrialSetup(**state["setup"])
@@ -347,7 +343,7 @@ def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -
         tuner = tune.Tuner.restore(str(folder), make_trainable(setup), resume_unfinished=True, resume_errored=True)
     else:
         setup = start(cfg, folder, uri, space_file, space, parent_of)
-        state = json.loads((folder / STATE_FILE).read_text())
+        state = json.loads((folder / names.SWEEP_STATE_FILE).read_text())
         s = cfg.sweep
         grid = s.search == "grid"
         how = (f"grid of {math.prod(len(v) for v in s.grid.values())}, no early stops" if grid else
@@ -397,7 +393,7 @@ def trials_table(grid, parent_run_id: str, sampled: list[str], metric: str) -> p
                      **{k: result.config.get(k) for k in sampled},
                      f"last_{metric}": last.get(metric), f"best_{metric}": best,
                      "epochs": int(last.get("epoch", 0)),
-                     "stopped_by": run.data.tags.get(STOPPED_BY_TAG, "") if run else "error"})
+                     "stopped_by": run.data.tags.get(names.STOPPED_BY_TAG, "") if run else "error"})
     table = pd.DataFrame(rows)
     return table.sort_values(f"best_{metric}", ascending=False, na_position="last", kind="stable")
 
@@ -422,11 +418,11 @@ def finish(grid, setup: TrialSetup, state: dict[str, Any], folder: Path) -> Swee
     scored = table[pd.to_numeric(table[best_col], errors="coerce").notna()]
     best = scored.iloc[0] if len(scored) else None
     if best is not None:
-        parent.set_tags({"skinclr.best_trial_id": best["trial_id"], "skinclr.best_run_id": best["run_id"],
-                         **{f"skinclr.best.{k}": best[k] for k in sampled}})
+        parent.set_tags({names.BEST_TRIAL_TAG: best["trial_id"], names.BEST_RUN_TAG: best["run_id"],
+                         **{f"{names.BEST_PREFIX}{k}": best[k] for k in sampled}})
         parent.log_metrics({best_col: float(best[best_col])}, step=0)
     unfinished = table["status"].isin(["RUNNING", "KILLED"]).any()
-    parent.set_tags({"skinclr.trials": len(table), "skinclr.trials_finished": int((table["status"] == "FINISHED").sum())})
+    parent.set_tags({names.TRIALS_TAG: len(table), names.TRIALS_FINISHED_TAG: int((table["status"] == "FINISHED").sum())})
     parent.end("KILLED" if unfinished else "FINISHED" if best is not None else "FAILED")
     shown = table.drop(columns=["run_id"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
@@ -496,7 +492,7 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
     driver_tracking_uri()
     tracking.ensure_experiment(cfg.experiment)
     folder = sweep_folder(cfg, extra)
-    state_file = folder / PIPELINE_FILE
+    state_file = folder / names.PIPELINE_STATE_FILE
     check_resume(state_file, resume)
     if resume:
         state = json.loads(state_file.read_text())
@@ -505,14 +501,14 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
     else:
         folder.mkdir(parents=True, exist_ok=True)
         top = RunLogger.create(cfg.experiment, cfg.tracking.run_name or f"pipeline-{folder.name}",
-                               tags={"skinclr.pipeline": "1", STAGE_TAG: "pipeline"})
+                               tags={names.PIPELINE_PARENT_TAG: "1", names.STAGE_TAG: "pipeline"})
         top.log_params(cfg.flat())
         top.log_artifact(project_path(extra["finetune_config"]), "pipeline")
         state = {"run_id": top.run_id}
         state_file.write_text(json.dumps(state))
 
     def sweep_stage(stage_cfg: Config) -> SweepOutcome:
-        started = (sweep_folder(stage_cfg) / STATE_FILE).is_file()
+        started = (sweep_folder(stage_cfg) / names.SWEEP_STATE_FILE).is_file()
         return run_sweep(stage_cfg, resume=started, parent_of=top.run_id)
 
     def record(**done) -> None:
@@ -532,10 +528,10 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
     elif "finetune_run_id" in state:
         best_run, best_value = state["finetune_run_id"], state["finetune_best"]
     else:
-        best_run = run_finetune(ft_cfg, parent_run_id=top.run_id, tags={"skinclr.pipeline_run_id": top.run_id}).run_id
+        best_run = run_finetune(ft_cfg, parent_run_id=top.run_id, tags={names.PIPELINE_RUN_TAG: top.run_id}).run_id
         best_value = tracking.client().get_run(best_run).data.metrics.get("best_val_balanced_accuracy")
         record(finetune_run_id=best_run, finetune_best=best_value)
-    top.set_tags({"skinclr.best_pretrain_run_id": pre.best_run_id, "skinclr.best_finetune_run_id": best_run or ""})
+    top.set_tags({names.BEST_PRETRAIN_TAG: pre.best_run_id, names.BEST_FINETUNE_TAG: best_run or ""})
     top.log_metrics({f"best_{pre.metric}": pre.best_value,
                      **({"best_val_balanced_accuracy": best_value} if best_value is not None else {})}, step=0)
     if best_run is None:
@@ -546,10 +542,10 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
         from core.evaluate import evaluate
 
         report = evaluate(f"runs:/{best_run}/model", extra["eval_data"], experiment=cfg.experiment)
-        RunLogger(report["run_id"]).set_tags({PARENT_TAG: top.run_id})  # nest it under the pipeline
+        RunLogger(report["run_id"]).set_tags({names.PARENT_TAG: top.run_id})  # nest it under the pipeline
         top.log_metrics({"test_balanced_accuracy": report["balanced_accuracy"],
                          "test_accuracy": report["accuracy"]}, step=0)
-        top.set_tags({"skinclr.eval_data": extra["eval_data"], "skinclr.eval_run_id": report["run_id"]})
+        top.set_tags({names.EVAL_DATA_TAG: extra["eval_data"], names.EVAL_RUN_TAG: report["run_id"]})
         record(eval_run_id=report["run_id"])
         print(f"[pipeline] best model runs:/{best_run}/model on {extra['eval_data']}: balanced accuracy "
               f"{report['balanced_accuracy']:.4f}, accuracy {report['accuracy']:.4f}", flush=True)
@@ -566,10 +562,10 @@ def main(config_path: str | Path | None, overrides: list[str] | None = None, res
         pre, ft, ft_sweeps = pipeline_stages(cfg, extra)
         for stage_cfg in (pre, ft) if ft_sweeps else (pre,):
             search_space(stage_cfg)
-        check_resume(sweep_folder(cfg, extra) / PIPELINE_FILE, resume)
+        check_resume(sweep_folder(cfg, extra) / names.PIPELINE_STATE_FILE, resume)
     else:
         _, space = search_space(cfg)
-        check_resume(sweep_folder(cfg) / STATE_FILE, resume)
+        check_resume(sweep_folder(cfg) / names.SWEEP_STATE_FILE, resume)
         if not resume:
             check_inits(cfg, space)
     with ray_session():

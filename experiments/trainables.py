@@ -28,14 +28,10 @@ from core import tracking
 from core.config import Config, set_value
 from core.runner import checkpoint_root, run_finetune, run_pretrain
 from core.runtime import load_checkpoint
-from core.tracking import PARENT_TAG, RunLogger
+from core.tracking import RunLogger
+from core import names
 
 METRICS = {"pretrain": "knn_balanced_accuracy", "finetune": "val_balanced_accuracy"}
-TRIAL_TAG = "skinclr.trial_id"
-NODE_TAG = "skinclr.node_ip"  # the Ray node the trial ran on last
-SWEEP_TAG = "skinclr.sweep_run_id"
-SAMPLED_TAG = "skinclr.sampled."
-STATE_FILE = "trial.json"
 
 
 @dataclass(frozen=True)
@@ -81,9 +77,9 @@ def trial_runs(parent_run_id: str) -> dict[str, Any]:
     before its first report is found too)."""
     c = tracking.client()
     experiment_id = c.get_run(parent_run_id).info.experiment_id
-    runs = c.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+    runs = c.search_runs([experiment_id], filter_string=f"tags.`{names.PARENT_TAG}` = '{parent_run_id}'",
                          max_results=10_000)
-    return {r.data.tags[TRIAL_TAG]: r for r in runs if TRIAL_TAG in r.data.tags}
+    return {r.data.tags[names.TRIAL_TAG]: r for r in runs if names.TRIAL_TAG in r.data.tags}
 
 
 def place_checkpoint(run_id: str, source: Path) -> None:
@@ -108,7 +104,7 @@ def restored_run(checkpoint, parent_run_id: str, trial_id: str) -> str | None:
     with neither, the run starts over from epoch 1."""
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            run_id = json.loads((Path(folder) / STATE_FILE).read_text())["run_id"]
+            run_id = json.loads((Path(folder) / names.TRIAL_STATE_FILE).read_text())["run_id"]
             place_checkpoint(run_id, Path(folder) / "checkpoint.pt")
         return run_id
     run = trial_runs(parent_run_id).get(trial_id)
@@ -130,7 +126,7 @@ def checkpoint_dir(folder: str, checkpoint_file: Path, run_id: str, epoch: int) 
         os.link(checkpoint_file, target)
     except OSError:  # another file system
         shutil.copyfile(checkpoint_file, target)
-    (Path(folder) / STATE_FILE).write_text(json.dumps({"run_id": run_id, "epoch": epoch}))
+    (Path(folder) / names.TRIAL_STATE_FILE).write_text(json.dumps({"run_id": run_id, "epoch": epoch}))
     return folder
 
 
@@ -152,8 +148,8 @@ def trial_tags(setup: TrialSetup, params: dict[str, Any], trial_id: str) -> dict
     resources = f"{setup.workers} x ({setup.cpus:g} CPU" + (f", {setup.gpus:g} GPU)" if setup.gpus else ")")
     import ray
 
-    return {TRIAL_TAG: trial_id, SWEEP_TAG: setup.parent_run_id, "skinclr.trial_resources": resources,
-            NODE_TAG: ray.util.get_node_ip_address(), **{f"{SAMPLED_TAG}{k}": str(v) for k, v in params.items()}}
+    return {names.TRIAL_TAG: trial_id, names.SWEEP_RUN_TAG: setup.parent_run_id, names.TRIAL_RESOURCES_TAG: resources,
+            names.NODE_TAG: ray.util.get_node_ip_address(), **{f"{names.SAMPLED_PREFIX}{k}": str(v) for k, v in params.items()}}
 
 
 def quiet_ray_logs() -> None:
@@ -174,8 +170,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     if run is not None and run.info.status == "FINISHED":
         # It ended just before its driver was killed, before Tune saved that: repeat its last
         # epoch's metrics for Tune instead of training again.
-        tune.report({**run.data.metrics, "epoch": int(run.data.tags.get("skinclr.epochs_run", 0)),
-                     "early_stop": int("skinclr.early_stopped_at" in run.data.tags), "mlflow_run_id": run_id})
+        tune.report({**run.data.metrics, "epoch": int(run.data.tags.get(names.EPOCHS_RUN_TAG, 0)),
+                     "early_stop": int(names.EARLY_STOPPED_TAG in run.data.tags), "mlflow_run_id": run_id})
         return
     runner = run_pretrain if setup.stage == "pretrain" else run_finetune
     runner(cfg, run_id=run_id, parent_run_id=setup.parent_run_id, tags=trial_tags(setup, params, context.get_trial_id()),

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from core import names
 
 REPO = Path(__file__).resolve().parents[2]
 SEEDS = (0, 1, 2)
@@ -53,10 +54,11 @@ def sh(cmd: list[str], dry: bool, log: Path | None = None) -> None:
 
 def sweep_parent(config: str, overrides: list[str]) -> str | None:
     """The parent run id of the sweep this config and these overrides make (None: not started)."""
-    from experiments.sweep import STATE_FILE, load_sweep_config, sweep_folder
+    from core.names import SWEEP_STATE_FILE
+    from experiments.sweep import load_sweep_config, sweep_folder
 
     cfg, _ = load_sweep_config(REPO / config, overrides)
-    state = sweep_folder(cfg) / STATE_FILE
+    state = sweep_folder(cfg) / SWEEP_STATE_FILE
     return json.loads(state.read_text())["setup"]["parent_run_id"] if state.is_file() else None
 
 
@@ -65,11 +67,11 @@ def best_trial(parent_run_id: str) -> tuple[str, dict[str, str]]:
     from core import tracking
 
     run = tracking.client().get_run(parent_run_id)
-    best = run.data.tags.get("skinclr.best_run_id")
+    best = run.data.tags.get(names.BEST_RUN_TAG)
     if not best:
         sys.exit(f"sweep {parent_run_id} has no best trial yet; finish it first")
     trial = tracking.client().get_run(best)
-    sampled = {k[len("skinclr.sampled."):]: v for k, v in trial.data.tags.items() if k.startswith("skinclr.sampled.")}
+    sampled = {k[len(names.SAMPLED_PREFIX):]: v for k, v in trial.data.tags.items() if k.startswith(names.SAMPLED_PREFIX)}
     return best, sampled
 
 
@@ -79,7 +81,7 @@ def write_recipe(trial_run: str, parent_run: str, path: Path, note: str, changes
     from core.tracking import RunLogger
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(RunLogger(trial_run).download("config.yaml", tmp))
+        cfg = load_config(RunLogger(trial_run).download(names.CONFIG_ARTIFACT, tmp))
     for key, value in {**STANDALONE, **changes}.items():
         from core.config import set_value
         set_value(cfg, key, value)

@@ -52,7 +52,7 @@ def sweep_config(path: Path, data: Path, storage: Path, name: str, epochs: int) 
 
 def sweep_arm(work: Path, data: Path, epochs: int, name: str) -> tuple[float, list[Path]]:
     """Wall time of one sweep, and job files splitting its 8 trial configs over 2 processes."""
-    from experiments.sweep import STATE_FILE
+    from core.names import SWEEP_STATE_FILE
     from experiments.sweep import main as sweep_main
 
     config = sweep_config(work / f"{name}.yaml", data, work / "ray", name, epochs)
@@ -62,7 +62,7 @@ def sweep_arm(work: Path, data: Path, epochs: int, name: str) -> tuple[float, li
     folder = work / "ray" / name
     if code != 0:
         raise SystemExit(f"the sweep failed (exit {code}); see {folder}")
-    setup = json.loads((folder / STATE_FILE).read_text())["setup"]
+    setup = json.loads((folder / SWEEP_STATE_FILE).read_text())["setup"]
     params = [json.loads((d / "params.json").read_text()) for d in sorted(folder.iterdir()) if (d / "params.json").is_file()]
     jobs = []
     for k in range(2):

@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from core import registry, tracking
 from core.cli import main as cli_main
-from core.registry import CHAMPION, PREVIOUS, PROMOTION_TAG, PromotionError, promote, rollback
+from core.names import PROMOTION_TAG
+from core.registry import CHAMPION, PREVIOUS, PromotionError, promote, rollback
 from core.tracking import RunLogger
 from tests.core.test_server import running_server
 

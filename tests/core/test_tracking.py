@@ -13,6 +13,7 @@ from mlflow.entities import Metric
 
 from core import tracking
 from core.tracking import RunLogger
+from core import names
 from tests.core.test_server import REPO, START_TIMEOUT_S, free_port, stop, wait_http
 
 
@@ -40,11 +41,11 @@ def test_metrics_are_batched_per_step(tmp_path):
 
 
 def test_find_run_by_id_or_name_and_resumable():
-    first = RunLogger.create("find", run_name="simclr-demo", tags={tracking.STAGE_TAG: "pretrain",
-                                                                   tracking.RUN_KEY_TAG: "k1"})
+    first = RunLogger.create("find", run_name="simclr-demo", tags={names.STAGE_TAG: "pretrain",
+                                                                   names.RUN_KEY_TAG: "k1"})
     first.end()
-    second = RunLogger.create("find", run_name="simclr-demo", tags={tracking.STAGE_TAG: "pretrain",
-                                                                    tracking.RUN_KEY_TAG: "k1"})
+    second = RunLogger.create("find", run_name="simclr-demo", tags={names.STAGE_TAG: "pretrain",
+                                                                    names.RUN_KEY_TAG: "k1"})
     assert tracking.find_run(first.run_id) == first.run_id
     assert tracking.find_run("simclr-demo", stage="pretrain") == first.run_id  # the unfinished one is not taken
     second.end()
@@ -52,7 +53,7 @@ def test_find_run_by_id_or_name_and_resumable():
     assert tracking.find_run("simclr-demo", stage="finetune") is None
     assert tracking.find_run("no-such-run") is None
 
-    killed = RunLogger.create("find", tags={tracking.RUN_KEY_TAG: "k2"})
+    killed = RunLogger.create("find", tags={names.RUN_KEY_TAG: "k2"})
     killed.end("KILLED")
     exp = tracking.ensure_experiment("find")
     assert tracking.find_resumable(exp, "k2").info.run_id == killed.run_id
@@ -179,7 +180,7 @@ def test_a_run_outlives_a_server_restart_with_one_line_and_every_point_once(tmp_
 
 
 def test_find_run_takes_names_with_quotes():
-    run = RunLogger.create("quoted", run_name="it's mine", tags={tracking.STAGE_TAG: "pretrain"})
+    run = RunLogger.create("quoted", run_name="it's mine", tags={names.STAGE_TAG: "pretrain"})
     run.end()
     assert tracking.find_run("it's mine", stage="pretrain") == run.run_id
     assert tracking.find_run("it's \"both\"") is None
@@ -191,22 +192,22 @@ def test_find_run_takes_names_with_quotes():
 
 def test_experiments_say_what_they_hold_and_open_in_the_model_training_view():
     c = tracking.client()
-    RunLogger.create("notes-ft", tags={tracking.STAGE_TAG: "finetune"}).end()
+    RunLogger.create("notes-ft", tags={names.STAGE_TAG: "finetune"}).end()
     exp = c.get_experiment_by_name("notes-ft")
-    assert exp.tags[tracking.KIND_TAG] == "custom_model_development"
-    note = exp.tags[tracking.NOTE_TAG]
+    assert exp.tags[names.KIND_TAG] == "custom_model_development"
+    note = exp.tags[names.NOTE_TAG]
     assert "skinclr finetune" in note and "skinclr promote --experiment notes-ft" in note
 
     tracking.ensure_experiment("notes-sweep")  # a sweep's driver makes it before it knows the stage
-    assert tracking.NOTE_TAG not in c.get_experiment_by_name("notes-sweep").tags
-    RunLogger.create("notes-sweep", tags={tracking.STAGE_TAG: "pretrain"}).end()
-    assert "skinclr sweep" in c.get_experiment_by_name("notes-sweep").tags[tracking.NOTE_TAG]
+    assert names.NOTE_TAG not in c.get_experiment_by_name("notes-sweep").tags
+    RunLogger.create("notes-sweep", tags={names.STAGE_TAG: "pretrain"}).end()
+    assert "skinclr sweep" in c.get_experiment_by_name("notes-sweep").tags[names.NOTE_TAG]
 
     older = c.create_experiment("notes-older")  # made elsewhere, a note of the user's own
-    c.set_experiment_tag(older, tracking.NOTE_TAG, "my own words")
-    RunLogger.create("notes-older", tags={tracking.STAGE_TAG: "evaluate"}).end()
+    c.set_experiment_tag(older, names.NOTE_TAG, "my own words")
+    RunLogger.create("notes-older", tags={names.STAGE_TAG: "evaluate"}).end()
     tags = c.get_experiment(older).tags
-    assert tags[tracking.NOTE_TAG] == "my own words" and tags[tracking.KIND_TAG] == "custom_model_development"
+    assert tags[names.NOTE_TAG] == "my own words" and tags[names.KIND_TAG] == "custom_model_development"
 
 
 def test_links_open_the_ui_in_its_model_training_view(monkeypatch):
@@ -226,7 +227,7 @@ def test_links_open_the_ui_in_its_model_training_view(monkeypatch):
 
 
 def test_the_server_lists_skinclr_experiments_with_links_to_their_runs():
-    RunLogger.create("listed", tags={tracking.STAGE_TAG: "finetune"}).end()
+    RunLogger.create("listed", tags={names.STAGE_TAG: "finetune"}).end()
     tracking.client().create_experiment("made elsewhere")
     exp = tracking.client().get_experiment_by_name("listed").experiment_id
     [line] = tracking.experiment_links("http://host:5000", tracking.tracking_uri())

@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from core.config import Config, ConfigError
 from experiments.spaces import check_keys, load_space, narrow
-from experiments.sweep import STATE_FILE, load_sweep_config, main, search_space
+from core.names import SWEEP_STATE_FILE
+from experiments.sweep import load_sweep_config, main, search_space
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"FINISHED", "FAILED"}
@@ -158,7 +159,7 @@ def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
         kill_group(driver.pid)
         driver.wait()
     assert_group_gone(driver.pid)
-    parent_id = json.loads((folder / STATE_FILE).read_text())["setup"]["parent_run_id"]
+    parent_id = json.loads((folder / SWEEP_STATE_FILE).read_text())["setup"]["parent_run_id"]
     before = {r.info.run_id: (r.info.end_time, knn_steps(client, r.info.run_id)) for r in finished}
     checkpointed = running
 
