@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     args = sweep_arguments(sys.argv[1:] if argv is None else argv, dict(os.environ))
-    from core.cli import main as skinclr
+    from experiments.cli import main as skinclr
     from experiments import sweep  # noqa: F401 - the sweep layer and torch load before Ray connects
 
     try:

@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def skinclr(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core.cli", "data", *map(str, args)], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "experiments.cli", "data", *map(str, args)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from core import tracking
-from core.cli import build_parser, main
+from experiments.cli import build_parser, main
 from core.data import CLASSES
 from core.models import build_classifier
 from core.runner import checkpoint_root
@@ -32,7 +32,7 @@ TINY = ["data.image_size=32", "train.batch_size=16", "data.workers=0", "train.ma
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -101,7 +101,7 @@ def test_set_takes_several_pairs_at_once(synth_dir, capsys):
 ])
 def test_a_bad_value_is_named_before_anything_heavy_loads(override, culprit, synth_dir):
     """Validation needs neither torch nor MLflow, so the answer comes at once."""
-    probe = ("import sys; from core.cli import main; code = main(sys.argv[1:]); "
+    probe = ("import sys; from experiments.cli import main; code = main(sys.argv[1:]); "
              "print(sorted(m for m in ('torch', 'mlflow', 'ray', 'albumentations') if m in sys.modules)); "
              "sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", probe, "finetune", "--set", f"data.root={synth_dir}", override],
@@ -157,7 +157,7 @@ def test_ctrl_c_before_any_run_promises_no_resume(synth_dir):
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{silent.getsockname()[1]}"}
-        proc = subprocess.Popen([sys.executable, "-m", "core.cli", *pretrain_cmd(synth_dir)], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", *pretrain_cmd(synth_dir)], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         silent.settimeout(60)
         conn, _ = silent.accept()  # the store check is under way
@@ -174,7 +174,7 @@ def test_ctrl_c_before_any_run_promises_no_resume(synth_dir):
 
 @pytest.mark.slow
 def test_a_second_identical_command_refuses_and_sigterm_leaves_a_resumable_run(synth_dir):
-    cmd = [sys.executable, "-m", "core.cli", *pretrain_cmd(synth_dir, "train.epochs=4", "tracking.experiment=twice")]
+    cmd = [sys.executable, "-m", "experiments.cli", *pretrain_cmd(synth_dir, "train.epochs=4", "tracking.experiment=twice")]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not list(checkpoint_root().glob("*/checkpoint.pt")) and time.monotonic() < deadline:

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_quickstart_runs_twice_and_promotes(tmp_path):
-    cmd = [sys.executable, "-m", "core.cli", "quickstart", "--workdir", str(tmp_path / "qs")]
+    cmd = [sys.executable, "-m", "experiments.cli", "quickstart", "--workdir", str(tmp_path / "qs")]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stderr[-3000:]
     for text in ("[1/5]", "[5/5]", "SimCLR sweep trials", "test balanced accuracy", "skinclr server"):

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from core import tracking
-from core.cli import main as cli_main
+from experiments.cli import main as cli_main
 from core.registry import CHAMPION, alias_version
 from core.tracking import DEFAULT_UI, RunLogger
 from tests.core.test_server import running_server

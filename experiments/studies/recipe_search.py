@@ -102,7 +102,7 @@ def main() -> None:
     out, dry = args.out.resolve(), args.dry_run
     (out / "done").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    skinclr = [sys.executable, "-m", "core.cli"]
+    skinclr = [sys.executable, "-m", "experiments.cli"]
     root = f"data.root={Path(args.data).resolve()}"
     extra = [x for o in args.overrides for x in ("--set", o)]
     parents_file = out / "parents.json"  # step -> its sweep's parent run, kept once known: a later

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from core import download
-from core.cli import main
+from experiments.cli import main
 from core.data import CLASSES, read_manifest
 from core.download import ARCHIVES, MANIFEST, MIRROR_ENV, DownloadError, download_isic2018
 

@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from core import tracking
-from core.cli import main
+from experiments.cli import main
 from core.config import load_config
 from core.finetune import finetune
 from core.inputs import resolve_inputs

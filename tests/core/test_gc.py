@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from core import tracking
-from core.cli import main
+from experiments.cli import main
 from core.gc import collect
 from core.runner import checkpoint_root
 from core.runtime import lock

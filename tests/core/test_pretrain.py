@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from core import tracking
-from core.cli import main
+from experiments.cli import main
 from core.config import load_config
 from core.inputs import resolve_inputs
 from core.methods import METHODS
@@ -74,7 +74,7 @@ def test_cli_pretrain_logs_a_complete_run(synth_dir, tmp_path, monkeypatch):
 def test_killed_run_resumes_in_the_same_mlflow_run(synth_dir):
     """SIGKILL after epoch 1, run the same command again: epoch 2 continues the same run, and the
     losses match an uninterrupted run (the resume is exact, not a restart)."""
-    cmd = [sys.executable, "-m", "core.cli"] + pretrain_args(synth_dir, epochs=3, experiment="resume-test")
+    cmd = [sys.executable, "-m", "experiments.cli"] + pretrain_args(synth_dir, epochs=3, experiment="resume-test")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
     ckpts: list[Path] = []

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from core import registry, tracking
-from core.cli import main as cli_main
+from experiments.cli import main as cli_main
 from core.names import PROMOTION_TAG
 from core.registry import CHAMPION, PREVIOUS, PromotionError, promote, rollback
 from core.tracking import RunLogger
@@ -335,7 +335,7 @@ def test_the_champion_alias_loads_in_skinclr_predict(runs, real_data_dir, tmp_pa
     promote(EXPERIMENT, run_id=runs["b"])
     images = sorted((real_data_dir / "ISIC2018_Task3_Training_Input").glob("*.jpg"))[:2]
     out = tmp_path / "probs.csv"
-    proc = subprocess.run([sys.executable, "-m", "core.cli", "predict", "--model", "models:/skinclr@champion",
+    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "predict", "--model", "models:/skinclr@champion",
                            *map(str, images), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env=os.environ)
     assert proc.returncode == 0, proc.stderr[-2000:]

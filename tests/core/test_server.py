@@ -58,12 +58,12 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> int:
 
 @contextmanager
 def running_server(log: Path, workers: int = 1):
-    """`python -m core.cli server` over the current MLFLOW_TRACKING_URI store, on a free loopback
+    """`python -m experiments.cli server` over the current MLFLOW_TRACKING_URI store, on a free loopback
     port; yields (url, process)."""
     port = free_port()
     env = {**os.environ, "MLFLOW_WORKERS": str(workers)}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "core.cli", "server", "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "server", "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

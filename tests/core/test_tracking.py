@@ -150,7 +150,7 @@ def test_a_run_outlives_a_server_restart_with_one_line_and_every_point_once(tmp_
 
     def start() -> subprocess.Popen:
         with open(log, "a") as out:
-            return subprocess.Popen([sys.executable, "-m", "core.cli", "server", "--port", str(port)], cwd=REPO,
+            return subprocess.Popen([sys.executable, "-m", "experiments.cli", "server", "--port", str(port)], cwd=REPO,
                                     env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     server = start()

@@ -87,7 +87,7 @@ class Cluster:
         env = {**os.environ, "MLFLOW_TRACKING_URI": self.server.url, "SKINCLR_CACHE": str(self.folder / "cache")}
         path = self.folder / "logs" / log
         with open(path, "w") as out:
-            done = subprocess.run(self.ns.cmd(sys.executable, "-m", "core.cli", *args), cwd=workdir, env=env,
+            done = subprocess.run(self.ns.cmd(sys.executable, "-m", "experiments.cli", *args), cwd=workdir, env=env,
                                   stdout=out, stderr=subprocess.STDOUT, timeout=600)
         done.log = path.read_text()
         return done

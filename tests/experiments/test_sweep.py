@@ -151,7 +151,7 @@ def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     folder = tmp_path / "ray" / "resume"
     log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "core.cli", "sweep", "--config", str(config)], cwd=REPO,
+    driver = subprocess.Popen([sys.executable, "-m", "experiments.cli", "sweep", "--config", str(config)], cwd=REPO,
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         finished, running = wait_for_finished_and_checkpointed(client, folder, driver)
@@ -165,7 +165,7 @@ def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="continue it with --resume"):
         main(config, [])  # the same command without --resume must not start a second sweep there
-    resumed = subprocess.run([sys.executable, "-m", "core.cli", "sweep", "--config", str(config), "--resume"],
+    resumed = subprocess.run([sys.executable, "-m", "experiments.cli", "sweep", "--config", str(config), "--resume"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 

@@ -1,5 +1,8 @@
 """`skinclr ...`: parse, call the library, print. No logic lives here.
 
+The command line sees both layers (the trainer library in core/ and the Ray Tune layer here), so
+it lives above core: core never imports the sweep layer.
+
 Every expected failure (bad data, config, model URI, tracking store) is one clear line on stderr
 and exit 1; heavy libraries load only inside the subcommand that needs them, so `--help` and
 config errors are instant. Commands that use the tracking store check it before any work.
