@@ -28,7 +28,8 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
     from core.registry import CHAMPION, alias_version, promote
     from core.runner import run_finetune
     from core.synth import make_synthetic
-    from experiments.sweep import ray_session, run_sweep
+    from experiments.ray_session import ray_session
+    from experiments.tuner import run_sweep
 
     t0 = time.perf_counter()
     workdir = Path(workdir).resolve()

@@ -55,7 +55,8 @@ def sh(cmd: list[str], dry: bool, log: Path | None = None) -> None:
 def sweep_parent(config: str, overrides: list[str]) -> str | None:
     """The parent run id of the sweep this config and these overrides make (None: not started)."""
     from core.names import SWEEP_STATE_FILE
-    from experiments.sweep import load_sweep_config, sweep_folder
+    from experiments.sweep_config import load_sweep_config
+    from experiments.sweep_state import sweep_folder
 
     cfg, _ = load_sweep_config(REPO / config, overrides)
     state = sweep_folder(cfg) / SWEEP_STATE_FILE

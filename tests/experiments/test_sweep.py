@@ -23,7 +23,9 @@ from mlflow.tracking import MlflowClient
 from core.config import Config, ConfigError
 from experiments.spaces import check_keys, load_space, narrow
 from core.names import SWEEP_STATE_FILE
-from experiments.sweep import load_sweep_config, main, search_space
+from experiments.sweep import main
+from experiments.preflight import search_space
+from experiments.sweep_config import load_sweep_config
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"FINISHED", "FAILED"}
