@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
+from typing import Callable
 
 import yaml
 
@@ -45,12 +47,28 @@ def pipeline_stages(cfg: Config, extra: dict[str, str]) -> tuple[Config, Config,
     return pre, ft, ft_sweeps
 
 
-def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
+@dataclass
+class PipelineOutcome:
+    """What a pipeline comes to; `skinclr quickstart` prints and promotes from it."""
+    run_id: str  # the top-level MLflow run every stage nests under
+    pretrain: SweepOutcome
+    finetune_run_id: str | None = None  # the best fine-tuned run (the one run, or the sweep's best trial)
+    finetune_value: float | None = None  # its best val balanced accuracy
+    evaluation: dict | None = None  # the evaluation report, when this command evaluated
+    finished: bool = False
+
+
+def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool = False,
+                 on_stage: Callable[[str, str], None] | None = None) -> PipelineOutcome:
     """Pretrain sweep -> fine-tune (a sweep, or one run) from the best pretrain trial ->
     evaluation of the best fine-tuned model, all under one top-level MLflow run. The pipeline's
-    folder records each finished step, so --resume picks up where it stopped."""
+    folder records each finished step, so --resume picks up where it stopped.
+
+    `on_stage(stage, source)` is called as each stage starts, with what it starts from:
+    ("pretrain", ""), ("finetune", the best pretrain run id), ("evaluate", the model URI)."""
     from core.runner import run_finetune
 
+    announce = on_stage or (lambda stage, source: None)
     pre_cfg, ft_cfg, ft_sweeps = pipeline_stages(cfg, extra)
     driver_tracking_uri()
     tracking.ensure_experiment(cfg.experiment)
@@ -78,13 +96,16 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
         state.update(done)
         state_file.write_text(json.dumps(state))
 
+    announce("pretrain", "")
     pre = sweep_stage(pre_cfg)
+    outcome = PipelineOutcome(top.run_id, pre)
     if pre.best_run_id is None:
         top.end("FAILED")
         print("[pipeline] no pretrain trial finished an epoch; nothing to fine-tune", flush=True)
-        return 1
+        return outcome
     ft_cfg.data.split_file = str(pre.folder / "split.csv")
     ft_cfg.finetune.init = f"runs:/{pre.best_run_id}"
+    announce("finetune", pre.best_run_id)
     if ft_sweeps:
         ft = sweep_stage(ft_cfg)
         best_run, best_value = ft.best_run_id, ft.best_value
@@ -94,25 +115,29 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool) -> int:
         best_run = run_finetune(ft_cfg, parent_run_id=top.run_id, tags={names.PIPELINE_RUN_TAG: top.run_id}).run_id
         best_value = tracking.client().get_run(best_run).data.metrics.get("best_val_balanced_accuracy")
         record(finetune_run_id=best_run, finetune_best=best_value)
+    outcome.finetune_run_id, outcome.finetune_value = best_run, best_value
     top.set_tags({names.BEST_PRETRAIN_TAG: pre.best_run_id, names.BEST_FINETUNE_TAG: best_run or ""})
     top.log_metrics({f"best_{pre.metric}": pre.best_value,
                      **({"best_val_balanced_accuracy": best_value} if best_value is not None else {})}, step=0)
     if best_run is None:
         top.end("FAILED")
         print("[pipeline] no fine-tune trial finished an epoch", flush=True)
-        return 1
+        return outcome
     if extra.get("eval_data") and "eval_run_id" not in state:
         from core.evaluate import evaluate
 
+        announce("evaluate", f"runs:/{best_run}/model")
         report = evaluate(f"runs:/{best_run}/model", extra["eval_data"], experiment=cfg.experiment)
         RunLogger(report["run_id"]).set_tags({names.PARENT_TAG: top.run_id})  # nest it under the pipeline
         top.log_metrics({"test_balanced_accuracy": report["balanced_accuracy"],
                          "test_accuracy": report["accuracy"]}, step=0)
         top.set_tags({names.EVAL_DATA_TAG: extra["eval_data"], names.EVAL_RUN_TAG: report["run_id"]})
         record(eval_run_id=report["run_id"])
+        outcome.evaluation = report
         print(f"[pipeline] best model runs:/{best_run}/model on {extra['eval_data']}: balanced accuracy "
               f"{report['balanced_accuracy']:.4f}, accuracy {report['accuracy']:.4f}", flush=True)
     top.end("FINISHED")
+    outcome.finished = True
     print(f"[pipeline] done: MLflow run {top.run_id}; best pretrain run {pre.best_run_id}, "
           f"best fine-tune run {best_run} (val balanced accuracy {best_value})", flush=True)
-    return 0
+    return outcome

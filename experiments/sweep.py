@@ -48,7 +48,7 @@ def main(config_path: str | Path | None, overrides: list[str] | None = None, res
             check_inits(cfg, space)
     with ray_session():
         if cfg.sweep.stage == "pipeline":
-            return run_pipeline(cfg, extra, resume)
+            return 0 if run_pipeline(cfg, extra, resume).finished else 1
         outcome = run_sweep(cfg, resume=resume)
     if outcome.best_run_id is None:
         print(f"[sweep] no trial reported {outcome.metric}; the trials' errors are in {outcome.folder}", flush=True)
