@@ -1,218 +1,31 @@
 """Typed run configuration: defaults < stage defaults < YAML file < `--set key=value`.
 
 One resolved config per run; it is written out as `config.yaml` and logged as flat params,
-so any run can be repeated from what MLflow holds.
+so any run can be repeated from what MLflow holds. The sections themselves are in
+core/config_schema.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from core.config_schema import (PRETRAIN_METHODS, STAGE_DEFAULTS, AugmentConfig, BYOLConfig, Config, DataConfig,
+                                FinetuneConfig, MethodConfig, ModelConfig, MoCoV2Config, MonitorConfig,
+                                PretrainConfig, SimCLRConfig, TrackingConfig, TrainConfig)
+
+__all__ = ["ConfigError", "load_config", "set_value", "parse_override", "validate", "require", "Config",
+           "DataConfig", "AugmentConfig", "ModelConfig", "PretrainConfig", "MethodConfig", "SimCLRConfig",
+           "MoCoV2Config", "BYOLConfig", "MonitorConfig", "FinetuneConfig", "TrainConfig", "TrackingConfig",
+           "PRETRAIN_METHODS", "STAGE_DEFAULTS"]
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the fix."""
-
-
-@dataclass
-class DataConfig:
-    root: str = ""  # dataset folder in the official ISIC 2018 layout
-    image_size: int = 64  # side of the square network input (and of the cached arrays)
-    aspect: str = "center_crop"  # how a 4:3 image becomes square: center_crop | pad | stretch
-    val_fraction: float = 0.15
-    split_seed: int = 0
-    split_file: str = ""  # reuse a saved split CSV so that several runs share one split
-    folds: int = 0  # >=2: k-fold lesion-grouped cross-validation, fold `fold` is val (0: val_fraction)
-    fold: int = 0  # which of the k folds is val, 0..folds-1
-    min_per_class: int = 1  # images each class must have on each side of the split
-    label_fraction: float = 1.0  # fine-tuning: labelled share of the train side (lesion-grouped, stratified)
-    label_seed: int = -1  # which subset of that share; -1: train.seed, so each seed draws its own
-    cache_dir: str = ""  # decoded-image cache; empty: $SKINCLR_CACHE or ~/.cache/skinclr
-    workers: int = 2  # DataLoader workers (0: load in the training process)
-
-
-@dataclass
-class AugmentConfig:
-    crop_min: float = 0.08  # lower bound of RandomResizedCrop's area scale
-    color_strength: float = 0.5  # colour jitter strength (SimCLR's s)
-    blur_prob: float = 0.5
-    gray_prob: float = 0.2
-    rotation: float = 30.0  # fine-tune only: +- degrees
-    device: str = "auto"  # where augmentation runs: cpu | cuda | auto (the training device)
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "resnet18"
-    proj_hidden: int = 256
-    proj_dim: int = 128
-
-
-@dataclass
-class PretrainConfig:
-    method: str = "simclr"  # simclr | moco_v2 | byol: the config section of that name holds its settings
-
-
-@dataclass
-class MethodConfig:
-    """A pretraining method's settings: the section's name is the method's name in `pretrain.method`."""
-
-
-@dataclass
-class SimCLRConfig(MethodConfig):
-    temperature: float = 0.5
-
-
-@dataclass
-class MoCoV2Config(MethodConfig):
-    temperature: float = 0.2  # MoCo v2's
-    queue_size: int = 4096  # negatives kept from earlier batches (MoCo: 65,536 for ImageNet's 1.28M images)
-    momentum: float = 0.99  # key encoder EMA per step (MoCo: 0.999 over ~500k steps; short runs need it faster)
-
-
-@dataclass
-class BYOLConfig(MethodConfig):
-    momentum: float = 0.99  # the target's EMA rate at step 0, raised to 1 along a cosine over the run (BYOL: 0.996)
-
-
-@dataclass
-class MonitorConfig:
-    every: int = 1  # kNN monitor every k epochs (and always on the last)
-    k: int = 20
-    balanced: bool = True  # class-balanced vote: a plain vote on HAM10000 mostly says NV
-    max_bank: int = 0  # cap on bank images (0: the whole train split)
-
-
-@dataclass
-class FinetuneConfig:
-    init: str = "scratch"  # scratch | imagenet | runs:/RUN_ID | checkpoint path
-    imagenet_weights: str = ""  # file with torchvision ResNet weights (nothing downloads)
-    linear_probe: bool = False  # freeze the backbone, train the head only
-    label_smoothing: float = 0.1
-    weight_decay: float = 1e-5
-    class_weighted_loss: bool = False
-    balanced_sampler: bool = False
-    monitor: str = "val_balanced_accuracy"  # what the scheduler, stopper and best-model pick watch
-    monitor_smoothing: int = 1  # mean over the last n epochs: tames epoch-to-epoch jumps
-    lr_factor: float = 0.5
-    lr_patience: int = 2
-    early_stop_patience: int = 3
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch intra-op threads (0: leave torch's default)
-    max_steps_per_epoch: int = 0  # 0: full epochs; >0 caps steps (smoke runs)
-    compile: bool = False  # torch.compile the training forward (tests/benchmarks/bench_gpu.py measures what it buys)
-
-
-@dataclass
-class TrackingConfig:
-    experiment: str = ""  # empty: skinclr-<stage>
-    run_name: str = ""
-    resume: bool = True  # an unfinished run with the same config resumes instead of restarting
-    retry_seconds: float = -1.0  # how long a run waits for a store that went away; -1: $SKINCLR_TRACKING_RETRY_S or 300
-
-
-@dataclass
-class SweepConfig:
-    stage: str = "pretrain"  # pretrain | finetune | pipeline
-    space: str = ""  # search-space YAML; empty: search_spaces/<stage>.yaml
-    narrow: dict = field(default_factory=dict)  # key -> fixed value or {low, high} / [choices]
-    num_samples: int = 8  # trials (a grid study runs each combination of sweep.grid once instead)
-    max_concurrent: int = 2
-    search: str = "optuna"  # optuna | random | grid (every combination of sweep.grid, no ASHA)
-    grid: dict = field(default_factory=dict)  # grid search: config key -> list of values
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_t: int = 0  # 0: train.epochs
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    workers_per_trial: int = 1  # >1: data-parallel trials (Ray Train TorchTrainer)
-    max_failures: int = 1
-    storage: str = ""  # Ray results folder; empty: ~/ray_results
-    name: str = ""
-    finetune_config: str = ""  # pipeline: the fine-tune stage's config (with a sweep section: swept)
-    eval_data: str = ""  # pipeline: a labelled folder the best fine-tuned model is evaluated on
-
-
-@dataclass
-class Config:
-    stage: str = "pretrain"
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    moco_v2: MoCoV2Config = field(default_factory=MoCoV2Config)
-    byol: BYOLConfig = field(default_factory=BYOLConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def flat(self) -> dict[str, Any]:
-        """`section.key -> value`, the form MLflow params and `--set` use."""
-        return dict(_flatten(self.to_dict()))
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_yaml())
-        return path
-
-    @property
-    def experiment(self) -> str:
-        return self.tracking.experiment or f"skinclr-{self.stage}"
-
-
-# Pretraining methods, named by their config sections (adding a method adds its section).
-PRETRAIN_METHODS = tuple(f.name for f in dataclasses.fields(Config)
-                         if isinstance(f.default_factory, type) and issubclass(f.default_factory, MethodConfig))
-
-
-# The paper's per-stage settings: a fine-tune config file need not repeat them.
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pretrain": {},
-    "finetune": {
-        "augment.crop_min": 0.6,
-        "augment.color_strength": 0.2,
-        "train.epochs": 20,
-        "train.batch_size": 32,
-        "train.lr": 1e-4,
-    },
-}
-
-
-DICT_KEYS = ("narrow", "grid")  # dict-valued keys: their entries are config keys, not sections
-
-
-def _flatten(d: dict, prefix: str = ""):
-    for key, value in d.items():
-        if isinstance(value, dict) and key not in DICT_KEYS:
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def _sections(cfg: Config) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
 def _coerce(key: str, current: Any, value: Any) -> Any:
@@ -286,8 +99,11 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
-                stage: str | None = None) -> Config:
-    """Resolve a config: dataclass defaults, the stage's defaults, the YAML file, the overrides."""
+                stage: str | None = None, schema: type[Config] = Config) -> Config:
+    """Resolve a config: dataclass defaults, the stage's defaults, the YAML file, the overrides.
+
+    `schema` is `Config` or a subclass that types a section of a layer above (the sweep layer's
+    `SweepRunConfig`); that layer checks its own section's values after these."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -299,7 +115,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(raw).__name__}")
-    cfg = Config()
+    cfg = schema()
     cfg.stage = stage or str(raw.get("stage", cfg.stage))
     if cfg.stage not in STAGE_DEFAULTS and cfg.stage != "sweep":
         raise ConfigError(f"config key 'stage': '{cfg.stage}' is not one of pretrain, finetune")
@@ -377,8 +193,12 @@ def validate(cfg: Config) -> None:
          "finetune.monitor", "must be val_balanced_accuracy, val_accuracy or val_loss"),
         (cfg.finetune.monitor_smoothing >= 1, "finetune.monitor_smoothing", "must be at least 1"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
-        (cfg.sweep.search in ("optuna", "random", "grid"), "sweep.search", "must be optuna, random or grid"),
     ]
+    require(cfg, checks)
+
+
+def require(cfg: Config, checks: list[tuple[bool, str, str]]) -> None:
+    """Raise for the first `(ok, key, what)` that is not ok, naming the key and its value."""
     for ok, key, what in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {what} (got {_get(cfg, key)!r})")

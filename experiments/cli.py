@@ -168,9 +168,10 @@ def cmd_data(args) -> int:
 
 def _load_config(args, stage: str | None):
     """The resolved config, validated before any heavy import, and the store checked after it."""
-    from core.config import ConfigError, load_config
+    from core.config import ConfigError
+    from experiments.sweep_config import load_run_config  # a run config with its sweep section
 
-    cfg = load_config(args.config, args.overrides, stage=stage)
+    cfg = load_run_config(args.config, args.overrides, stage=stage)
     root = cfg.data.root
     if root and not Path(root).expanduser().is_dir():
         what = "is a file, not a folder" if Path(root).expanduser().exists() else "does not exist"

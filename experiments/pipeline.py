@@ -14,16 +14,16 @@ from typing import Callable
 import yaml
 
 from core import names, tracking
-from core.config import Config, ConfigError
+from core.config import ConfigError
 from core.tracking import RunLogger
 from experiments.spaces import project_path
 from experiments.summary import SweepOutcome
-from experiments.tuner import driver_tracking_uri, run_sweep
-from experiments.sweep_config import load_sweep_config
+from experiments.sweep_config import SweepRunConfig, load_sweep_config
 from experiments.sweep_state import check_resume, sweep_folder
+from experiments.tuner import driver_tracking_uri, run_sweep
 
 
-def pipeline_stages(cfg: Config, extra: dict[str, str]) -> tuple[Config, Config, bool]:
+def pipeline_stages(cfg: SweepRunConfig, extra: dict[str, str]) -> tuple[SweepRunConfig, SweepRunConfig, bool]:
     """The pipeline's pretrain and fine-tune configs, and whether fine-tuning is a sweep (its
     file has a sweep section) or one run. Fine-tuning reads the pretrain stage's data and logs
     to the pipeline's experiment, so the UI nests every run under the pipeline's."""
@@ -58,7 +58,7 @@ class PipelineOutcome:
     finished: bool = False
 
 
-def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool = False,
+def run_pipeline(cfg: SweepRunConfig, extra: dict[str, str], resume: bool = False,
                  on_stage: Callable[[str, str], None] | None = None) -> PipelineOutcome:
     """Pretrain sweep -> fine-tune (a sweep, or one run) from the best pretrain trial ->
     evaluation of the best fine-tuned model, all under one top-level MLflow run. The pipeline's
@@ -88,7 +88,7 @@ def run_pipeline(cfg: Config, extra: dict[str, str], resume: bool = False,
         state = {"run_id": top.run_id}
         state_file.write_text(json.dumps(state))
 
-    def sweep_stage(stage_cfg: Config) -> SweepOutcome:
+    def sweep_stage(stage_cfg: SweepRunConfig) -> SweepOutcome:
         started = (sweep_folder(stage_cfg) / names.SWEEP_STATE_FILE).is_file()
         return run_sweep(stage_cfg, resume=started, parent_of=top.run_id)
 

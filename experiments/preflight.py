@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from core import tracking
-from core.config import Config, ConfigError
+from core.config import ConfigError
 from experiments.spaces import check_keys, grid_space, load_space, narrow, space_path
+from experiments.sweep_config import SweepRunConfig
 from experiments.trainables import METRICS
 
 
-def check_sweep(cfg: Config) -> None:
+def check_sweep(cfg: SweepRunConfig) -> None:
     """The sweep section's values, checked against the stage the trials run."""
     s = cfg.sweep
     problems = [
@@ -43,7 +44,7 @@ def check_sweep(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' {what}")
 
 
-def search_space(cfg: Config) -> tuple[Path | None, dict[str, Any]]:
+def search_space(cfg: SweepRunConfig) -> tuple[Path | None, dict[str, Any]]:
     """Check a stage sweep's settings and resolve its narrowed search space (a grid study's
     space is its grid; it has no file)."""
     check_sweep(cfg)
@@ -58,7 +59,7 @@ def search_space(cfg: Config) -> tuple[Path | None, dict[str, Any]]:
     return space_file, space
 
 
-def check_inits(cfg: Config, space: dict[str, Any]) -> None:
+def check_inits(cfg: SweepRunConfig, space: dict[str, Any]) -> None:
     """Every `runs:/RUN` a fine-tune sweep starts from must exist before any trial starts."""
     spec = space.get("finetune.init", cfg.finetune.init)
     inits = spec["values"] if isinstance(spec, dict) else [spec]

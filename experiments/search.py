@@ -5,10 +5,10 @@ grid study runs every combination of `sweep.grid` to its end.
 """
 from __future__ import annotations
 
-from core.config import Config
+from experiments.sweep_config import SweepRunConfig
 
 
-def search_algorithm(cfg: Config):
+def search_algorithm(cfg: SweepRunConfig):
     """TPE (Optuna), random sampling or the full grid, seeded by train.seed, at most
     max_concurrent at a time."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
@@ -23,7 +23,7 @@ def search_algorithm(cfg: Config):
     return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=cfg.sweep.max_concurrent)
 
 
-def scheduler(cfg: Config, max_t: int, epochs: int):
+def scheduler(cfg: SweepRunConfig, max_t: int, epochs: int):
     """ASHA over epochs, or first-in-first-out for a grid (every combination runs to its end).
 
     A trial that survives every rung ends on its own and its runner closes its run; ASHA stops

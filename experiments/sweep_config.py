@@ -1,17 +1,58 @@
-"""A sweep config: a run config plus its `sweep:` section; a pipeline's also names its fine-tune
-config and the data its best model is evaluated on."""
+"""A sweep config: a run config plus its `sweep:` section, typed and checked here, above core.
+
+Core carries the section as data (core/config_schema.py), so one YAML file holds a run and its
+sweep; `SweepRunConfig` types it. Every command loads its config through `load_run_config`, so a
+`skinclr finetune` of a file with a sweep section checks that section too, and a run's resolved
+config, params and run key hold the whole section, defaults included, whichever command ran it.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError, load_config, require
 
 PIPELINE_KEYS = ("finetune_config", "eval_data")  # sweep.* keys only a pipeline config has
 
 
-def load_sweep_config(path: str | Path | None, overrides: list[str] | None) -> tuple[Config, dict[str, str]]:
+@dataclass
+class SweepConfig:
+    stage: str = "pretrain"  # pretrain | finetune | pipeline
+    space: str = ""  # search-space YAML; empty: search_spaces/<stage>.yaml
+    narrow: dict = field(default_factory=dict)  # key -> fixed value or {low, high} / [choices]
+    num_samples: int = 8  # trials (a grid study runs each combination of sweep.grid once instead)
+    max_concurrent: int = 2
+    search: str = "optuna"  # optuna | random | grid (every combination of sweep.grid, no ASHA)
+    grid: dict = field(default_factory=dict)  # grid search: config key -> list of values
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_t: int = 0  # 0: train.epochs
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1  # >1: data-parallel trials (Ray Train TorchTrainer)
+    max_failures: int = 1
+    storage: str = ""  # Ray results folder; empty: ~/ray_results
+    name: str = ""
+    finetune_config: str = ""  # pipeline: the fine-tune stage's config (with a sweep section: swept)
+    eval_data: str = ""  # pipeline: a labelled folder the best fine-tuned model is evaluated on
+
+
+@dataclass
+class SweepRunConfig(Config):
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                    stage: str | None = None) -> SweepRunConfig:
+    """`core.config.load_config` with the sweep section typed and its values checked."""
+    cfg = load_config(path, overrides, stage, schema=SweepRunConfig)
+    require(cfg, [(cfg.sweep.search in ("optuna", "random", "grid"), "sweep.search", "must be optuna, random or grid")])
+    return cfg
+
+
+def load_sweep_config(path: str | Path | None, overrides: list[str] | None) -> tuple[SweepRunConfig, dict[str, str]]:
     """A sweep config, and the pipeline's own keys (sweep.finetune_config, sweep.eval_data) that it sets."""
-    cfg = load_config(path, overrides)
+    cfg = load_run_config(path, overrides)
     extra = {k: getattr(cfg.sweep, k) for k in PIPELINE_KEYS if getattr(cfg.sweep, k)}
     if extra and cfg.sweep.stage != "pipeline":
         raise ConfigError(f"sweep.{', sweep.'.join(extra)} only apply to sweep.stage=pipeline (got '{cfg.sweep.stage}')")

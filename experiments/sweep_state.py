@@ -18,15 +18,16 @@ import yaml
 from ray import tune
 
 from core import names, tracking
-from core.config import Config, ConfigError
+from core.config import ConfigError
 from core.tracking import RunLogger
 from experiments.spaces import sampled_keys
+from experiments.sweep_config import SweepRunConfig
 from experiments.trainables import METRICS, TrialSetup
 
 SPLIT_KEYS = ("data.folds", "data.fold", "data.val_fraction", "data.split_seed")  # varied: trials split themselves
 
 
-def sweep_folder(cfg: Config, extra: dict[str, str] | None = None) -> Path:
+def sweep_folder(cfg: SweepRunConfig, extra: dict[str, str] | None = None) -> Path:
     """`<sweep.storage>/<sweep.name>`; the name defaults to the stage and a hash of the config,
     so the same command finds the same folder again for --resume."""
     storage = Path(cfg.sweep.storage or Path.home() / "ray_results").expanduser().resolve()
@@ -38,7 +39,7 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if path else path
 
 
-def trial_base(cfg: Config, split_file: Path | None, cache_dir: Path) -> Config:
+def trial_base(cfg: SweepRunConfig, split_file: Path | None, cache_dir: Path) -> SweepRunConfig:
     """What every trial starts from: paths made absolute (trials run in their own folders), the
     driver's split (unless the trials vary it) and cache pinned, one torch thread per CPU of the
     trial, and no implicit resume of some other unfinished run with the same config."""
@@ -54,7 +55,7 @@ def trial_base(cfg: Config, split_file: Path | None, cache_dir: Path) -> Config:
     return base
 
 
-def start(cfg: Config, folder: Path, uri: str, space_file: Path | None, space: dict,
+def start(cfg: SweepRunConfig, folder: Path, uri: str, space_file: Path | None, space: dict,
           parent_of: str | None) -> TrialSetup:
     """A new sweep: decode once, pin the split, open the parent run, write the resume state."""
     from core.data import save_split

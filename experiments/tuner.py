@@ -14,13 +14,14 @@ from pathlib import Path
 from ray import tune
 
 from core import names, tracking
-from core.config import Config, ConfigError
+from core.config import ConfigError
 from core.tracking import RunLogger
 from experiments.callbacks import ChildRuns, ProgressLines
+from experiments.preflight import search_space
 from experiments.search import scheduler, search_algorithm
 from experiments.spaces import to_tune
 from experiments.summary import SweepOutcome, finish
-from experiments.preflight import search_space
+from experiments.sweep_config import SweepRunConfig
 from experiments.sweep_state import check_resume, read_state, start, sweep_folder
 from experiments.trainables import TrialSetup, make_trainable
 
@@ -43,7 +44,7 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def run_sweep(cfg: Config, resume: bool = False, parent_of: str | None = None) -> SweepOutcome:
+def run_sweep(cfg: SweepRunConfig, resume: bool = False, parent_of: str | None = None) -> SweepOutcome:
     """One stage's sweep, new or resumed; `parent_of` nests its parent run (pipeline)."""
     space_file, space = search_space(cfg)
     uri = driver_tracking_uri()
