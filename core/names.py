@@ -91,4 +91,5 @@ CLASSIFICATION_REPORT_CSV = "classification_report.csv"
 # --- state files on disk -----------------------------------------------------------------------
 SWEEP_STATE_FILE = "skinclr_sweep.json"  # in a sweep's folder: what --resume needs
 PIPELINE_STATE_FILE = "skinclr_pipeline.json"  # in a pipeline's folder: its run and finished steps
-TRIAL_STATE_FILE = "trial.json"  # in a trial's Tune checkpoint: its MLflow run and epoch
+TRIAL_STATE_FILE = "trial.json"  # all a trial's Tune checkpoint holds: its MLflow run and epoch (the runner keeps the state)
+INPUTS_FILE = "inputs.json"  # in a sweep's folder: the inputs its driver resolved, which trials open

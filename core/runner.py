@@ -1,8 +1,14 @@
 """One tracked run: drive a training loop, log every epoch to MLflow, checkpoint, resume.
 
+Where a run stands has one authority: its MLflow run id and the checkpoint the runner rewrites
+after every epoch under `checkpoint_root()/<run id>/`. Everything else only points at that pair:
+a repeated command finds its run by the config's key (a tag), a Tune trial's checkpoint names the
+run id and epoch, and resuming loads that one file. A finished run deletes it.
+
 The CLI calls `run_pretrain` / `run_finetune` directly; the Ray Tune trainable calls the same
 functions with `on_epoch` set (to report to Tune) and the run id it restored, so both drivers
-log identically and no training loop exists twice.
+log identically and no training loop exists twice. A data-parallel rank other than 0 runs the
+same loop with `rank` set: it resumes from rank 0's checkpoint and records nothing.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from core import tracking
 from core.config import Config, ConfigError
 from core.engine import EpochRecord
 from core.finetune import finetune
-from core.inputs import Inputs, resolve_inputs
+from core.inputs import Inputs, load_inputs
 from core.models import imagenet_weights_file
 from core.pretrain import pretrain
 from core.runtime import (BusyError, check_devices, describe_device, load_checkpoint, lock, pick_device,
@@ -28,7 +34,8 @@ from core.runtime import (BusyError, check_devices, describe_device, load_checkp
 from core.tracking import RunLogger
 from core import names
 
-OnEpoch = Callable[[EpochRecord, Path, str], None]  # (record, checkpoint file, run id)
+OnEpoch = Callable[[EpochRecord, str], None]  # (record, run id), called once the epoch's checkpoint is on disk
+CHECKPOINT = "checkpoint.pt"  # in a run's checkpoint folder: the full training state after its last epoch
 
 
 @dataclass
@@ -40,14 +47,21 @@ class RunResult:
     epochs: int
 
 
-def checkpoint_root() -> Path:
-    """Resume checkpoints live beside the local store (or in $SKINCLR_CHECKPOINTS)."""
+def checkpoint_root(uri: str | None = None) -> Path:
+    """Resume checkpoints live in $SKINCLR_CHECKPOINTS, else beside a local store (`uri`, by
+    default this process's), else in the user's cache."""
     if os.environ.get("SKINCLR_CHECKPOINTS"):
         return Path(os.environ["SKINCLR_CHECKPOINTS"])
-    uri = tracking.tracking_uri()
+    uri = uri or tracking.tracking_uri()
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):]).parent / "checkpoints"
     return Path.home() / ".cache" / "skinclr" / "checkpoints"
+
+
+def resume_state(run_id: str) -> dict[str, Any] | None:
+    """Where a run stands: the state its checkpoint holds, or None before its first epoch ended."""
+    ckpt = checkpoint_root() / run_id / CHECKPOINT
+    return load_checkpoint(ckpt) if ckpt.is_file() else None
 
 
 _claims: dict = {}  # run id -> the open lock file this process holds for it
@@ -70,8 +84,41 @@ def prepare(cfg: Config) -> None:
         tracking.set_retry_seconds(cfg.tracking.retry_seconds)
 
 
+class SilentLogger:
+    """The logger of a data-parallel rank other than 0: RunLogger's calls, none of them recorded
+    and no store opened, since rank 0 logs every epoch once."""
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id or ""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+
+@dataclass
+class Run:
+    """A run as the runner holds it: where its records go, the state it resumes from, and whether
+    this process is the one that writes its checkpoint and ends it."""
+    logger: RunLogger | SilentLogger
+    state: dict[str, Any] | None = None
+    leader: bool = True
+
+    @property
+    def folder(self) -> Path:
+        return checkpoint_root() / self.logger.run_id
+
+
 def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str | None,
-             tags: dict[str, str] | None) -> tuple[RunLogger, dict[str, Any] | None]:
+             tags: dict[str, str] | None) -> Run:
     """Resume the given run, or the newest unfinished run of the same config, or start one.
 
     The process holds a lock beside the run's checkpoint until the run ends, so a second
@@ -90,17 +137,16 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
                     _claim(run_id)
                 except BusyError as err:
                     raise BusyError(f"{err}; or set tracking.resume=false to start a separate run") from None
-            else:
+            else:  # born with the caller's tags: a trial's run is found by its trial id from the start
                 run_id = RunLogger.create(cfg.experiment, cfg.tracking.run_name, parent_run_id=parent_run_id,
-                                          tags={names.RUN_KEY_TAG: key, names.STAGE_TAG: cfg.stage}).run_id
+                                          tags={names.RUN_KEY_TAG: key, names.STAGE_TAG: cfg.stage,
+                                                **(tags or {})}).run_id
                 created = True
                 _claim(run_id)
     logger, state = RunLogger(run_id), None
     try:
         if not created:
-            ckpt = checkpoint_root() / run_id / "checkpoint.pt"
-            if ckpt.is_file():
-                state = load_checkpoint(ckpt)
+            state = resume_state(run_id)
             logger.reopen()
         logger.set_tags({**inputs.tags(), names.DEVICE_TAG: device, **(tags or {})})
         logger.log_params(cfg.flat())
@@ -119,14 +165,19 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
         if not isinstance(err, tracking.StoreError):
             logger.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    return logger, state
+    return Run(logger, state)
 
 
-def drive(cfg: Config, loop, logger: RunLogger, state: dict | None, on_epoch: OnEpoch | None,
+def follow_run(run_id: str | None) -> Run:
+    """A data-parallel rank other than 0: the same state rank 0 resumes from, nothing recorded."""
+    return Run(SilentLogger(run_id), resume_state(run_id) if run_id else None, leader=False)
+
+
+def drive(cfg: Config, loop, run: Run, on_epoch: OnEpoch | None,
           on_record: Callable[[EpochRecord, dict, Path], None] | None, progress: bool) -> RunResult:
     """Iterate a loop generator, logging and checkpointing each epoch; mark the run's end."""
-    ckpt_dir = checkpoint_root() / logger.run_id
-    start = state["epoch"] if state else 0
+    logger = run.logger
+    start = run.state["epoch"] if run.state else 0
     bar = tqdm(total=cfg.train.epochs, initial=start, desc=f"{cfg.stage} {logger.run_id[:8]}", unit="epoch",
                disable=not progress)
     last, best, epoch = {}, None, start
@@ -134,12 +185,13 @@ def drive(cfg: Config, loop, logger: RunLogger, state: dict | None, on_epoch: On
         for record in loop:
             epoch, last = record.epoch, record.metrics
             logger.log_metrics(record.metrics, step=record.epoch)
-            state = record.state()
-            ckpt = save_atomic(state, ckpt_dir / "checkpoint.pt")
-            if on_record:
-                on_record(record, state, ckpt_dir)
+            if run.leader:
+                state = record.state()
+                save_atomic(state, run.folder / CHECKPOINT)
+                if on_record:
+                    on_record(record, state, run.folder)
             if on_epoch:
-                on_epoch(record, ckpt, logger.run_id)
+                on_epoch(record, logger.run_id)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in record.metrics.items()
                              if k in ("train_loss", "knn_balanced_accuracy", "val_balanced_accuracy")})
@@ -158,18 +210,22 @@ def drive(cfg: Config, loop, logger: RunLogger, state: dict | None, on_epoch: On
         bar.close()
     logger.set_tags({names.EPOCHS_RUN_TAG: epoch})
     logger.end("FINISHED")
-    # A finished run never resumes: its ~100+ MB resume state goes (models and backbones are in MLflow).
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if run.leader:  # a finished run never resumes: its ~100+ MB resume state goes (models are in MLflow)
+        shutil.rmtree(run.folder, ignore_errors=True)
     _release(logger.run_id)  # last: until now another process must not take the run for unfinished
     return RunResult(logger.run_id, "FINISHED", last, best, epoch)
 
 
-def run_pretrain(cfg: Config, *, inputs: Inputs | None = None, run_id: str | None = None,
+def run_pretrain(cfg: Config, *, resolved: str | Path | None = None, run_id: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 on_epoch: OnEpoch | None = None, progress: bool = True, distributed: bool = False) -> RunResult:
+                 on_epoch: OnEpoch | None = None, progress: bool = True, distributed: bool = False,
+                 rank: int = 0) -> RunResult:
+    """`resolved`: a sweep driver's resolved-inputs file (None: read the folder); `rank`: this
+    process's place in a data-parallel run (only rank 0 records)."""
     prepare(cfg)
-    inputs = inputs or resolve_inputs(cfg, progress=progress)
-    logger, state = open_run(cfg, inputs, run_id, parent_run_id, tags)
+    inputs = load_inputs(cfg, resolved, progress=progress)
+    run = open_run(cfg, inputs, run_id, parent_run_id, tags) if rank == 0 else follow_run(run_id)
+    logger = run.logger
 
     def on_record(record: EpochRecord, st: dict, ckpt_dir: Path) -> None:
         """The backbone alone, as a plain state_dict: what fine-tuning starts from."""
@@ -181,24 +237,34 @@ def run_pretrain(cfg: Config, *, inputs: Inputs | None = None, run_id: str | Non
                 if (ckpt_dir / name).is_file():
                     logger.log_artifact(ckpt_dir / name, "checkpoints")
 
-    loop = pretrain(cfg, inputs, resume=state, distributed=distributed, progress=progress)
-    return drive(cfg, loop, logger, state, on_epoch, on_record, progress)
+    loop = pretrain(cfg, inputs, resume=run.state, distributed=distributed, progress=progress)
+    return drive(cfg, loop, run, on_epoch, on_record, progress)
+
+
+def init_run(init: str) -> str | None:
+    """The pretrain run `finetune.init=runs:/RUN` names (RUN: a run id, or the name of a finished
+    pretrain run), None for every other init; ConfigError when the store has no such run. Runs and
+    sweeps (for each init a sweep will try, before any trial) read the value here alone."""
+    if not init.startswith("runs:/"):
+        return None
+    run_id = tracking.find_run(init[len("runs:/"):].strip("/").split("/")[0], stage="pretrain")
+    if run_id is None:
+        raise ConfigError(f"finetune.init '{init}': no pretrain run with that id or name in the tracking store "
+                          f"{tracking.tracking_uri()}; pass the id or name of a finished `skinclr pretrain` run "
+                          "and check MLFLOW_TRACKING_URI")
+    return run_id
 
 
 def resolve_init(cfg: Config, workdir: Path) -> tuple[str | None, dict[str, str]]:
-    """`finetune.init=runs:/RUN` -> that pretrain run's best backbone file, and link tags.
-
-    RUN is a run id, or a run name (`tracking.run_name` of a pretrain run: its newest finished run).
-    Called before the data cache is built or a run opened, so a missing init fails at once."""
+    """`finetune.init` -> the backbone file to start from (None: finetune reads the init itself),
+    and the tags that link the run to it. Called before the data cache is built or a run opened,
+    so a missing init fails at once."""
     init = cfg.finetune.init
     if init == "imagenet":
         imagenet_weights_file(cfg.model.backbone, cfg.finetune.imagenet_weights or None)
-    if not init.startswith("runs:/"):
-        return None, ({names.INIT_TAG: init})
-    run_id = tracking.find_run(init[len("runs:/"):].strip("/").split("/")[0], stage="pretrain")
+    run_id = init_run(init)
     if run_id is None:
-        raise ConfigError(f"finetune.init '{init}': no run with that id or name in the tracking store "
-                          f"{tracking.tracking_uri()}; check MLFLOW_TRACKING_URI and the run id")
+        return None, {names.INIT_TAG: init}
     logger = RunLogger(run_id)
     for name in ("checkpoints/backbone_best.pt", "checkpoints/backbone_last.pt"):
         path = logger.download(name, workdir)
@@ -208,49 +274,48 @@ def resolve_init(cfg: Config, workdir: Path) -> tuple[str | None, dict[str, str]
                       "is it a finished skinclr pretrain run?")
 
 
-def run_finetune(cfg: Config, *, inputs: Inputs | None = None, run_id: str | None = None,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 on_epoch: OnEpoch | None = None, progress: bool = True) -> RunResult:
+def log_report(cfg: Config, logger: RunLogger, record: EpochRecord, out: Path) -> None:
+    """A fine-tune epoch's curves, and the best model with its figures whenever the monitor
+    improves, so a trial stopped early by a scheduler still leaves a complete run."""
     from core import metrics as M
     from core.serving import log_model
 
+    out.mkdir(parents=True, exist_ok=True)
+    history = record.history
+    M.plot_loss_curves(history, out / "loss_curves.png")
+    M.plot_accuracy_curves(history, out / "accuracy_curves.png")
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    files = [out / "loss_curves.png", out / "accuracy_curves.png", out / "history.json"]
+    if record.is_best:
+        report = record.report
+        M.plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=f"val, epoch {record.epoch}")
+        M.write_confusion_csv(report, out / names.CONFUSION_CSV, normalized=False)
+        M.write_confusion_csv(report, out / names.CONFUSION_NORMALIZED_CSV, normalized=True)
+        M.report_frame(report).to_csv(out / names.CLASSIFICATION_REPORT_CSV)
+        (out / "classification_report.txt").write_text(M.report_text(report))
+        (out / "val_metrics.json").write_text(json.dumps(report, indent=1))
+        files += [out / n for n in (names.CONFUSION_PNG, names.CONFUSION_CSV, names.CONFUSION_NORMALIZED_CSV,
+                                    names.CLASSIFICATION_REPORT_CSV, "classification_report.txt", "val_metrics.json")]
+        log_model(logger, record.best_model, cfg.model.backbone, cfg.data.image_size, cfg.data.aspect)
+        logger.log_metrics({"best_val_balanced_accuracy": report["balanced_accuracy"],
+                            "best_val_accuracy": report["accuracy"]}, step=record.epoch)
+        logger.set_tags({names.BEST_EPOCH_TAG: record.epoch})
+    for f in files:
+        logger.log_artifact(f, "report")
+
+
+def run_finetune(cfg: Config, *, resolved: str | Path | None = None, run_id: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 on_epoch: OnEpoch | None = None, progress: bool = True) -> RunResult:
+    """`resolved`: a sweep driver's resolved-inputs file (None: read the folder)."""
     prepare(cfg)
     with tempfile.TemporaryDirectory() as work:
         checkpoint, init_tags = resolve_init(cfg, Path(work))
-        inputs = inputs or resolve_inputs(cfg, progress=progress)
-        logger, state = open_run(cfg, inputs, run_id, parent_run_id, {**init_tags, **(tags or {})})
-
-        def on_record(record: EpochRecord, st: dict, ckpt_dir: Path) -> None:
-            """Curves every epoch; the best model and its figures whenever the monitor improves,
-            so a trial stopped early by a scheduler still leaves a complete run."""
-            out = ckpt_dir / "report"
-            out.mkdir(parents=True, exist_ok=True)
-            history = record.history
-            M.plot_loss_curves(history, out / "loss_curves.png")
-            M.plot_accuracy_curves(history, out / "accuracy_curves.png")
-            (out / "history.json").write_text(json.dumps(history, indent=1))
-            files = [out / "loss_curves.png", out / "accuracy_curves.png", out / "history.json"]
-            if record.is_best:
-                report = record.report
-                M.plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=f"val, epoch {record.epoch}")
-                M.write_confusion_csv(report, out / names.CONFUSION_CSV, normalized=False)
-                M.write_confusion_csv(report, out / names.CONFUSION_NORMALIZED_CSV, normalized=True)
-                M.report_frame(report).to_csv(out / names.CLASSIFICATION_REPORT_CSV)
-                (out / "classification_report.txt").write_text(M.report_text(report))
-                (out / "val_metrics.json").write_text(json.dumps(report, indent=1))
-                files += [out / n for n in (names.CONFUSION_PNG, names.CONFUSION_CSV,
-                                            names.CONFUSION_NORMALIZED_CSV, names.CLASSIFICATION_REPORT_CSV,
-                                            "classification_report.txt", "val_metrics.json")]
-                log_model(logger, record.best_model, cfg.model.backbone, cfg.data.image_size,
-                          cfg.data.aspect)
-                logger.log_metrics({"best_val_balanced_accuracy": report["balanced_accuracy"],
-                                    "best_val_accuracy": report["accuracy"]}, step=record.epoch)
-                logger.set_tags({names.BEST_EPOCH_TAG: record.epoch})
-            for f in files:
-                logger.log_artifact(f, "report")
-
-        loop = finetune(cfg, inputs, resume=state, pretrain_checkpoint=checkpoint, progress=progress)
-        result = drive(cfg, loop, logger, state, on_epoch, on_record, progress)
+        inputs = load_inputs(cfg, resolved, progress=progress)
+        run = open_run(cfg, inputs, run_id, parent_run_id, {**init_tags, **(tags or {})})
+        loop = finetune(cfg, inputs, resume=run.state, pretrain_checkpoint=checkpoint, progress=progress)
+        result = drive(cfg, loop, run, on_epoch,
+                       lambda record, _state, folder: log_report(cfg, run.logger, record, folder / "report"), progress)
     if result.epochs < cfg.train.epochs:
         RunLogger(result.run_id).set_tags({names.EARLY_STOPPED_TAG: result.epochs})
     return result

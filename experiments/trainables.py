@@ -1,34 +1,32 @@
 """Ray Tune trainables: one trial is one `run_pretrain` / `run_finetune` call, reported to Tune.
 
-The runner owns the loop, the MLflow run and the resume checkpoint; a trial only applies its
-sampled values to the sweep's base config and, after every epoch, hands Tune the epoch's
-metrics and a checkpoint directory (the runner's `checkpoint.pt` plus `trial.json` naming the
-MLflow run). A restored trial puts that file back where the runner looks for it and passes the
-run id, so it continues its own MLflow child run instead of opening a second one.
+The runner owns the loop, the MLflow run and the resume checkpoint: the one record of where a
+trial stands. A trial applies its sampled values to the sweep's base config, opens the inputs
+the driver resolved (it never scans the dataset folder) and, after every epoch, hands Tune the
+epoch's metrics and a checkpoint that only points at the runner's: the run id and the epoch. A
+restored trial continues that MLflow run from the runner's own checkpoint, however far past
+Tune's last report it got.
 
 With a tracking server (a cluster), a trial may be restarted on another node than the one that
-ran it: the runner's file then lives in the sweep's folder, which every node reads (as Tune's
-checkpoints do), never only on the node that wrote it.
+ran it: the runner's checkpoints then live in the sweep's folder, which every node reads (as
+Tune's checkpoints do), never only on the node that wrote them.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ray import tune
 
 from core import tracking
 from core.config import Config, set_value
 from core.runner import checkpoint_root, run_finetune, run_pretrain
-from core.runtime import load_checkpoint
-from core.tracking import RunLogger
 from core import names
 
 METRICS = {"pretrain": "knn_balanced_accuracy", "finetune": "val_balanced_accuracy"}
@@ -47,6 +45,11 @@ class TrialSetup:
     gpus: float = 0.0  # per process
     workers: int = 1  # >1: data-parallel trial through Ray Train
 
+    @property
+    def folder(self) -> Path:
+        """The sweep's folder: its state, its split and resolved inputs, every node reads it."""
+        return Path(self.storage) / self.name
+
 
 def trial_config(setup: TrialSetup, params: dict[str, Any]) -> Config:
     """The base config with this trial's sampled values applied."""
@@ -58,18 +61,29 @@ def trial_config(setup: TrialSetup, params: dict[str, Any]) -> Config:
     return cfg
 
 
+def resolved_inputs(setup: TrialSetup) -> Path | None:
+    """The inputs the driver resolved for every trial; None for a sweep started before drivers
+    wrote them (its trials read the folder, as they did then)."""
+    path = setup.folder / names.INPUTS_FILE
+    return path if path.is_file() else None
+
+
 def use_driver_store(setup: TrialSetup) -> None:
-    """Point this process at the driver's tracking store, and make sure it took."""
+    """Point this process at the driver's tracking store, and make sure it took. Every process
+    that logs (a trial, rank 0 of a data-parallel one) calls it once, at its start."""
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
     if tracking.tracking_uri() != setup.tracking_uri:
         raise RuntimeError(f"trial would log to {tracking.tracking_uri()}, not the sweep's store {setup.tracking_uri}")
 
 
 def use_sweep_checkpoints(setup: TrialSetup) -> None:
-    """With a tracking server, keep the runner's resume file in the sweep's folder (shared by every
-    node); with a local SQLite store it stays beside the store (`core.runner.checkpoint_root`)."""
-    if not setup.tracking_uri.startswith("sqlite:"):
-        os.environ["SKINCLR_CHECKPOINTS"] = str(Path(setup.storage) / setup.name / "runner-checkpoints")
+    """Every process of a trial, whatever its node and its store setting, keeps the runner's
+    checkpoints in one place: beside the sweep's SQLite store, or, with a tracking server, in the
+    sweep's folder (shared by every node)."""
+    if setup.tracking_uri.startswith("sqlite:"):
+        os.environ["SKINCLR_CHECKPOINTS"] = str(checkpoint_root(setup.tracking_uri))
+    else:
+        os.environ["SKINCLR_CHECKPOINTS"] = str(setup.folder / "runner-checkpoints")
 
 
 def trial_runs(parent_run_id: str) -> dict[str, Any]:
@@ -82,33 +96,30 @@ def trial_runs(parent_run_id: str) -> dict[str, Any]:
     return {r.data.tags[names.TRIAL_TAG]: r for r in runs if names.TRIAL_TAG in r.data.tags}
 
 
-def place_checkpoint(run_id: str, source: Path) -> None:
-    """Put the newer of Tune's checkpoint and the runner's own file where the runner resumes.
-
-    Tune's copy can lag the runner's file (saved, then killed before Tune recorded the report).
-    ASHA counts the reported `epoch`, not Tune's report count, so resuming from the newer file
-    shifts nothing and repeats no finished epoch."""
-    target = checkpoint_root() / run_id / "checkpoint.pt"
-    if target.is_file() and load_checkpoint(target)["epoch"] >= load_checkpoint(source)["epoch"]:
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.restore")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+def pointer(folder: str | Path, run_id: str, epoch: int) -> str:
+    """Fill a folder with all a trial's Tune checkpoint holds: the MLflow run and its epoch."""
+    (Path(folder) / names.TRIAL_STATE_FILE).write_text(json.dumps({"run_id": run_id, "epoch": epoch}))
+    return str(folder)
 
 
 def restored_run(checkpoint, parent_run_id: str, trial_id: str) -> str | None:
-    """The MLflow run a (re)started trial continues, with its checkpoint in place; None: a new trial.
-
-    Without a Tune checkpoint, the runner's own file (if this machine has one) continues the run;
-    with neither, the run starts over from epoch 1."""
+    """The MLflow run a (re)started trial continues; None: a new trial. Tune's checkpoint names
+    it; without one (a trial that had not reported yet), the run tagged with the trial id."""
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            run_id = json.loads((Path(folder) / names.TRIAL_STATE_FILE).read_text())["run_id"]
-            place_checkpoint(run_id, Path(folder) / "checkpoint.pt")
-        return run_id
+            return json.loads((Path(folder) / names.TRIAL_STATE_FILE).read_text())["run_id"]
     run = trial_runs(parent_run_id).get(trial_id)
     return run.info.run_id if run is not None else None
+
+
+def finished_result(run_id: str | None) -> dict[str, Any] | None:
+    """The last result of a trial whose run already finished (just before its driver was killed,
+    before Tune saved that), to repeat for Tune instead of training again; None otherwise."""
+    run = tracking.client().get_run(run_id) if run_id else None
+    if run is None or run.info.status != "FINISHED":
+        return None
+    return {**run.data.metrics, "epoch": int(run.data.tags.get(names.EPOCHS_RUN_TAG, 0)),
+            "early_stop": int(names.EARLY_STOPPED_TAG in run.data.tags), "mlflow_run_id": run_id}
 
 
 def epoch_metrics(record, run_id: str) -> dict[str, Any]:
@@ -118,22 +129,10 @@ def epoch_metrics(record, run_id: str) -> dict[str, Any]:
     return {**metrics, "epoch": record.epoch, "early_stop": int(record.stop), "mlflow_run_id": run_id}
 
 
-def checkpoint_dir(folder: str, checkpoint_file: Path, run_id: str, epoch: int) -> str:
-    """Fill a temporary folder with what a restore needs; a hard link costs no copy (the runner
-    replaces its file by rename, so the linked version stays intact)."""
-    target = Path(folder) / "checkpoint.pt"
-    try:
-        os.link(checkpoint_file, target)
-    except OSError:  # another file system
-        shutil.copyfile(checkpoint_file, target)
-    (Path(folder) / names.TRIAL_STATE_FILE).write_text(json.dumps({"run_id": run_id, "epoch": epoch}))
-    return folder
-
-
-def report_to_tune(record, checkpoint_file: Path, run_id: str) -> None:
+def report_to_tune(record, run_id: str) -> None:
     """`on_epoch` of a single-process trial."""
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir(folder, checkpoint_file, run_id, record.epoch))
+        checkpoint = tune.Checkpoint.from_directory(pointer(folder, run_id, record.epoch))
         try:
             tune.report(epoch_metrics(record, run_id), checkpoint=checkpoint)
         except SystemExit:
@@ -152,46 +151,52 @@ def trial_tags(setup: TrialSetup, params: dict[str, Any], trial_id: str) -> dict
             names.NODE_TAG: ray.util.get_node_ip_address(), **{f"{names.SAMPLED_PREFIX}{k}": str(v) for k, v in params.items()}}
 
 
-def quiet_ray_logs() -> None:
-    """Ray Train logs every checkpoint at INFO; a trial's own warnings still show."""
+def enter(setup: TrialSetup, logs: bool = True) -> None:
+    """A trial process's set-up, once: Ray Train's INFO line per report silenced (a trial's own
+    warnings still show), the runner's checkpoint folder, and the driver's store if it logs."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    use_sweep_checkpoints(setup)
+    if logs:
+        use_driver_store(setup)
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """A single-process trial (`sweep.workers_per_trial` 1)."""
-    quiet_ray_logs()
-    use_driver_store(setup)
-    use_sweep_checkpoints(setup)
+    enter(setup)
     context = tune.get_context()
+    run_id = restored_run(tune.get_checkpoint(), setup.parent_run_id, context.get_trial_id())
+    done = finished_result(run_id)
+    if done is not None:
+        tune.report(done)
+        return
     cfg = trial_config(setup, params)
     cfg.tracking.run_name = context.get_trial_name()
-    run_id = restored_run(tune.get_checkpoint(), setup.parent_run_id, context.get_trial_id())
-    run = tracking.client().get_run(run_id) if run_id else None
-    if run is not None and run.info.status == "FINISHED":
-        # It ended just before its driver was killed, before Tune saved that: repeat its last
-        # epoch's metrics for Tune instead of training again.
-        tune.report({**run.data.metrics, "epoch": int(run.data.tags.get(names.EPOCHS_RUN_TAG, 0)),
-                     "early_stop": int(names.EARLY_STOPPED_TAG in run.data.tags), "mlflow_run_id": run_id})
-        return
     runner = run_pretrain if setup.stage == "pretrain" else run_finetune
-    runner(cfg, run_id=run_id, parent_run_id=setup.parent_run_id, tags=trial_tags(setup, params, context.get_trial_id()),
-           on_epoch=report_to_tune, progress=False)
+    runner(cfg, resolved=resolved_inputs(setup), run_id=run_id, parent_run_id=setup.parent_run_id,
+           tags=trial_tags(setup, params, context.get_trial_id()), on_epoch=report_to_tune, progress=False)
 
 
 def run_distributed_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """A data-parallel pretraining trial: a Ray Train `TorchTrainer` of `setup.workers` processes.
 
-    Ray Train keeps its own checkpoints under `<storage>/<sweep>-train/<trial id>`; a restored
-    trial starts a trainer of the same name, which resumes from the latest of them."""
+    This process finds the run the trial continues, as a single-process trial does, and hands
+    its id to every worker: all ranks resume from the runner's checkpoint of that run, so Ray
+    Train keeps no checkpoints of its own."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    enter(setup)
     context = tune.get_context()
+    run_id = restored_run(tune.get_checkpoint(), setup.parent_run_id, context.get_trial_id())
+    done = finished_result(run_id)
+    if done is not None:
+        tune.report(done)
+        return
     per_worker = {"CPU": setup.cpus, **({"GPU": setup.gpus} if setup.gpus else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"params": params, "setup": setup, "trial_id": context.get_trial_id(),
+        train_loop_config={"params": params, "setup": setup, "run_id": run_id, "trial_id": context.get_trial_id(),
                            "trial_name": context.get_trial_name()},
         scaling_config=ray.train.ScalingConfig(num_workers=setup.workers, use_gpu=setup.gpus > 0,
                                                resources_per_worker=per_worker),
@@ -203,53 +208,25 @@ def run_distributed_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
 def train_worker(config: dict[str, Any]) -> None:
     """One process of a data-parallel trial. Rank 0 logs to the sweep's MLflow child run and
-    reports checkpoints; the other ranks run the same loop against a private scratch store
-    (discarded), so each epoch is logged once."""
+    writes the checkpoint; the other ranks run the same loop and record nothing (they open no
+    tracking store), so each epoch is logged once."""
     import ray.train
 
-    quiet_ray_logs()
     params, setup = config["params"], config["setup"]
     rank = ray.train.get_context().get_world_rank()
-    checkpoint = ray.train.get_checkpoint()
+    enter(setup, logs=rank == 0)
     cfg = trial_config(setup, params)
     cfg.tracking.run_name = config["trial_name"]
-    scratch = None
-    if rank == 0:
-        use_driver_store(setup)
-        use_sweep_checkpoints(setup)
-        run_id = restored_run(checkpoint, setup.parent_run_id, config["trial_id"])
-        tags = trial_tags(setup, params, config["trial_id"])
-    else:
-        scratch = tempfile.mkdtemp(prefix=f"skinclr-rank{rank}-")
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
-        os.environ["SKINCLR_CHECKPOINTS"] = f"{scratch}/checkpoints"
-        run_id = RunLogger.create(cfg.experiment).run_id
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                place_checkpoint(run_id, Path(folder) / "checkpoint.pt")
-        tags = {}
-    try:
-        run_pretrain(cfg, run_id=run_id, parent_run_id=setup.parent_run_id if rank == 0 else None, tags=tags,
-                     on_epoch=report_to_train(rank), progress=False, distributed=True)
-    finally:
-        if scratch is not None:  # its store and checkpoints duplicate rank 0's: hundreds of MB a trial
-            shutil.rmtree(scratch, ignore_errors=True)
+    tags = trial_tags(setup, params, config["trial_id"]) if rank == 0 else {}
+    run_pretrain(cfg, resolved=resolved_inputs(setup), run_id=config["run_id"], parent_run_id=setup.parent_run_id,
+                 tags=tags, on_epoch=report_to_train, progress=False, distributed=True, rank=rank)
 
 
-def report_to_train(rank: int) -> Callable:
-    """`on_epoch` of a data-parallel worker: every rank reports (Ray Train waits for all of
-    them), rank 0 with the checkpoint."""
+def report_to_train(record, run_id: str) -> None:
+    """`on_epoch` of a data-parallel worker: every rank reports (Ray Train waits for all of them)."""
     import ray.train
 
-    def on_epoch(record, checkpoint_file: Path, run_id: str) -> None:
-        if rank != 0:
-            ray.train.report(epoch_metrics(record, run_id))
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir(folder, checkpoint_file, run_id, record.epoch))
-            ray.train.report(epoch_metrics(record, run_id), checkpoint=checkpoint)
-
-    return on_epoch
+    ray.train.report(epoch_metrics(record, run_id))
 
 
 def make_trainable(setup: TrialSetup):
@@ -258,4 +235,5 @@ def make_trainable(setup: TrialSetup):
         # The trial process only waits on its trainer, whose workers ask for the CPUs and GPUs;
         # Tune refuses an empty request, so it holds a token share of a CPU.
         return tune.with_resources(tune.with_parameters(run_distributed_trial, setup=setup), {"cpu": 0.01})
-    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": setup.cpus, "gpu": setup.gpus})
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                               {"cpu": setup.cpus, "gpu": setup.gpus})

@@ -97,16 +97,6 @@ def test_linear_probe_leaves_the_backbone_untouched(synth_dir, tmp_path):
     assert not torch.equal(model["head.weight"], fresh["head.weight"])
 
 
-def test_imagenet_init_without_weights_says_where_to_put_them(synth_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    argv = ["finetune", "--config", str(PAPER / "baseline_imagenet.yaml")] + sets(*small(synth_dir))
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert "resnet18" in err and str(tmp_path / "torch-home") in err
-    # It fails before any run is opened: no FAILED run is left behind to clutter the UI.
-    assert tracking.client().search_runs([tracking.ensure_experiment("skinclr-finetune")]) == []
-
-
 def test_corrupt_image_in_evaluation_folder_is_named(synth_dir, tmp_path, simclr_run, capsys):
     cfg = load_config(PAPER / "baseline_scratch.yaml",
                       small(synth_dir, "train.epochs=1", "train.batch_size=16", "train.max_steps_per_epoch=1"),
