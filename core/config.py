@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from core.config_schema import (PRETRAIN_METHODS, STAGE_DEFAULTS, AugmentConfig,
                                 FinetuneConfig, MethodConfig, ModelConfig, MoCoV2Config, MonitorConfig,
                                 PretrainConfig, SimCLRConfig, TrackingConfig, TrainConfig)
 
-__all__ = ["ConfigError", "load_config", "set_value", "parse_override", "validate", "require", "Config",
+__all__ = ["ConfigError", "RENAMED", "hash_items", "load_config", "set_value", "parse_override", "validate", "require",
+           "Config",
            "DataConfig", "AugmentConfig", "ModelConfig", "PretrainConfig", "MethodConfig", "SimCLRConfig",
            "MoCoV2Config", "BYOLConfig", "MonitorConfig", "FinetuneConfig", "TrainConfig", "TrackingConfig",
            "PRETRAIN_METHODS", "STAGE_DEFAULTS"]
@@ -26,6 +28,27 @@ __all__ = ["ConfigError", "load_config", "set_value", "parse_override", "validat
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the fix."""
+
+
+# Keys renamed since runs were first logged, old name -> new. An old key still loads (every run
+# logged before holds it in its config.yaml), with one line naming the new key.
+RENAMED = {
+    "finetune.monitor": "finetune.select_metric",  # `monitor.*` is the pretraining kNN monitor
+    "finetune.monitor_smoothing": "finetune.select_smoothing",
+}
+
+
+def _renamed(key: str) -> str:
+    if key in RENAMED:
+        print(f"warning: config key '{key}' is now '{RENAMED[key]}'; rename it in your config", file=sys.stderr)
+    return RENAMED.get(key, key)
+
+
+def hash_items(cfg: Config) -> dict[str, Any]:
+    """`cfg.flat()` as a config's run key hashes it: renamed keys under their old names, so a config
+    that sets the same things keeps its key, and the runs and sweep folder it names, across a rename."""
+    former = {new: old for old, new in RENAMED.items()}
+    return {former.get(key, key): value for key, value in cfg.flat().items()}
 
 
 def _coerce(key: str, current: Any, value: Any) -> Any:
@@ -62,6 +85,7 @@ def _coerce(key: str, current: Any, value: Any) -> Any:
 
 def set_value(cfg: Config, key: str, value: Any) -> None:
     """Set `section.key` (or a top-level key) with type checking and a did-you-mean hint."""
+    key = _renamed(key)
     parts = key.split(".")
     target: Any = cfg
     for i, part in enumerate(parts):
@@ -189,9 +213,9 @@ def validate(cfg: Config) -> None:
         (cfg.tracking.retry_seconds >= 0 or cfg.tracking.retry_seconds == -1, "tracking.retry_seconds",
          "must be -1 ($SKINCLR_TRACKING_RETRY_S, else 300) or 0 or more seconds"),
         (0.0 <= cfg.finetune.label_smoothing < 1.0, "finetune.label_smoothing", "must lie in [0, 1)"),
-        (cfg.finetune.monitor in ("val_balanced_accuracy", "val_accuracy", "val_loss"),
-         "finetune.monitor", "must be val_balanced_accuracy, val_accuracy or val_loss"),
-        (cfg.finetune.monitor_smoothing >= 1, "finetune.monitor_smoothing", "must be at least 1"),
+        (cfg.finetune.select_metric in ("val_balanced_accuracy", "val_accuracy", "val_loss"),
+         "finetune.select_metric", "must be val_balanced_accuracy, val_accuracy or val_loss"),
+        (cfg.finetune.select_smoothing >= 1, "finetune.select_smoothing", "must be at least 1"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
     ]
     require(cfg, checks)

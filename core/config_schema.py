@@ -93,8 +93,8 @@ class FinetuneConfig:
     weight_decay: float = 1e-5
     class_weighted_loss: bool = False
     balanced_sampler: bool = False
-    monitor: str = "val_balanced_accuracy"  # what the scheduler, stopper and best-model pick watch
-    monitor_smoothing: int = 1  # mean over the last n epochs: tames epoch-to-epoch jumps
+    select_metric: str = "val_balanced_accuracy"  # picks the best epoch; the lr plateau and early stopping watch it too
+    select_smoothing: int = 1  # select on the mean over the last n epochs: tames epoch-to-epoch jumps
     lr_factor: float = 0.5
     lr_patience: int = 2
     early_stop_patience: int = 3

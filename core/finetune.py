@@ -65,7 +65,7 @@ class Finetuning(Task):
         self.model = model.to(device, memory_format=torch.channels_last)
         self.net = compiled(self.model, cfg.train.compile)
         optimizer = adam([p for p in self.model.parameters() if p.requires_grad], cfg.train.lr, device, ft.weight_decay)
-        self.maximize = ft.monitor != "val_loss"
+        self.maximize = ft.select_metric != "val_loss"
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max" if self.maximize else "min", factor=ft.lr_factor, patience=ft.lr_patience)
         weight = class_weights(self.inputs.train_labels).to(device) if ft.class_weighted_loss else None
@@ -113,7 +113,7 @@ class Finetuning(Task):
         metrics.update(val_loss=val_loss, val_accuracy=report["accuracy"],
                        val_balanced_accuracy=report["balanced_accuracy"])
         self.history.append({"epoch": epoch, **metrics})
-        watched = float(np.mean([h[ft.monitor] for h in self.history[-ft.monitor_smoothing:]]))
+        watched = float(np.mean([h[ft.select_metric] for h in self.history[-ft.select_smoothing:]]))
         metrics["monitor_value"] = watched
         self.scheduler.step(watched)
         improved = self.best is None or (watched > self.best if self.maximize else watched < self.best)

@@ -18,7 +18,7 @@ import yaml
 from ray import tune
 
 from core import names, tracking
-from core.config import ConfigError
+from core.config import ConfigError, hash_items
 from core.tracking import RunLogger
 from experiments.spaces import sampled_keys
 from experiments.sweep_config import SweepRunConfig
@@ -31,7 +31,7 @@ def sweep_folder(cfg: SweepRunConfig, extra: dict[str, str] | None = None) -> Pa
     """`<sweep.storage>/<sweep.name>`; the name defaults to the stage and a hash of the config,
     so the same command finds the same folder again for --resume."""
     storage = Path(cfg.sweep.storage or Path.home() / "ray_results").expanduser().resolve()
-    key = tracking.run_key({**cfg.flat(), **(extra or {})})[:8]
+    key = tracking.run_key({**hash_items(cfg), **(extra or {})})[:8]
     return storage / (cfg.sweep.name or f"{cfg.sweep.stage if extra else cfg.stage}-{key}")
 
 

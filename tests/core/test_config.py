@@ -37,6 +37,17 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
         load_config(f)
 
 
+def test_a_renamed_key_loads_with_one_line_naming_the_new_key(tmp_path, capsys):
+    f = tmp_path / "old.yaml"
+    f.write_text("stage: finetune\nfinetune: {monitor: val_loss}\n")
+    cfg = load_config(f, ["finetune.monitor_smoothing=3"])
+    assert (cfg.finetune.select_metric, cfg.finetune.select_smoothing) == ("val_loss", 3)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["warning: config key 'finetune.monitor' is now 'finetune.select_metric'; rename it in your config",
+                     "warning: config key 'finetune.monitor_smoothing' is now 'finetune.select_smoothing'; "
+                     "rename it in your config"]
+
+
 def test_wrong_types_and_values_are_refused():
     with pytest.raises(ConfigError, match="train.epochs"):
         load_config(None, ["train.epochs=lots"])
