@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core import tracking
 from core.config import ConfigError
+from core.runner import init_run
 from experiments.spaces import check_keys, grid_space, load_space, narrow, space_path
 from experiments.sweep_config import SweepRunConfig
 from experiments.trainables import METRICS
@@ -63,9 +63,5 @@ def check_inits(cfg: SweepRunConfig, space: dict[str, Any]) -> None:
     """Every `runs:/RUN` a fine-tune sweep starts from must exist before any trial starts."""
     spec = space.get("finetune.init", cfg.finetune.init)
     inits = spec["values"] if isinstance(spec, dict) else [spec]
-    for init in inits:
-        if cfg.stage == "finetune" and str(init).startswith("runs:/"):
-            ref = str(init)[len("runs:/"):].strip("/").split("/")[0]
-            if tracking.find_run(ref, stage="pretrain") is None:
-                raise ConfigError(f"finetune.init '{init}': no pretrain run with that id or name in "
-                                  f"{tracking.tracking_uri()}; pass the id of a finished `skinclr pretrain` run")
+    for init in inits if cfg.stage == "finetune" else []:
+        init_run(str(init))  # the runner's own reading of the value, so a trial cannot disagree

@@ -58,12 +58,10 @@ def trial_base(cfg: SweepRunConfig, split_file: Path | None, cache_dir: Path) ->
 def start(cfg: SweepRunConfig, folder: Path, uri: str, space_file: Path | None, space: dict,
           parent_of: str | None) -> TrialSetup:
     """A new sweep: decode once, pin the split, open the parent run, write the resume state."""
-    from core.data import save_split
-    from core.inputs import resolve_inputs
+    from core.inputs import resolve_inputs, save_inputs
 
-    inputs = resolve_inputs(cfg)  # the only decode of the sweep: trials find the cache built
-    folder.mkdir(parents=True, exist_ok=True)
-    split_file = save_split(inputs.split, folder / "split.csv")
+    inputs = resolve_inputs(cfg)  # the sweep's only scan and decode of the folder
+    split_file = save_inputs(inputs, folder)  # the split, and beside it the resolved inputs its trials open
     own_split = set(SPLIT_KEYS) & set(sampled_keys(space))  # e.g. a study over folds
     base = trial_base(cfg, None if own_split else split_file, inputs.cache.path.parent)
     parent = RunLogger.create(cfg.experiment, cfg.tracking.run_name or f"sweep-{folder.name}",

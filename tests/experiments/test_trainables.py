@@ -162,3 +162,35 @@ def test_epoch_metrics_carry_the_epoch_the_stop_and_the_run():
 
     assert epoch_metrics(Record(), "r1") == {"train_loss": 1.0, "knn_balanced_accuracy": 0.5, "epoch": 4,
                                              "early_stop": 1, "mlflow_run_id": "r1"}
+
+
+@pytest.mark.slow
+def test_trials_of_a_real_sweep_never_read_the_dataset_folder(synth_dir, tmp_path, monkeypatch):
+    """The ground truth goes the moment the driver has written its resolved inputs: trials that
+    scanned the folder would fail; they open the driver's file and finish."""
+    import yaml
+
+    from experiments.sweep import main
+
+    data = tmp_path / "isic"
+    shutil.copytree(synth_dir, data)
+    real_save = core.inputs.save_inputs
+
+    def save_then_remove_the_labels(inputs, folder):
+        split_file = real_save(inputs, folder)
+        (data / "ISIC2018_Task3_Training_GroundTruth.csv").unlink()
+        return split_file
+
+    monkeypatch.setattr(core.inputs, "save_inputs", save_then_remove_the_labels)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "stage": "pretrain", "data": {"root": str(data), "image_size": 32, "workers": 0},
+        "train": {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 2},
+        "monitor": {"every": 1, "max_bank": 48, "k": 5}, "tracking": {"experiment": "no-rescan"},
+        "sweep": {"stage": "pretrain", "num_samples": 2, "max_concurrent": 2, "search": "random",
+                  "cpus_per_trial": 1, "storage": str(tmp_path / "ray"), "name": "no-rescan"}}))
+    assert main(config, []) == 0
+    assert not (data / "ISIC2018_Task3_Training_GroundTruth.csv").exists()
+    runs = tracking.client().search_runs([tracking.client().get_experiment_by_name("no-rescan").experiment_id])
+    trials = [r for r in runs if "skinclr.trial_id" in r.data.tags]
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"FINISHED"}
