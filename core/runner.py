@@ -23,7 +23,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from core import tracking
-from core.config import Config, ConfigError
+from core.config import Config, ConfigError, hash_items
 from core.engine import EpochRecord
 from core.finetune import finetune
 from core.inputs import Inputs, load_inputs
@@ -124,7 +124,7 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
     The process holds a lock beside the run's checkpoint until the run ends, so a second
     identical command refuses, naming the run, instead of logging every epoch twice. A lock on
     the config's key makes finding and claiming the run one step for identical commands."""
-    key = tracking.run_key(cfg.flat())
+    key = tracking.run_key(hash_items(cfg))  # as a sweep folder's: a renamed key keeps a run resumable
     device = describe_device(pick_device(cfg.train.device))
     created = False
     if run_id is None:  # (a run id given is a trial's, and Tune runs one process per trial)

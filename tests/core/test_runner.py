@@ -13,7 +13,7 @@ from core import tracking
 from core.config import ConfigError, load_config
 from core.engine import EpochRecord
 from core.inputs import resolve_inputs
-from core.names import EPOCHS_RUN_TAG, STAGE_TAG
+from core.names import EPOCHS_RUN_TAG, RUN_KEY_TAG, STAGE_TAG
 from core.runner import (CHECKPOINT, SilentLogger, checkpoint_root, drive, follow_run, init_run, open_run,
                          resolve_init, resume_state)
 from core.runtime import BusyError, load_checkpoint, lock
@@ -100,6 +100,15 @@ def test_a_second_process_on_the_same_run_is_refused_naming_the_run(setup):
             open_run(cfg, inputs, None, None, None)
     cfg.tracking.resume = False  # a separate run is what that asks for
     assert open_run(cfg, inputs, None, None, None).logger.run_id != run_id
+
+
+def test_a_run_logged_before_a_key_was_renamed_is_still_the_one_resumed(setup):
+    cfg, inputs = setup
+    before = {{"finetune.select_metric": "finetune.monitor", "finetune.select_smoothing": "finetune.monitor_smoothing"}
+              .get(k, k): v for k, v in cfg.flat().items()}
+    killed = RunLogger.create(cfg.experiment, tags={RUN_KEY_TAG: tracking.run_key(before), STAGE_TAG: cfg.stage})
+    killed.end("KILLED")
+    assert open_run(cfg, inputs, None, None, None).logger.run_id == killed.run_id
 
 
 def test_a_data_parallel_follower_resumes_from_the_leaders_checkpoint_and_records_nothing(setup, monkeypatch):
