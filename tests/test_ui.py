@@ -263,7 +263,8 @@ def test_the_readme_pictures(sweep_store, page, tmp_path):
         row.first.get_by_role("button").first.click()  # unfold the trials: their curves join the charts
         chart = pg.get_by_test_id("experiment-view-compare-runs-card").filter(
             has=pg.get_by_role("heading", name="knn_balanced_accuracy", exact=True))
-        chart.locator("path.js-line").first.wait_for()
+        # a trial with one epoch so far draws a one-point line, which the chart keeps hidden
+        chart.locator("path.js-line >> visible=true").first.wait_for()
         _close_assistant(pg)
         pg.screenshot(path=str(tmp_path / "ui-runs-chart.png"))
         _show_confusion_matrix(pg, tracking.run_link(champion.info.run_id, champion.info.experiment_id, url), size)
