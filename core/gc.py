@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from core import tracking
+from core import store, tracking
 from core.runner import checkpoint_root
 from core.runtime import BusyError, lock
 
@@ -44,8 +44,8 @@ def collect(unfinished: bool = False, dry_run: bool = False) -> str:
     if not folders:
         return f"no resume checkpoints under {root}"
     client = tracking.client()
-    own_root = tracking.tracking_uri().startswith("sqlite:///") and root == Path(
-        tracking.tracking_uri()[len("sqlite:///"):]).parent / "checkpoints"
+    own_root = store.tracking_uri().startswith("sqlite:///") and root == Path(
+        store.tracking_uri()[len("sqlite:///"):]).parent / "checkpoints"
     lines, freed, kept = [], 0, 0
     for folder in folders:
         status = _status(client, folder.name)

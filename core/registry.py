@@ -45,7 +45,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from core import tracking
+from core import store, tracking
 from core import names
 
 CHAMPION, PREVIOUS = "champion", "previous"
@@ -101,7 +101,7 @@ def _experiment_id(client: MlflowClient, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-        raise PromotionError(f"no experiment '{experiment}' in {tracking.tracking_uri()} (experiments: {known}); "
+        raise PromotionError(f"no experiment '{experiment}' in {store.tracking_uri()} (experiments: {known}); "
                              "check --experiment and MLFLOW_TRACKING_URI")
     return exp.experiment_id
 
@@ -115,7 +115,7 @@ def select_candidate(client: MlflowClient, experiment: str, metric: str, run_id:
         try:
             run = client.get_run(run_id)
         except MlflowException:
-            raise PromotionError(f"--run {run_id}: no such run in {tracking.tracking_uri()}") from None
+            raise PromotionError(f"--run {run_id}: no such run in {store.tracking_uri()}") from None
         if run.info.status != "FINISHED":
             raise PromotionError(f"--run {run_id} is {run.info.status}, not FINISHED; only finished runs are promoted")
         scored = run_score(client, run, metric)
@@ -204,7 +204,7 @@ def register(client: MlflowClient, name: str, cand: Candidate, metric: str) -> M
 
 def lock_file(name: str) -> Path | None:
     """The lock file of `name`'s promotions beside a local SQLite store; None for a server."""
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri[len("sqlite:///"):])

@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow.entities import Run
 
 from core import metrics as M
-from core import tracking
+from core import store, tracking
 from core.tracking import RunLogger
 from core import names
 
@@ -153,7 +153,7 @@ def experiment_ids(experiments: list[str]) -> list[str]:
         exp = c.get_experiment_by_name(name)
         if exp is None:
             known = ", ".join(sorted(e.name for e in c.search_experiments())) or "none"
-            raise ReportError(f"no experiment '{name}' in {tracking.tracking_uri()} (experiments: {known}); "
+            raise ReportError(f"no experiment '{name}' in {store.tracking_uri()} (experiments: {known}); "
                               "check --experiment and MLFLOW_TRACKING_URI")
         ids.append(exp.experiment_id)
     return ids
@@ -204,7 +204,7 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
         header = [
             "# skinclr: ISIC 2018 Task 3 results",
             f"Rebuilt from MLflow runs of experiment(s) {', '.join(f'`{e}`' for e in experiments)} in "
-            f"`{tracking.tracking_uri()}` on {when}; this report is MLflow run `{logger.run_id}` "
+            f"`{store.tracking_uri()}` on {when}; this report is MLflow run `{logger.run_id}` "
             f"(experiment `{REPORT_EXPERIMENT}`).",
             "**Balanced accuracy** is the mean recall over the classes (the official ISIC 2018 metric); "
             "**accuracy** is the fraction of images classified correctly. They are different numbers and are "

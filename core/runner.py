@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from core import tracking
+from core import retry, store, tracking
 from core.config import Config, ConfigError, hash_items
 from core.engine import EpochRecord
 from core.finetune import finetune
@@ -52,7 +52,7 @@ def checkpoint_root(uri: str | None = None) -> Path:
     default this process's), else in the user's cache."""
     if os.environ.get("SKINCLR_CHECKPOINTS"):
         return Path(os.environ["SKINCLR_CHECKPOINTS"])
-    uri = uri or tracking.tracking_uri()
+    uri = uri or store.tracking_uri()
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):]).parent / "checkpoints"
     return Path.home() / ".cache" / "skinclr" / "checkpoints"
@@ -81,7 +81,7 @@ def prepare(cfg: Config) -> None:
     """Before any data is cached or a run opened: the devices exist, the retry budget is set."""
     check_devices(cfg)
     if cfg.tracking.retry_seconds >= 0:
-        tracking.set_retry_seconds(cfg.tracking.retry_seconds)
+        retry.set_retry_seconds(cfg.tracking.retry_seconds)
 
 
 class SilentLogger:
@@ -162,7 +162,7 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
             logger.log_artifact(split)
     except BaseException as err:
         _release(run_id)
-        if not isinstance(err, tracking.StoreError):
+        if not isinstance(err, store.StoreError):
             logger.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     return Run(logger, state)
@@ -201,7 +201,7 @@ def drive(cfg: Config, loop, run: Run, on_epoch: OnEpoch | None,
         try:
             if isinstance(err, KeyboardInterrupt):
                 logger.end("KILLED")
-            elif not isinstance(err, tracking.StoreError):  # a store that is gone leaves it RUNNING, resumable
+            elif not isinstance(err, store.StoreError):  # a store that is gone leaves it RUNNING, resumable
                 logger.end("FAILED")
         finally:
             _release(logger.run_id)
@@ -250,7 +250,7 @@ def init_run(init: str) -> str | None:
     run_id = tracking.find_run(init[len("runs:/"):].strip("/").split("/")[0], stage="pretrain")
     if run_id is None:
         raise ConfigError(f"finetune.init '{init}': no pretrain run with that id or name in the tracking store "
-                          f"{tracking.tracking_uri()}; pass the id or name of a finished `skinclr pretrain` run "
+                          f"{store.tracking_uri()}; pass the id or name of a finished `skinclr pretrain` run "
                           "and check MLFLOW_TRACKING_URI")
     return run_id
 

@@ -26,7 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.tracking import artifact_root, experiment_links, experiments_link, tracking_uri
+from core.links import experiment_links, experiments_link
+from core.store import artifact_root, tracking_uri
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

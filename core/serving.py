@@ -34,7 +34,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 from PIL import Image
 
-from core import __version__, tracking
+from core import __version__, store, tracking
 from core.augment import eval_transform
 from core.cache import ASPECTS, fit_square
 from core.config import load_config
@@ -305,7 +305,7 @@ def _parse_runs_uri(uri: str) -> tuple[str, str]:
     try:
         logged = [a.path for a in tracking.client().list_artifacts(run_id)]
     except MlflowException:
-        raise ModelNotFound(f"model '{uri}': no run {run_id!r} in the tracking store {tracking.tracking_uri()}; "
+        raise ModelNotFound(f"model '{uri}': no run {run_id!r} in the tracking store {store.tracking_uri()}; "
                             "check the run id and MLFLOW_TRACKING_URI") from None
     if artifact.split("/")[0] not in logged:
         raise ModelNotFound(f"model '{uri}': run {run_id} has no '{artifact}' artifact (it has: "
@@ -321,7 +321,7 @@ def _model_version(uri: str):
         name, version = get_model_name_and_version(c, uri)
         return c.get_model_version(name, version)
     except MlflowException as err:
-        raise ModelNotFound(f"model '{uri}' not found in the registry at {tracking.tracking_uri()} "
+        raise ModelNotFound(f"model '{uri}' not found in the registry at {store.tracking_uri()} "
                             f"({str(err).splitlines()[0]}); registered: {_registered(c)}") from None
 
 
@@ -341,7 +341,7 @@ def _registered(c) -> str:
 
 def _download(uri: str, dst: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst,
-                                                    tracking_uri=tracking.tracking_uri()))
+                                                    tracking_uri=store.tracking_uri()))
 
 
 def _from_folder(folder: Path, run_id: str | None, uri: str) -> Predictor:

@@ -13,9 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow.entities import Run
 
-from core import metrics as M
-from core import tracking
-from core import names
+from core import metrics as M, names, store, tracking
 
 FRACTION = "data.label_fraction"
 SCORES = {"best_val_balanced_accuracy": "val balanced accuracy", "best_val_accuracy": "val accuracy"}
@@ -39,7 +37,7 @@ def find_study(experiment_ids: list[str], ref: str | None = None) -> Run | None:
     if ref:
         run_id = tracking.find_run(ref)
         if run_id is None:
-            raise StudyError(f"no run '{ref}' in {tracking.tracking_uri()}; pass the parent run id of a grid study")
+            raise StudyError(f"no run '{ref}' in {store.tracking_uri()}; pass the parent run id of a grid study")
         run = c.get_run(run_id)
         if FRACTION not in run.data.params.get("sweep.grid", ""):
             raise StudyError(f"run {run_id} is not a grid study over {FRACTION} (its sweep.grid is "

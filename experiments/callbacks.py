@@ -9,7 +9,7 @@ from typing import Any
 
 from ray import tune
 
-from core import names, tracking
+from core import names, store
 from core.tracking import RunLogger
 from experiments.trainables import trial_runs
 
@@ -64,8 +64,8 @@ class ChildRuns(tune.Callback):
             logger.end(end)
 
     def runs(self) -> dict[str, Any]:
-        if tracking.tracking_uri() != self.tracking_uri:
-            raise RuntimeError(f"the driver logs to {tracking.tracking_uri()}, the sweep to {self.tracking_uri}")
+        if store.tracking_uri() != self.tracking_uri:
+            raise RuntimeError(f"the driver logs to {store.tracking_uri()}, the sweep to {self.tracking_uri}")
         return trial_runs(self.parent_run_id)
 
     # Tune calls these before it updates trial.status, so the hook itself says what happened.

@@ -182,7 +182,7 @@ def _load_config(args, stage: str | None):
 
 
 def _check_store() -> str:
-    from core.tracking import check_store
+    from core.store import check_store
 
     return check_store()
 
@@ -303,20 +303,20 @@ def cmd_server(args) -> int:
 
 def _show(what: str, run: str | None = None, champion: str | None = None) -> None:
     """One line with a link into the MLflow UI, opening in its model-training view."""
-    from core import tracking
+    from core import links, tracking
 
     if champion is not None:
         from core.registry import CHAMPION, alias_version
 
         version = alias_version(tracking.client(), champion, CHAMPION)
-        link = tracking.model_link(champion, version.version if version else None)
+        link = links.model_link(champion, version.version if version else None)
     else:
-        link = tracking.run_link(run)
-    print(f"open {what} in the MLflow UI{tracking.browse_hint()}: {link}")
+        link = links.run_link(run)
+    print(f"open {what} in the MLflow UI{links.browse_hint()}: {link}")
 
 
 def _store() -> str:
-    from core.tracking import tracking_uri
+    from core.store import tracking_uri
 
     return tracking_uri()
 
@@ -333,7 +333,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     Only modules already imported are looked at: an error cannot come from one that is not."""
     errors: list[type[BaseException]] = [FileNotFoundError, UsageError]
     for module, name in (("core.config", "ConfigError"), ("core.data", "DataError"), ("core.models", "ModelError"),
-                         ("core.tracking", "StoreError"), ("core.runtime", "BusyError"),
+                         ("core.store", "StoreError"), ("core.runtime", "BusyError"),
                          ("core.serving", "ModelNotFound"), ("core.registry", "PromotionError"), ("core.report", "ReportError"),
                          ("core.download", "DownloadError")):
         if module in sys.modules and hasattr(sys.modules[module], name):

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from core import tracking
+from core import links, store, tracking
 
 HERE = Path(__file__).resolve().parent
 MODEL_NAME = "skinclr-quickstart"  # its registered model
@@ -75,11 +75,11 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
           f"accuracy {last.get('val_accuracy', float('nan')):.4f}  (last epoch)")
     print(f"  test balanced accuracy {result['balanced_accuracy']:.4f}   accuracy {result['accuracy']:.4f}")
     champion = alias_version(tracking.client(), MODEL_NAME, CHAMPION)
-    start = "" if tracking.browse_hint() == "" else "  .venv/bin/skinclr server      # first, then open:\n"
+    start = "" if links.browse_hint() == "" else "  .venv/bin/skinclr server      # first, then open:\n"
     print(f"\ndone in {time.perf_counter() - t0:.0f} s. Browse every run, metric and artifact in the MLflow UI "
-          f"(store: {tracking.tracking_uri()}):\n{start}"
-          f"  the sweep's trials   {tracking.experiment_link(tracking.ensure_experiment(cfg.experiment))}\n"
-          f"  the sweep            {tracking.run_link(sweep.parent_run_id)}\n"
-          f"  the fine-tuned model {tracking.run_link(outcome.finetune_run_id)}\n"
-          f"  the champion         {tracking.model_link(MODEL_NAME, champion.version if champion else None)}")
+          f"(store: {store.tracking_uri()}):\n{start}"
+          f"  the sweep's trials   {links.experiment_link(tracking.ensure_experiment(cfg.experiment))}\n"
+          f"  the sweep            {links.run_link(sweep.parent_run_id)}\n"
+          f"  the fine-tuned model {links.run_link(outcome.finetune_run_id)}\n"
+          f"  the champion         {links.model_link(MODEL_NAME, champion.version if champion else None)}")
     return 0

@@ -24,7 +24,7 @@ from typing import Any
 
 from ray import tune
 
-from core import tracking
+from core import store, tracking
 from core.config import Config, set_value
 from core.runner import checkpoint_root, run_finetune, run_pretrain
 from core import names
@@ -72,8 +72,8 @@ def use_driver_store(setup: TrialSetup) -> None:
     """Point this process at the driver's tracking store, and make sure it took. Every process
     that logs (a trial, rank 0 of a data-parallel one) calls it once, at its start."""
     os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
-    if tracking.tracking_uri() != setup.tracking_uri:
-        raise RuntimeError(f"trial would log to {tracking.tracking_uri()}, not the sweep's store {setup.tracking_uri}")
+    if store.tracking_uri() != setup.tracking_uri:
+        raise RuntimeError(f"trial would log to {store.tracking_uri()}, not the sweep's store {setup.tracking_uri}")
 
 
 def use_sweep_checkpoints(setup: TrialSetup) -> None:

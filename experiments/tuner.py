@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ray import tune
 
-from core import names, tracking
+from core import links, names, store, tracking
 from core.config import ConfigError
 from core.tracking import RunLogger
 from experiments.callbacks import ChildRuns, ProgressLines
@@ -28,7 +28,7 @@ from experiments.trainables import TrialSetup, make_trainable
 
 def driver_tracking_uri() -> str:
     """The store every process of the sweep logs to, made absolute (trials run in other folders)."""
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     if uri.startswith("sqlite:///"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     elif "://" not in uri:
@@ -85,7 +85,7 @@ def run_sweep(cfg: SweepRunConfig, resume: bool = False, parent_of: str | None =
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[ChildRuns(setup.parent_run_id, uri, state["max_t"], state["epochs"]),
                            ProgressLines(state["metric"], state["max_t"], state["epochs"])]))
-    print(f"[sweep] follow it in the MLflow UI{tracking.browse_hint()}: {tracking.run_link(setup.parent_run_id)}",
+    print(f"[sweep] follow it in the MLflow UI{links.browse_hint()}: {links.run_link(setup.parent_run_id)}",
           flush=True)
     grid = tuner.fit()
     return finish(grid, setup, state, folder)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from core import tracking
+from core import store, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def test_quickstart_runs_twice_and_promotes(tmp_path):
     for text in ("[1/5]", "[5/5]", "SimCLR sweep trials", "test balanced accuracy", "skinclr server"):
         assert text in first.stdout
     assert "were seen by the model" not in first.stdout  # its test set is held out, though ids repeat
-    c = MlflowClient(tracking.tracking_uri())
+    c = MlflowClient(store.tracking_uri())
     exp = c.get_experiment_by_name("skinclr-quickstart-pretrain")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "skinclr sweep" in exp.tags["mlflow.note.content"]

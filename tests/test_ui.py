@@ -22,10 +22,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from core import tracking
+from core import links, tracking
 from experiments.cli import main as cli_main
 from core.registry import CHAMPION, alias_version
-from core.tracking import DEFAULT_UI, RunLogger
+from core.links import DEFAULT_UI
+from core.tracking import RunLogger
 from tests.core.test_server import running_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def sweep_store(synth_dir, tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp_:
         mp_.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp_.setenv("SKINCLR_CACHE", str(root / "cache"))
-        mp_.delenv(tracking.UI_ENV, raising=False)
+        mp_.delenv(links.UI_ENV, raising=False)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             assert sweep_main(config, []) == 0
@@ -96,7 +97,7 @@ def sweep_store(synth_dir, tmp_path_factory) -> dict:
                    "server_runs_link": printed_link(printed, f" {EXPERIMENT} "),
                    "sweep_link": sweep_link.replace(DEFAULT_UI, url),
                    "champion_link": champion_link.replace(DEFAULT_UI, url),
-                   "experiment_link": tracking.experiment_link(exp.experiment_id).replace(DEFAULT_UI, url),
+                   "experiment_link": links.experiment_link(exp.experiment_id).replace(DEFAULT_UI, url),
                    "experiment_id": exp.experiment_id, "parent": parent, "children": children,
                    "finetuned": finetuned, "champion": champion, "matrix_size": matrix_size}
 
@@ -178,7 +179,7 @@ def test_the_quickstart_and_sweep_links_open_the_runs_and_the_parent_run(sweep_s
 def test_a_trial_shows_its_knn_curve(sweep_store, page, tmp_path):
     s, pg = sweep_store, page
     child = s["children"][0]
-    pg.goto(tracking.run_link(child.info.run_id, child.info.experiment_id, s["url"]))
+    pg.goto(links.run_link(child.info.run_id, child.info.experiment_id, s["url"]))
     pg.get_by_text("Parent run", exact=True).wait_for()
     pg.get_by_role("link", name=s["parent"].info.run_name).first.wait_for()
 
@@ -207,7 +208,7 @@ def _show_confusion_matrix(pg, run_page: str, size: tuple[int, int]) -> None:
 def test_the_fine_tuned_run_shows_its_confusion_matrix(sweep_store, page, tmp_path):
     s, pg = sweep_store, page
     run = s["finetuned"].info
-    _show_confusion_matrix(pg, tracking.run_link(run.run_id, run.experiment_id, s["url"]), s["matrix_size"])
+    _show_confusion_matrix(pg, links.run_link(run.run_id, run.experiment_id, s["url"]), s["matrix_size"])
     pg.screenshot(path=str(tmp_path / "confusion-matrix.png"))
 
 
@@ -258,7 +259,7 @@ def test_the_readme_pictures(sweep_store, page, tmp_path):
     """The runs chart view comparing a sweep's trials, and the champion's confusion matrix."""
     pg = page
     with _screenshot_source(sweep_store, tmp_path) as (url, parent, champion, size):
-        pg.goto(f"{url}/#/experiments/{parent.info.experiment_id}/runs?{tracking.ML_VIEW}&compareRunsMode=CHART")
+        pg.goto(f"{url}/#/experiments/{parent.info.experiment_id}/runs?{links.ML_VIEW}&compareRunsMode=CHART")
         row = pg.get_by_role("row").filter(has=pg.get_by_role("link", name=parent.info.run_name, exact=True))
         row.first.get_by_role("button").first.click()  # unfold the trials: their curves join the charts
         chart = pg.get_by_test_id("experiment-view-compare-runs-card").filter(
@@ -267,7 +268,7 @@ def test_the_readme_pictures(sweep_store, page, tmp_path):
         chart.locator("path.js-line >> visible=true").first.wait_for()
         _close_assistant(pg)
         pg.screenshot(path=str(tmp_path / "ui-runs-chart.png"))
-        _show_confusion_matrix(pg, tracking.run_link(champion.info.run_id, champion.info.experiment_id, url), size)
+        _show_confusion_matrix(pg, links.run_link(champion.info.run_id, champion.info.experiment_id, url), size)
         pg.screenshot(path=str(tmp_path / "ui-run.png"))
     if os.environ.get("SKINCLR_UPDATE_SCREENSHOT") == "1":
         (REPO / "docs").mkdir(exist_ok=True)

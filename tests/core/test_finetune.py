@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from core import tracking
+from core import store
 from experiments.cli import main
 from core.config import load_config
 from core.finetune import finetune
@@ -39,7 +39,7 @@ def test_finetune_from_simclr_run_then_evaluate_and_predict(synth_dir, simclr_ru
     argv = ["finetune", "--config", str(PAPER / "finetune_simclr.yaml")] + sets(
         *small(synth_dir, f"finetune.init=runs:/{simclr_run}", "train.epochs=2", "train.batch_size=16"))
     assert main(argv) == 0
-    c = MlflowClient(tracking.tracking_uri())
+    c = MlflowClient(store.tracking_uri())
     run = c.search_runs([c.get_experiment_by_name("skinclr-finetune").experiment_id])[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["skinclr.pretrain_run_id"] == simclr_run
@@ -74,7 +74,7 @@ def test_early_stopping_ends_a_run_that_stops_improving(synth_dir):
                             "train.batch_size=16", "train.max_steps_per_epoch=2"), stage="finetune")
     result = run_finetune(cfg, progress=False)
     assert result.epochs == 3  # best at epoch 1, then two epochs without improvement
-    run = MlflowClient(tracking.tracking_uri()).get_run(result.run_id)
+    run = MlflowClient(store.tracking_uri()).get_run(result.run_id)
     assert run.data.tags["skinclr.early_stopped_at"] == "3"
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from core import tracking
+from core import store
 from experiments.cli import main
 from core.config import load_config
 from core.inputs import resolve_inputs
@@ -35,7 +35,7 @@ def pretrain_args(root, epochs=2, experiment="pretrain-test", *extra):
 
 
 def only_run(experiment: str):
-    c = MlflowClient(tracking.tracking_uri())
+    c = MlflowClient(store.tracking_uri())
     exp = c.get_experiment_by_name(experiment)
     runs = c.search_runs([exp.experiment_id])
     assert len(runs) == 1, f"expected one run, found {len(runs)}"

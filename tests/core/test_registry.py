@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from core import registry, tracking
+from core import registry, store, tracking
 from experiments.cli import main as cli_main
 from core.names import PROMOTION_TAG
 from core.registry import CHAMPION, PREVIOUS, PromotionError, promote, rollback
@@ -258,14 +258,14 @@ def _assert_blocked(other: Elsewhere, name: str, champion: str, settle: float = 
 
 @pytest.mark.slow
 def test_two_promotions_at_once_leave_the_better_champion(runs):
-    _race_and_check(tracking.tracking_uri(), runs, "skinclr")
+    _race_and_check(store.tracking_uri(), runs, "skinclr")
 
 
 @pytest.mark.slow
 def test_a_promotion_waits_while_another_holds_the_lock(runs):
     promote(EXPERIMENT, run_id=runs["a"])
     with registry.file_lock(registry.lock_file("skinclr")):
-        other = Elsewhere(tracking.tracking_uri(), [runs["b"]], force=True, together=False)
+        other = Elsewhere(store.tracking_uri(), [runs["b"]], force=True, together=False)
         _wait_for_version("skinclr", "2")
         _assert_blocked(other, "skinclr", runs["a"])
     other.finish()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import tracking
+from core import store, tracking
 from core.config import ConfigError, load_config
 from core.engine import EpochRecord
 from core.inputs import resolve_inputs
@@ -72,7 +72,7 @@ def test_each_epoch_is_checkpointed_before_it_is_reported_and_a_finished_run_dro
 
 
 @pytest.mark.parametrize("error, ends", [(KeyboardInterrupt(), "KILLED"), (RuntimeError("boom"), "FAILED"),
-                                         (tracking.StoreError("store gone"), "RUNNING")])
+                                         (store.StoreError("store gone"), "RUNNING")])
 def test_an_interrupted_run_resumes_in_the_same_run_from_its_checkpoint(setup, error, ends):
     cfg, inputs = setup
     first = open_run(cfg, inputs, None, None, None)

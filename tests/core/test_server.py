@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from core import tracking
+from core import store, tracking
 from core.server import serve
 from core.tracking import RunLogger
 
@@ -83,7 +83,7 @@ def _group_alive(pgid: int) -> bool:
 
 @pytest.mark.slow
 def test_server_serves_the_local_store_and_proxies_new_artifacts(tmp_path, monkeypatch):
-    local_uri = tracking.tracking_uri()
+    local_uri = store.tracking_uri()
     local = RunLogger.create("skinclr-local", run_name="made before the server")
     local.log_metrics({"val_balanced_accuracy": 0.5}, step=1)
     local.end()

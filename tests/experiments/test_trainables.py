@@ -13,7 +13,7 @@ import pytest
 from ray import tune
 
 import core.inputs
-from core import tracking
+from core import store, tracking
 from core.config import load_config
 from core.inputs import resolve_inputs, save_inputs
 from core.names import EPOCHS_RUN_TAG, INPUTS_FILE, SWEEP_PARENT_TAG, TRIAL_STATE_FILE
@@ -72,7 +72,7 @@ def sweep(synth_dir, tmp_path, monkeypatch):
     base.data.cache_dir = str(inputs.cache.path.parent)
     parent = RunLogger.create("trials", "sweep-a", tags={SWEEP_PARENT_TAG: "1"})
     return TrialSetup(stage="pretrain", base=base.to_dict(), parent_run_id=parent.run_id,
-                      tracking_uri=tracking.tracking_uri(), name=folder.name, storage=str(folder.parent))
+                      tracking_uri=store.tracking_uri(), name=folder.name, storage=str(folder.parent))
 
 
 def trial(setup: TrialSetup, session: Session, monkeypatch, params=None) -> None:
