@@ -14,8 +14,8 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from core import store, tracking
+from core.filelock import BusyError, lock
 from core.runner import checkpoint_root
-from core.runtime import BusyError, lock
 
 RESUMABLE = ("KILLED", "FAILED", "RUNNING")
 

@@ -3,7 +3,8 @@
 A promotion registers `runs:/RUN_ID/model` as a new version of the registered model, then moves
 `champion` to it if, and only if, it beats the current champion on the same validation split
 (different splits give incomparable numbers). Only runs on the champion's split compete for
-it (or on `--split`; with no champion yet, the runs must share one split), and a run is
+it (or on `--split`; with no champion yet, the runs must share one split; core/candidates.py
+picks and scores them), and a run is
 registered once: promoting it again goes through the version it has. The champion it replaces
 keeps alias `previous`, so `rollback` is one swap. Everything that serves or evaluates a model loads it as
 `models:/NAME@champion`.
@@ -17,8 +18,8 @@ Two failure modes are designed out:
 * Two promotions at once cannot both compare against the same old champion (a read-modify-write
   race in which the worse model could land last). The compare-and-move runs under a lock:
 
-  - local SQLite store: an fcntl lock on a file beside the database. The kernel releases it
-    when its holder dies, so a killed promotion never blocks the next one.
+  - local SQLite store: a file lock (core/filelock.py) beside the database. The kernel releases
+    it when its holder dies, so a killed promotion never blocks the next one.
   - tracking server (no shared file system, and MLflow has no compare-and-set on tags or
     aliases): a ticket lock built on the one atomic step the registry offers, numbering new
     versions. Each promotion registers its version first, then waits until no lower-numbered
@@ -31,122 +32,23 @@ Two failure modes are designed out:
 """
 from __future__ import annotations
 
-import fcntl
-import math
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import mlflow
-from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from core import store, tracking
-from core import names
+from core import names, store, tracking
+from core.candidates import Candidate, PromotionError, beats, run_score, select_candidate
+from core.filelock import BusyError, lock
 
 CHAMPION, PREVIOUS = "champion", "previous"
 LOCK_TIMEOUT_S = 120.0  # longest wait for the local lock file
 STALE_S = 60.0  # a server-side promotion pending this long is taken for dead
 POLL_S = 0.25
-
-
-class PromotionError(ValueError):
-    """Nothing to promote, or a promotion that cannot go ahead; the message says why."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    run: Run
-    score: float
-    how: str  # which number the score is: `best_<metric>` or `max of <metric> history`
-
-    @property
-    def run_id(self) -> str:
-        return self.run.info.run_id
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.endswith("loss")
-
-
-def beats(a: float, b: float, metric: str) -> bool:
-    return a < b if lower_is_better(metric) else a > b
-
-
-def run_score(client: MlflowClient, run: Run, metric: str) -> tuple[float, str] | None:
-    """A run's best value of `metric`: `best_<metric>` when the run logged it (the fine-tune loop
-    logs it at its best epoch, the one whose model it saved), else the best of the metric's
-    per-epoch history (max, or min for a loss). None when the run has neither."""
-    best = run.data.metrics.get(f"best_{metric}")
-    if best is not None and math.isfinite(best):
-        return best, f"best_{metric}"
-    if metric not in run.data.metrics:
-        return None
-    values = [m.value for m in client.get_metric_history(run.info.run_id, metric) if math.isfinite(m.value)]
-    if not values:
-        return None
-    pick = min if lower_is_better(metric) else max
-    return pick(values), f"{pick.__name__} of {metric} history"
-
-
-def has_model(client: MlflowClient, run_id: str) -> bool:
-    return any(a.path == f"{names.MODEL_ARTIFACT}/MLmodel" for a in client.list_artifacts(run_id, names.MODEL_ARTIFACT))
-
-
-def _experiment_id(client: MlflowClient, experiment: str) -> str:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-        raise PromotionError(f"no experiment '{experiment}' in {store.tracking_uri()} (experiments: {known}); "
-                             "check --experiment and MLFLOW_TRACKING_URI")
-    return exp.experiment_id
-
-
-def select_candidate(client: MlflowClient, experiment: str, metric: str, run_id: str | None = None,
-                     split: str | None = None) -> Candidate:
-    """The given run, or the best finished run of the experiment that logged a model, among the
-    runs validated on `split` (a split fingerprint). Without a split, the runs must share one:
-    scores on different validation splits are not comparable."""
-    if run_id is not None:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:
-            raise PromotionError(f"--run {run_id}: no such run in {store.tracking_uri()}") from None
-        if run.info.status != "FINISHED":
-            raise PromotionError(f"--run {run_id} is {run.info.status}, not FINISHED; only finished runs are promoted")
-        scored = run_score(client, run, metric)
-        if scored is None:
-            raise PromotionError(f"--run {run_id} has no metric '{metric}' (nor best_{metric}); pick another --metric")
-        if not has_model(client, run_id):
-            raise PromotionError(f"--run {run_id} logged no '{names.MODEL_ARTIFACT}' artifact; only fine-tune runs can be promoted")
-        return Candidate(run, *scored)
-
-    exp_id = _experiment_id(client, experiment)
-    runs = mlflow.search_runs([exp_id], filter_string="attributes.status = 'FINISHED'", output_format="list")
-    scored = [(s, run) for run in runs if (s := run_score(client, run, metric)) is not None]
-    scored.sort(key=lambda item: item[0][0], reverse=not lower_is_better(metric))
-    models = [(s, run) for s, run in scored if has_model(client, run.info.run_id)]
-    if not models:
-        raise PromotionError(f"experiment '{experiment}' has no finished run with metric '{metric}' and a "
-                             f"'{names.MODEL_ARTIFACT}' artifact ({len(runs)} finished runs, {len(scored)} with the metric); "
-                             "run `skinclr finetune` first")
-    by_split: dict[str | None, list] = {}
-    for item in models:
-        by_split.setdefault(item[1].data.tags.get(names.SPLIT_FINGERPRINT_TAG), []).append(item)
-    if split is None and len(by_split) > 1:
-        listing = "; ".join(f"{fp}: {len(items)} runs, best {items[0][0][0]:.4f}" for fp, items in by_split.items())
-        raise PromotionError(f"experiment '{experiment}' holds runs validated on {len(by_split)} different splits "
-                             f"({listing}); their scores are not comparable: pick one with --split FINGERPRINT")
-    if split is not None and split not in by_split:
-        raise PromotionError(f"experiment '{experiment}' has no finished run with a model on split {split} "
-                             f"(splits there: {', '.join(map(str, by_split))}); pass another --split, or --run RUN_ID "
-                             "(with --force to replace a champion of another split)")
-    (score, how), run = by_split[split if split is not None else next(iter(by_split))][0]
-    return Candidate(run, score, how)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -213,21 +115,14 @@ def lock_file(name: str) -> Path | None:
 
 @contextmanager
 def file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    with open(path, "a") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise PromotionError(f"another promotion has held {path} for over {timeout:.0f} s; "
-                                         "wait for it, or end the process that holds it") from None
-                time.sleep(POLL_S)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """The promotions of one model through a local store, one at a time."""
+    try:
+        held = lock(path, wait=timeout, poll=POLL_S)
+    except BusyError:
+        raise PromotionError(f"another promotion has held {path} for over {timeout:.0f} s; "
+                             "wait for it, or end the process that holds it") from None
+    with held:
+        yield
 
 
 def wait_for_turn(client: MlflowClient, name: str, version: int | None, stale: float = STALE_S) -> None:

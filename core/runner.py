@@ -29,8 +29,8 @@ from core.finetune import finetune
 from core.inputs import Inputs, load_inputs
 from core.models import imagenet_weights_file
 from core.pretrain import pretrain
-from core.runtime import (BusyError, check_devices, describe_device, load_checkpoint, lock, pick_device,
-                          pixel_digest, save_atomic)
+from core.filelock import BusyError, lock
+from core.runtime import check_devices, describe_device, load_checkpoint, pick_device, pixel_digest, save_atomic
 from core.tracking import RunLogger
 from core import names
 

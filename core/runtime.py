@@ -1,26 +1,20 @@
-"""Device, seeds, RNG state, atomic checkpoint files and the lock that keeps one process per
-run: what makes a run resumable exactly, and safely."""
+"""Device, seeds, RNG state and atomic checkpoint files: what makes a run resumable exactly, and
+safely (core/filelock.py keeps one process per run)."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import random
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from core.config import ConfigError
-
-
-class BusyError(RuntimeError):
-    """Another process holds the run; the message names it."""
 
 
 def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
@@ -124,29 +118,3 @@ def pixel_digest(square: np.ndarray) -> str:
     """A short digest of an image as the model saw it (its cached SxSx3 array): tells the same
     image from another one filed under the same id."""
     return hashlib.blake2b(np.ascontiguousarray(square).tobytes(), digest_size=8).hexdigest()
-
-
-def lock(path: str | Path, wait: float = 0.0, holder: str = "") -> IO:
-    """An exclusive lock on `path`, held until the returned file is closed (or the process dies:
-    the kernel releases it, so a killed run never blocks its resume). BusyError after `wait` s."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                fh.seek(0)
-                pid = fh.read().strip()
-                fh.close()
-                raise BusyError(f"{holder or path} is in use by another process{f' (pid {pid})' if pid else ''}; "
-                                "wait for it to finish, or stop it first") from None
-            time.sleep(0.2)
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()))
-    fh.flush()
-    return fh

@@ -333,8 +333,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     Only modules already imported are looked at: an error cannot come from one that is not."""
     errors: list[type[BaseException]] = [FileNotFoundError, UsageError]
     for module, name in (("core.config", "ConfigError"), ("core.data", "DataError"), ("core.models", "ModelError"),
-                         ("core.store", "StoreError"), ("core.runtime", "BusyError"),
-                         ("core.serving", "ModelNotFound"), ("core.registry", "PromotionError"), ("core.report", "ReportError"),
+                         ("core.store", "StoreError"), ("core.filelock", "BusyError"),
+                         ("core.serving", "ModelNotFound"), ("core.candidates", "PromotionError"), ("core.report", "ReportError"),
                          ("core.download", "DownloadError")):
         if module in sys.modules and hasattr(sys.modules[module], name):
             errors.append(getattr(sys.modules[module], name))

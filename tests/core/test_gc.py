@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from core import tracking
-from experiments.cli import main
+from core.filelock import lock
 from core.gc import collect
 from core.runner import checkpoint_root
-from core.runtime import lock
 from core.tracking import RunLogger
+from experiments.cli import main
 
 
 def leftover(status: str | None, mib: int = 2) -> str:

@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from core import registry, store, tracking
+from core import candidates, registry, store, tracking
 from experiments.cli import main as cli_main
 from core.names import PROMOTION_TAG
-from core.registry import CHAMPION, PREVIOUS, PromotionError, promote, rollback
+from core.candidates import PromotionError
+from core.registry import CHAMPION, PREVIOUS, promote, rollback
 from core.tracking import RunLogger
 from tests.core.test_server import running_server
 
@@ -62,7 +63,7 @@ def runs(runs_db, tmp_path) -> dict[str, str]:
 
 def score(run_id: str, metric: str = "val_balanced_accuracy") -> float:
     c = tracking.client()
-    return registry.run_score(c, c.get_run(run_id), metric)[0]
+    return candidates.run_score(c, c.get_run(run_id), metric)[0]
 
 
 def alias_run(alias: str, name: str = "skinclr") -> str | None:

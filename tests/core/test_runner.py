@@ -16,7 +16,8 @@ from core.inputs import resolve_inputs
 from core.names import EPOCHS_RUN_TAG, RUN_KEY_TAG, STAGE_TAG
 from core.runner import (CHECKPOINT, SilentLogger, checkpoint_root, drive, follow_run, init_run, open_run,
                          resolve_init, resume_state)
-from core.runtime import BusyError, load_checkpoint, lock
+from core.filelock import BusyError, lock
+from core.runtime import load_checkpoint
 from core.tracking import RunLogger
 from experiments.cli import main
 
