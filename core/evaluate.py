@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import metrics as M
+from core import figures, metrics as M
 from core.cache import fit_square
 from core.data import DataError, load_rgb, read_manifest
 from core.runtime import pixel_digest
@@ -80,7 +80,7 @@ def _run_metrics(report: dict, role: str) -> dict[str, float | None]:
 
 
 def _write_artifacts(report: dict, result: dict, out: Path, title: str) -> list[Path]:
-    M.plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=title)
+    figures.plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=title)
     M.write_confusion_csv(report, out / names.CONFUSION_CSV, normalized=False)
     M.write_confusion_csv(report, out / names.CONFUSION_NORMALIZED_CSV, normalized=True)
     M.report_frame(report).to_csv(out / names.CLASSIFICATION_REPORT_CSV)

@@ -22,10 +22,8 @@ import mlflow
 import pandas as pd
 from mlflow.entities import Run
 
-from core import metrics as M
-from core import store, tracking
+from core import figures, metrics as M, names, store, tracking
 from core.tracking import RunLogger
-from core import names
 
 REPORT_EXPERIMENT = "skinclr-report"
 INITS = ("scratch", "ImageNet", "SimCLR")
@@ -231,9 +229,9 @@ def _paper_section(runs: list[Run], n_sweep: int, out: Path) -> tuple[list[str],
         val_metrics = _download_json(bid, "report/val_metrics.json", Path(tmp))
         history = _download_json(bid, "report/history.json", Path(tmp))
     t2 = table2(val_metrics)
-    M.plot_loss_curves(history, out / "figure1_loss_curves.png")
-    M.plot_accuracy_curves(history, out / "figure2_accuracy_curves.png")
-    M.plot_confusion_matrix(val_metrics, out / "figure3_confusion_matrix.png",
+    figures.plot_loss_curves(history, out / "figure1_loss_curves.png")
+    figures.plot_accuracy_curves(history, out / "figure2_accuracy_curves.png")
+    figures.plot_confusion_matrix(val_metrics, out / "figure3_confusion_matrix.png",
                             title=f"run {bid[:8]} ({init_group(best)}), val, epoch {best.data.tags.get('skinclr.best_epoch', '?')}")
     t1.frame.to_csv(out / "table1.csv", index=False)
     t2.to_csv(out / "table2.csv")

@@ -277,18 +277,18 @@ def resolve_init(cfg: Config, workdir: Path) -> tuple[str | None, dict[str, str]
 def log_report(cfg: Config, logger: RunLogger, record: EpochRecord, out: Path) -> None:
     """A fine-tune epoch's curves, and the best model with its figures whenever the monitor
     improves, so a trial stopped early by a scheduler still leaves a complete run."""
-    from core import metrics as M
+    from core import figures, metrics as M
     from core.serving import log_model
 
     out.mkdir(parents=True, exist_ok=True)
     history = record.history
-    M.plot_loss_curves(history, out / "loss_curves.png")
-    M.plot_accuracy_curves(history, out / "accuracy_curves.png")
+    figures.plot_loss_curves(history, out / "loss_curves.png")
+    figures.plot_accuracy_curves(history, out / "accuracy_curves.png")
     (out / "history.json").write_text(json.dumps(history, indent=1))
     files = [out / "loss_curves.png", out / "accuracy_curves.png", out / "history.json"]
     if record.is_best:
         report = record.report
-        M.plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=f"val, epoch {record.epoch}")
+        figures.plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=f"val, epoch {record.epoch}")
         M.write_confusion_csv(report, out / names.CONFUSION_CSV, normalized=False)
         M.write_confusion_csv(report, out / names.CONFUSION_NORMALIZED_CSV, normalized=True)
         M.report_frame(report).to_csv(out / names.CLASSIFICATION_REPORT_CSV)

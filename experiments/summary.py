@@ -51,7 +51,7 @@ def trials_table(grid, parent_run_id: str, sampled: list[str], metric: str) -> p
 
 def finish(grid, setup: TrialSetup, state: dict[str, Any], folder: Path) -> SweepOutcome:
     """Trials table, parallel-coordinates figure and the best trial, on the parent run."""
-    from core.metrics import plot_parallel_coordinates
+    from core.figures import plot_parallel_coordinates
 
     metric, sampled = state["metric"], state["sampled"]
     best_col = f"best_{metric}"

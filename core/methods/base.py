@@ -17,7 +17,7 @@ from core.augment_gpu import DeviceBatches, DeviceImages, eval_batches, simclr_p
 from core.config import Config
 from core.engine import Task, adam, compiled, infer, to_device
 from core.inputs import Inputs, make_loader
-from core.metrics import knn_balanced_accuracy
+from core.knn import knn_balanced_accuracy
 
 
 class Pretraining(Task):
