@@ -335,7 +335,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     for module, name in (("core.config", "ConfigError"), ("core.data", "DataError"), ("core.models", "ModelError"),
                          ("core.store", "StoreError"), ("core.filelock", "BusyError"),
                          ("core.serving", "ModelNotFound"), ("core.candidates", "PromotionError"), ("core.report", "ReportError"),
-                         ("core.download", "DownloadError")):
+                         ("core.archives", "DownloadError")):
         if module in sys.modules and hasattr(sys.modules[module], name):
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

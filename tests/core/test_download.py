@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import download
-from experiments.cli import main
+from core import fetch
+from core.archives import ARCHIVES, DownloadError
 from core.data import CLASSES, read_manifest
-from core.download import ARCHIVES, MANIFEST, MIRROR_ENV, DownloadError, download_isic2018
+from core.download import download_isic2018
+from core.fetch import CHECKSUMS, MIRROR_ENV
+from experiments.cli import main
 
 TRAINING_INPUT = "ISIC2018_Task3_Training_Input.zip"
 TRAINING_GT = "ISIC2018_Task3_Training_GroundTruth.zip"
@@ -63,8 +65,8 @@ def _zip(path: Path, top: str, files: dict[str, bytes], extra: dict[str, bytes] 
 def _publish(served: Path) -> None:
     """SHA256SUMS of everything served, in `sha256sum` format."""
     lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}"
-             for p in sorted(served.iterdir()) if p.name != MANIFEST]
-    (served / MANIFEST).write_text("\n".join(lines) + "\n")
+             for p in sorted(served.iterdir()) if p.name != CHECKSUMS]
+    (served / CHECKSUMS).write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture
@@ -153,8 +155,8 @@ def server(release):
 @pytest.fixture(autouse=True)
 def _quick_retries(monkeypatch):
     """Short waits so that retry paths take milliseconds; the attempt count stays bounded as shipped."""
-    monkeypatch.setattr(download, "BACKOFF_S", 0.05)
-    monkeypatch.setattr(download, "TIMEOUT_S", 10.0)
+    monkeypatch.setattr(fetch, "BACKOFF_S", 0.05)
+    monkeypatch.setattr(fetch, "TIMEOUT_S", 10.0)
     monkeypatch.delenv(MIRROR_ENV, raising=False)
 
 
@@ -215,7 +217,7 @@ def test_rerun_after_success_does_not_touch_the_network(server, tmp_path, capsys
     # A deleted piece comes back, and only its archive is fetched again.
     (out / "ISIC2018_Task3_Training_GroundTruth.csv").unlink()
     download_isic2018(out, base_url=server.url, progress=False)
-    assert [name for name, _ in server.log[requests:]] == [MANIFEST, TRAINING_GT]
+    assert [name for name, _ in server.log[requests:]] == [CHECKSUMS, TRAINING_GT]
     assert len(read_manifest(out).frame) == 9
 
 
@@ -287,7 +289,7 @@ def test_corrupt_archive_is_refused_and_nothing_of_it_is_trusted(server, release
 
 def test_published_checksum_holds_for_a_mirror_without_sha256sums(server, release, tmp_path):
     served, _ = release
-    (served / MANIFEST).unlink()
+    (served / CHECKSUMS).unlink()
     out = tmp_path / "isic2018"
 
     with pytest.raises(DownloadError, match="md5 checksum mismatch: expected 0c281f121070a8d63457caffcdec439a"):
