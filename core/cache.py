@@ -6,9 +6,9 @@ reads pixels straight from the page cache. A cache directory is trusted only onc
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -18,41 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from core.data import DataError, Manifest, default_workers, load_rgb
+from core.aspect import aspect_problem, fit_square
+from core.data import Manifest
+from core.filelock import lock
+from core.images import default_workers, load_rgb
+from core.problems import DataError
 
 CACHE_VERSION = 1  # bump when the pixels a key stands for change (resize filter, policy)
-ASPECTS = ("center_crop", "pad", "stretch")
 CHUNK = 128  # images per worker task
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SKINCLR_CACHE") or Path.home() / ".cache" / "skinclr").expanduser()
-
-
-def fit_square(rgb: np.ndarray, size: int, aspect: str = "center_crop") -> np.ndarray:
-    """An HxWx3 image as SxSx3: crop the long side, letterbox it, or stretch it.
-
-    One resampling step (antialiased bicubic) in every policy; prediction uses this too, so
-    a model sees the same pixels at serving time as in training.
-    """
-    img = Image.fromarray(rgb)
-    w, h = img.size
-    bicubic = Image.Resampling.BICUBIC
-    if aspect == "center_crop":
-        side = min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        return np.asarray(img.resize((size, size), bicubic, box=box))
-    if aspect == "stretch":
-        return np.asarray(img.resize((size, size), bicubic))
-    if aspect == "pad":
-        scale = size / max(w, h)
-        inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), bicubic)
-        out = Image.new("RGB", (size, size))
-        out.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
-        return np.asarray(out)
-    raise DataError(f"aspect {aspect!r} is not one of {', '.join(ASPECTS)}")
 
 
 @dataclass
@@ -98,8 +76,8 @@ def open_cache(path) -> ImageCache:
 def build_cache(manifest: Manifest, size: int, aspect: str = "center_crop", cache_dir=None,
                 workers: int | None = None, progress: bool = True) -> ImageCache:
     """The manifest's images at SxS, decoded by a process pool on first use, reused after."""
-    if aspect not in ASPECTS:
-        raise DataError(f"aspect {aspect!r} is not one of {', '.join(ASPECTS)}")
+    if problem := aspect_problem(aspect):
+        raise DataError(problem)
     if size < 1:
         raise DataError(f"cache image size must be positive, got {size}")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -111,8 +89,7 @@ def build_cache(manifest: Manifest, size: int, aspect: str = "center_crop", cach
     key = cache_key(manifest, size, aspect)
     final = cache_dir / key
     # One builder per key: a second process waits here, then finds the finished cache.
-    with open(cache_dir / f"{key}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock(cache_dir / f"{key}.lock", wait=math.inf, holder=f"the image cache {final}"):
         if (final / "meta.json").is_file():
             return open_cache(final)
         for stale in [final, *cache_dir.glob(f".{key}.tmp-*")]:  # left by a killed build

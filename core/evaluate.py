@@ -21,8 +21,10 @@ import numpy as np
 import pandas as pd
 
 from core import figures, metrics as M
-from core.cache import fit_square
-from core.data import DataError, load_rgb, read_manifest
+from core.aspect import fit_square
+from core.data import read_manifest
+from core.images import load_rgb
+from core.problems import DataError
 from core.runtime import pixel_digest
 from core.serving import Predictor, decode_input, load_predictor
 from core.tracking import RunLogger

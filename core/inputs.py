@@ -19,8 +19,10 @@ import torch
 
 from core.cache import CachedDataset, ImageCache, build_cache
 from core.config import Config, ConfigError
-from core.data import (DataError, Manifest, check_split, label_fingerprint, label_subset, load_split, read_manifest,
-                       save_split, split_by_lesion, split_fingerprint)
+from core.data import Manifest, read_manifest
+from core.problems import DataError
+from core.split import (check_split, label_fingerprint, label_subset, load_split, save_split, split_by_lesion,
+                        split_fingerprint)
 from core import names
 
 INPUTS_VERSION = 1  # bump when the resolved-inputs file changes shape

@@ -30,7 +30,8 @@ from core.inputs import Inputs, load_inputs
 from core.models import imagenet_weights_file
 from core.pretrain import pretrain
 from core.filelock import BusyError, lock
-from core.runtime import check_devices, describe_device, load_checkpoint, pick_device, pixel_digest, save_atomic
+from core.runtime import check_devices, describe_device, load_checkpoint, pick_device, save_atomic
+from core.split import save_split
 from core.tracking import RunLogger
 from core import names
 
@@ -152,14 +153,7 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
         logger.log_params(cfg.flat())
         with tempfile.TemporaryDirectory() as tmp:
             logger.log_artifact(cfg.save(Path(tmp) / names.CONFIG_ARTIFACT))
-            split = Path(tmp) / "split.csv"
-            columns = ["image", "label", "lesion_id", "split"] + (["labelled"] if "labelled" in inputs.split else [])
-            table = inputs.split[columns].copy()
-            # what the model saw of each image: evaluation tells its own images from others of the same id
-            images = inputs.cache.images
-            table["pixels"] = [pixel_digest(images[r]) for r in inputs.cache.rows(table["image"])]
-            table.to_csv(split, index=False)
-            logger.log_artifact(split)
+            logger.log_artifact(save_split(inputs.split, Path(tmp) / "split.csv", inputs.cache))
     except BaseException as err:
         _release(run_id)
         if not isinstance(err, store.StoreError):

@@ -36,9 +36,10 @@ from PIL import Image
 
 from core import __version__, store, tracking
 from core.augment import eval_transform
-from core.cache import ASPECTS, fit_square
+from core.aspect import ASPECTS, fit_square
 from core.config import load_config
-from core.data import DECODE_ERRORS, DataError, decode_image, load_rgb
+from core.images import DECODE_ERRORS, decode_image, load_rgb
+from core.problems import DataError
 from core.engine import infer
 from core.models import BACKBONES, ModelError, build_classifier
 from core.tracking import RunLogger

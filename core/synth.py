@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from core.layouts import GROUPINGS, TRAINING_GT, TRAINING_INPUT
 from core.names import CLASSES
-from core.data import GROUPINGS, TRAINING_GT, TRAINING_INPUT, DataError
+from core.problems import DataError
 
 MARKER = "skinclr_synth.json"
 WIDTH, HEIGHT = 200, 150  # the real images' size

@@ -332,7 +332,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
     Only modules already imported are looked at: an error cannot come from one that is not."""
     errors: list[type[BaseException]] = [FileNotFoundError, UsageError]
-    for module, name in (("core.config", "ConfigError"), ("core.data", "DataError"), ("core.models", "ModelError"),
+    for module, name in (("core.config", "ConfigError"), ("core.problems", "DataError"), ("core.models", "ModelError"),
                          ("core.store", "StoreError"), ("core.filelock", "BusyError"),
                          ("core.serving", "ModelNotFound"), ("core.candidates", "PromotionError"), ("core.report", "ReportError"),
                          ("core.archives", "DownloadError")):

@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.data import CLASSES, TRAINING_GT, TRAINING_INPUT, read_manifest
+from core.data import read_manifest
+from core.layouts import TRAINING_GT, TRAINING_INPUT
+from core.names import CLASSES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ import torch
 
 from core import tracking
 from experiments.cli import build_parser, main
-from core.data import CLASSES
+from core.names import CLASSES
 from core.models import build_classifier
 from core.runner import checkpoint_root
 from core.serving import save_pyfunc

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core.data import CLASSES
+from core.names import CLASSES
 from core.registry import promote
 from tests.core.test_registry import EXPERIMENT, finetune_run
 from tests.core.test_server import free_port, wait_http

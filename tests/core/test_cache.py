@@ -10,8 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from core.cache import CachedDataset, build_cache, cache_key, default_cache_dir, fit_square, open_cache
-from core.data import TRAINING_INPUT, DataError, load_rgb, read_manifest
+from core.aspect import fit_square
+from core.cache import CachedDataset, build_cache, cache_key, default_cache_dir, open_cache
+from core.data import read_manifest
+from core.images import load_rgb
+from core.layouts import TRAINING_INPUT
+from core.problems import DataError
 
 
 @pytest.fixture

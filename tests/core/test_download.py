@@ -17,9 +17,10 @@ from PIL import Image
 
 from core import fetch
 from core.archives import ARCHIVES, DownloadError
-from core.data import CLASSES, read_manifest
+from core.data import read_manifest
 from core.download import download_isic2018
 from core.fetch import CHECKSUMS, MIRROR_ENV
+from core.names import CLASSES
 from experiments.cli import main
 
 TRAINING_INPUT = "ISIC2018_Task3_Training_Input.zip"

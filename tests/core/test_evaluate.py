@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from core import tracking
-from core.data import CLASSES, DataError, read_manifest
+from core.data import read_manifest
+from core.names import CLASSES
+from core.problems import DataError
 from core.evaluate import evaluate, format_summary, predict
 from core.metrics import classification_metrics
 from core.serving import load_predictor, save_pyfunc
@@ -95,7 +97,7 @@ def test_predict_writes_one_row_per_image(trained_state, labelled_dir, tmp_path)
 
 def _subset(source: Path, names: list[str], out: Path) -> Path:
     """A folder in the training layout holding `names` of `source` (images, labels, lesions)."""
-    from core.data import GROUPINGS, TRAINING_GT, TRAINING_INPUT
+    from core.layouts import GROUPINGS, TRAINING_GT, TRAINING_INPUT
 
     (out / TRAINING_INPUT).mkdir(parents=True)
     for name in names:

@@ -11,7 +11,9 @@ import pytest
 import core.data
 import core.inputs
 from core.config import ConfigError, load_config
-from core.data import DataError, label_subset, read_manifest, split_by_lesion
+from core.data import read_manifest
+from core.problems import DataError
+from core.split import label_subset, split_by_lesion
 from core.inputs import load_inputs, make_loader, open_inputs, resolve_inputs, save_inputs
 from core.names import INPUTS_FILE
 

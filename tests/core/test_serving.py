@@ -17,8 +17,12 @@ from mlflow.pyfunc import scoring_server
 
 from core import tracking
 from core.augment import eval_transform
-from core.cache import build_cache, fit_square
-from core.data import CLASSES, DataError, load_rgb, read_manifest
+from core.aspect import fit_square
+from core.cache import build_cache
+from core.data import read_manifest
+from core.images import load_rgb
+from core.names import CLASSES
+from core.problems import DataError
 from core.models import ModelError, build_classifier
 from core.serving import ModelNotFound, load_predictor, log_model, save_pyfunc
 from core.tracking import RunLogger

@@ -6,7 +6,10 @@ import json
 import pytest
 from PIL import Image
 
-from core.data import CLASSES, TRAINING_INPUT, DataError, check_folder, read_manifest
+from core.data import check_folder, read_manifest
+from core.layouts import TRAINING_INPUT
+from core.names import CLASSES
+from core.problems import DataError
 from core.synth import MARKER, make_synthetic
 
 

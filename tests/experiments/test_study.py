@@ -11,7 +11,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from core.config import ConfigError, load_config
-from core.data import read_manifest, split_by_lesion
+from core.data import read_manifest
+from core.split import split_by_lesion
 from core.report import build_report
 from core.runner import run_pretrain
 from experiments.sweep import main

@@ -1,0 +1,101 @@
+"""Decoding an image, whatever its file type, mode or orientation, into HxWx3 uint8 RGB.
+
+Training reads images through here once, into the cache (core/cache.py); serving decodes what it
+is sent (a path, base64 text, encoded bytes or an array) through here too, so a broken file fails
+with the same message wherever it is met.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from core.problems import DataError
+
+# A truncated file must fail validation, not be padded with grey and trained on.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def load_rgb(path) -> np.ndarray:
+    """Fully decode an image file into an HxWx3 uint8 RGB array, whatever its mode or suffix."""
+    path = Path(path)
+    try:
+        return decode_image(path)
+    except DECODE_ERRORS as err:
+        raise DataError(f"{path}: {decode_reason(path, err)}; replace or remove the file") from None
+
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def decode_image(source) -> np.ndarray:
+    """Decode a file path or a binary stream (e.g. a served request's bytes) to RGB uint8."""
+    with Image.open(source) as img:
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def decode_reason(path: Path, err: Exception) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "file does not exist"
+    if path.is_file() and path.stat().st_size == 0:
+        return "file is empty"
+    if "truncated" in str(err):
+        return f"image is truncated ({err})"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not a readable image (corrupt or not an image format)"
+    return f"cannot decode image ({err})"
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit grey: scale the full range down; a plain convert() would clip at 255.
+        grey = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def _decode_problems(paths: list[str]) -> list[tuple[str, str]]:
+    """Worker: (path, reason) for every file in the chunk that does not decode."""
+    bad = []
+    for p in paths:
+        try:
+            decode_image(Path(p))
+        except DECODE_ERRORS as err:
+            bad.append((p, decode_reason(Path(p), err)))
+    return bad
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def find_unreadable(paths: list[str], workers: int | None, progress: bool) -> list[tuple[str, str]]:
+    """Decode every file in a process pool (JPEG decoding is CPU bound and holds the GIL)."""
+    from tqdm.auto import tqdm
+
+    workers = workers or default_workers()
+    bar = tqdm(total=len(paths), desc="decoding", unit="img", disable=not progress)
+    bad: list[tuple[str, str]] = []
+    if workers <= 1 or len(paths) < 256:
+        for chunk in _chunks(paths, 64):
+            bad += _decode_problems(chunk)
+            bar.update(len(chunk))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            jobs = {pool.submit(_decode_problems, c): len(c) for c in _chunks(paths, 128)}
+            for job in as_completed(jobs):
+                bad += job.result()
+                bar.update(jobs[job])
+    bar.close()
+    return sorted(bad)
