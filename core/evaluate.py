@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import figures, metrics as M
+from core import figures, metrics as M, names
 from core.aspect import fit_square
 from core.data import read_manifest
-from core.images import load_rgb
+from core.images import decode_input, load_rgb
+from core.model_uri import load_predictor
+from core.predictor import Predictor
 from core.problems import DataError
 from core.runtime import pixel_digest
-from core.serving import Predictor, decode_input, load_predictor
 from core.tracking import RunLogger
-from core import names
 
 ROLES = ("train", "val", "test")  # what an evaluated image was to the model; test: never seen
 

@@ -6,9 +6,14 @@ with the same message wherever it is met.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -17,6 +22,7 @@ from core.problems import DataError
 
 # A truncated file must fail validation, not be padded with grey and trained on.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+_BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
 
 
 def load_rgb(path) -> np.ndarray:
@@ -36,6 +42,49 @@ def decode_image(source) -> np.ndarray:
     with Image.open(source) as img:
         img.load()
         return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def decode_input(item: Any, index: int = 0) -> np.ndarray:
+    """One input image as an HxWx3 uint8 RGB array.
+
+    An array is taken as it is; a string is a file path when such a file exists or it does not
+    look like base64, else base64 of an encoded image (the form images take over REST); bytes
+    are an encoded image. Files go through the data layer, so a broken one fails as in training.
+    """
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
+            raise DataError(f"image {index}: expected a uint8 HxWx3 RGB array, got {item.dtype} of shape {item.shape}")
+        return np.ascontiguousarray(item)
+    if isinstance(item, Path):
+        return load_rgb(item)
+    if isinstance(item, str):
+        if not _BASE64.fullmatch(item) or _is_file(item):
+            return load_rgb(item)
+        try:
+            data = base64.b64decode(item, validate=False)
+        except binascii.Error as err:
+            raise DataError(f"image {index}: {item[:40]!r}... is neither an existing file nor valid base64 "
+                            f"({err})") from None
+        return _decode_bytes(data, f"image {index} (base64, {len(item)} characters)")
+    if isinstance(item, (bytes, bytearray)):
+        return _decode_bytes(bytes(item), f"image {index} ({len(item)} bytes)")
+    raise DataError(f"image {index}: a {type(item).__name__}; give a file path, a base64-encoded JPEG/PNG string, "
+                    "encoded image bytes or a uint8 HxWx3 array")
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a base64 string longer than a file name may be
+        return False
+
+
+def _decode_bytes(data: bytes, name: str) -> np.ndarray:
+    try:
+        return decode_image(io.BytesIO(data))
+    except DECODE_ERRORS as err:
+        raise DataError(f"{name}: not a readable image ({err}); send a whole JPEG or PNG file, base64-encoded, "
+                        "or a path to an existing file") from None
 
 
 def decode_reason(path: Path, err: Exception) -> str:

@@ -334,7 +334,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [FileNotFoundError, UsageError]
     for module, name in (("core.config", "ConfigError"), ("core.problems", "DataError"), ("core.models", "ModelError"),
                          ("core.store", "StoreError"), ("core.filelock", "BusyError"),
-                         ("core.serving", "ModelNotFound"), ("core.candidates", "PromotionError"), ("core.report", "ReportError"),
+                         ("core.model_uri", "ModelNotFound"), ("core.candidates", "PromotionError"), ("core.report", "ReportError"),
                          ("core.archives", "DownloadError")):
         if module in sys.modules and hasattr(sys.modules[module], name):
             errors.append(getattr(sys.modules[module], name))

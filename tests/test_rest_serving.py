@@ -84,7 +84,7 @@ def test_the_served_champion_scores_a_real_image(served_champion, real_data_dir,
         assert sum(row.values()) == pytest.approx(1.0, abs=1e-6)
     assert records[0] == pytest.approx(split[0])
 
-    from core.serving import load_predictor
+    from core.model_uri import load_predictor
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     direct = load_predictor(f"runs:/{run_id}/model").predict_proba([str(image)])[0]

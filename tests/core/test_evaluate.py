@@ -11,11 +11,12 @@ import pytest
 
 from core import tracking
 from core.data import read_manifest
-from core.names import CLASSES
-from core.problems import DataError
 from core.evaluate import evaluate, format_summary, predict
 from core.metrics import classification_metrics
-from core.serving import load_predictor, save_pyfunc
+from core.model_uri import load_predictor
+from core.names import CLASSES
+from core.problems import DataError
+from core.serving import save_pyfunc
 from tests.core.test_serving import labelled_dir, log_trained, trained_state  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.real_data

@@ -15,11 +15,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from core import candidates, registry, store, tracking
-from experiments.cli import main as cli_main
-from core.names import PROMOTION_TAG
 from core.candidates import PromotionError
+from core.names import PROMOTION_TAG
 from core.registry import CHAMPION, PREVIOUS, promote, rollback
 from core.tracking import RunLogger
+from experiments.cli import main as cli_main
 from tests.core.test_server import running_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -345,7 +345,7 @@ def test_the_champion_alias_loads_in_skinclr_predict(runs, real_data_dir, tmp_pa
     assert list(got.columns) == ["image", *classes, "predicted"]
     assert got[classes].sum(axis=1).round(6).eq(1.0).all()
 
-    from core.serving import load_predictor
+    from core.model_uri import load_predictor
 
     direct = load_predictor(f"runs:/{runs['b']}/model").predict_proba([str(p) for p in images])
     assert got[classes].to_numpy() == pytest.approx(direct, abs=1e-4)

@@ -16,15 +16,16 @@ from mlflow.models import convert_input_example_to_serving_input
 from mlflow.pyfunc import scoring_server
 
 from core import tracking
-from core.augment import eval_transform
 from core.aspect import fit_square
+from core.augment import eval_transform
 from core.cache import build_cache
 from core.data import read_manifest
 from core.images import load_rgb
+from core.model_uri import ModelNotFound, load_predictor
+from core.models import ModelError, build_classifier
 from core.names import CLASSES
 from core.problems import DataError
-from core.models import ModelError, build_classifier
-from core.serving import ModelNotFound, load_predictor, log_model, save_pyfunc
+from core.serving import log_model, save_pyfunc
 from core.tracking import RunLogger
 
 pytestmark = pytest.mark.real_data
