@@ -4,9 +4,10 @@ No lesion has images on both sides of a split: two photographs of one lesion, on
 one in val, would let validation reward memorising the lesion.
 
 A split is written in one format, a CSV that reads on its own: `image,label,lesion_id,split`
-(label as the class name), then `labelled` when the split holds a labelled subset, and `pixels`
-when it is written with the run's cache: a digest of each image as the model saw it, by which
-evaluation tells a model's own images from others filed under the same id.
+(label as the class name), and `pixels` when it is written with the run's cache: a digest of
+each image as the model saw it, by which evaluation tells a model's own images from others filed
+under the same id. A labelled subset is not part of the split: each run draws its own from the
+split, named by its label fingerprint.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from core.problems import DataError, Problems, listing, plural
 from core.runtime import pixel_digest
 from core.tables import check_columns, check_ids, read_csv
 
-COLUMNS = ("image", "label", "lesion_id", "split")  # every split file's; `labelled` and `pixels` may follow
+COLUMNS = ("image", "label", "lesion_id", "split")  # every split file's; `pixels` may follow
 
 
 def lesion_groups(frame: pd.DataFrame) -> np.ndarray:
@@ -129,7 +130,7 @@ def split_fingerprint(split: pd.DataFrame) -> str:
 def save_split(split: pd.DataFrame, path, cache: ImageCache | None = None) -> Path:
     """Write a split file (the module's one format); `cache` adds each image's pixel digest."""
     path = Path(path)
-    out = split[[*COLUMNS, *(["labelled"] if "labelled" in split else [])]].copy()
+    out = split[list(COLUMNS)].copy()
     out["label"] = [CLASSES[i] for i in out["label"]]
     if cache is not None:
         out["pixels"] = [pixel_digest(cache.images[row]) for row in cache.rows(out["image"])]
