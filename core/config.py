@@ -33,15 +33,18 @@ class ConfigError(ValueError):
 
 
 # Keys renamed since runs were first logged, old name -> new. An old key still loads (every run
-# logged before holds it in its config.yaml), with one line naming the new key.
+# logged before holds it in its config.yaml), with one line naming the new key: once a process,
+# since a command may load its config more than once.
 RENAMED = {
     "finetune.monitor": "finetune.select_metric",  # `monitor.*` is the pretraining kNN monitor
     "finetune.monitor_smoothing": "finetune.select_smoothing",
 }
+_told: set[str] = set()
 
 
 def _renamed(key: str) -> str:
-    if key in RENAMED:
+    if key in RENAMED and key not in _told:
+        _told.add(key)
         print(f"warning: config key '{key}' is now '{RENAMED[key]}'; rename it in your config", file=sys.stderr)
     return RENAMED.get(key, key)
 

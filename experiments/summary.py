@@ -29,11 +29,11 @@ class SweepOutcome:
     folder: Path
 
 
-def trials_table(grid, parent_run_id: str, sampled: list[str], metric: str) -> pd.DataFrame:
+def trials_table(results, parent_run_id: str, sampled: list[str], metric: str) -> pd.DataFrame:
     """One row per trial: ids, MLflow status, sampled values, last and best metric, why it ended."""
     runs = trial_runs(parent_run_id)
     rows = []
-    for result in grid:
+    for result in results:
         trial_id = Path(result.path).name
         last = result.metrics or {}
         history = result.metrics_dataframe
@@ -49,13 +49,13 @@ def trials_table(grid, parent_run_id: str, sampled: list[str], metric: str) -> p
     return table.sort_values(f"best_{metric}", ascending=False, na_position="last", kind="stable")
 
 
-def finish(grid, setup: TrialSetup, state: dict[str, Any], folder: Path) -> SweepOutcome:
+def finish(results, setup: TrialSetup, state: dict[str, Any], folder: Path) -> SweepOutcome:
     """Trials table, parallel-coordinates figure and the best trial, on the parent run."""
     from core.figures import plot_parallel_coordinates
 
     metric, sampled = state["metric"], state["sampled"]
     best_col = f"best_{metric}"
-    table = trials_table(grid, setup.parent_run_id, sampled, metric)
+    table = trials_table(results, setup.parent_run_id, sampled, metric)
     parent = RunLogger(setup.parent_run_id)
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "trials.csv", index=False)
@@ -73,7 +73,8 @@ def finish(grid, setup: TrialSetup, state: dict[str, Any], folder: Path) -> Swee
                          **{f"{names.BEST_PREFIX}{k}": best[k] for k in sampled}})
         parent.log_metrics({best_col: float(best[best_col])}, step=0)
     unfinished = table["status"].isin(["RUNNING", "KILLED"]).any()
-    parent.set_tags({names.TRIALS_TAG: len(table), names.TRIALS_FINISHED_TAG: int((table["status"] == "FINISHED").sum())})
+    finished = int((table["status"] == "FINISHED").sum())
+    parent.set_tags({names.TRIALS_TAG: len(table), names.TRIALS_FINISHED_TAG: finished})
     parent.end("KILLED" if unfinished else "FINISHED" if best is not None else "FAILED")
     shown = table.drop(columns=["run_id"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
@@ -82,6 +83,7 @@ def finish(grid, setup: TrialSetup, state: dict[str, Any], folder: Path) -> Swee
     elif best is not None:
         print(f"[sweep] best trial {best['trial_id']} (MLflow run {best['run_id']}): {metric} {best[best_col]:.4f}",
               flush=True)
-    return SweepOutcome(setup.parent_run_id, metric, table, best["trial_id"] if best is not None else None,
-                        best["run_id"] if best is not None else None,
-                        float(best[best_col]) if best is not None else None, folder)
+    if best is None:
+        return SweepOutcome(setup.parent_run_id, metric, table, None, None, None, folder)
+    return SweepOutcome(setup.parent_run_id, metric, table, best["trial_id"], best["run_id"], float(best[best_col]),
+                        folder)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from core import names
 from experiments.pipeline import pipeline_stages, run_pipeline
-from experiments.ray_session import ray_session
 from experiments.preflight import check_inits, search_space
+from experiments.ray_session import ray_session
 from experiments.sweep_config import load_sweep_config
 from experiments.sweep_state import check_resume, sweep_folder
 from experiments.tuner import run_sweep

@@ -17,6 +17,7 @@ PIPELINE_KEYS = ("finetune_config", "eval_data")  # sweep.* keys only a pipeline
 
 @dataclass
 class SweepConfig:
+    """The `sweep:` section: what the trials draw from, how many run and how, and where they live."""
     stage: str = "pretrain"  # pretrain | finetune | pipeline
     space: str = ""  # search-space YAML; empty: search_spaces/<stage>.yaml
     narrow: dict = field(default_factory=dict)  # key -> fixed value or {low, high} / [choices]
@@ -39,6 +40,7 @@ class SweepConfig:
 
 @dataclass
 class SweepRunConfig(Config):
+    """Core's run config with the sweep section typed: what every command of the project loads."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
@@ -50,7 +52,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | dict 
     return cfg
 
 
-def load_sweep_config(path: str | Path | None, overrides: list[str] | None) -> tuple[SweepRunConfig, dict[str, str]]:
+def load_sweep_config(path: str | Path | None,
+                      overrides: list[str] | None) -> tuple[SweepRunConfig, dict[str, str]]:
     """A sweep config, and the pipeline's own keys (sweep.finetune_config, sweep.eval_data) that it sets."""
     cfg = load_run_config(path, overrides)
     extra = {k: getattr(cfg.sweep, k) for k in PIPELINE_KEYS if getattr(cfg.sweep, k)}

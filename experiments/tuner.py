@@ -87,5 +87,4 @@ def run_sweep(cfg: SweepRunConfig, resume: bool = False, parent_of: str | None =
                            ProgressLines(state["metric"], state["max_t"], state["epochs"])]))
     print(f"[sweep] follow it in the MLflow UI{links.browse_hint()}: {links.run_link(setup.parent_run_id)}",
           flush=True)
-    grid = tuner.fit()
-    return finish(grid, setup, state, folder)
+    return finish(tuner.fit(), setup, state, folder)

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core import config
 from core.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,10 +38,12 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
         load_config(f)
 
 
-def test_a_renamed_key_loads_with_one_line_naming_the_new_key(tmp_path, capsys):
+def test_a_renamed_key_loads_with_one_line_naming_the_new_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(config, "_told", set())
     f = tmp_path / "old.yaml"
     f.write_text("stage: finetune\nfinetune: {monitor: val_loss}\n")
-    cfg = load_config(f, ["finetune.monitor_smoothing=3"])
+    load_config(f)
+    cfg = load_config(f, ["finetune.monitor_smoothing=3"])  # a second load says nothing new
     assert (cfg.finetune.select_metric, cfg.finetune.select_smoothing) == ("val_loss", 3)
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["warning: config key 'finetune.monitor' is now 'finetune.select_metric'; rename it in your config",
