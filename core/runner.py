@@ -98,9 +98,6 @@ class SilentLogger:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
-    def log_artifact(self, path, artifact_path: str | None = None) -> None:
-        pass
-
     def end(self, status: str = "FINISHED") -> None:
         pass
 
