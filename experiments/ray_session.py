@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from contextlib import contextmanager
 
 
@@ -21,7 +23,14 @@ def ray_session():
         return
     # A new local cluster keeps Ray's default token auth; only the notice that it is the default goes.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Ctrl-C stops the driver at once, as KeyboardInterrupt; the sweep's state is on disk and
+    # --resume continues it. (Tune's own handler would stop the running trials and return as if
+    # the sweep had ended, and the trials it cut short would look finished.)
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    term = signal.getsignal(signal.SIGTERM)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="WARNING")
+    if callable(term) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, term)  # ray.init's own handler would kill the driver outright
     try:
         yield
     finally:

@@ -30,15 +30,22 @@ class SweepOutcome:
 
 
 def trials_table(results, parent_run_id: str, sampled: list[str], metric: str) -> pd.DataFrame:
-    """One row per trial: ids, MLflow status, sampled values, last and best metric, why it ended."""
+    """One row per trial: ids, MLflow status, sampled values, last and best metric, why it ended.
+
+    `best_<metric>` is the score of the model the trial saved when it logged one (fine-tuning
+    logs it at the epoch `finetune.select_metric` picked), else the best epoch's value."""
     runs = trial_runs(parent_run_id)
     rows = []
     for result in results:
         trial_id = Path(result.path).name
         last = result.metrics or {}
         history = result.metrics_dataframe
-        best = history[metric].max() if history is not None and metric in history else None
         run = runs.get(trial_id)
+        # A fine-tune trial is worth the model it saved (the epoch its own selection picked), as
+        # promotion scores it; only a trial without one (pretraining) counts its best epoch.
+        saved = (run.data.metrics.get(f"best_{metric}") if run else None)
+        best = saved if saved is not None else (
+            history[metric].max() if history is not None and metric in history else None)
         rows.append({"trial_id": trial_id, "run_id": run.info.run_id if run else "",
                      "status": run.info.status if run else "NOT_STARTED",
                      **{k: result.config.get(k) for k in sampled},
@@ -47,6 +54,15 @@ def trials_table(results, parent_run_id: str, sampled: list[str], metric: str) -
                      "stopped_by": run.data.tags.get(names.STOPPED_BY_TAG, "") if run else "error"})
     table = pd.DataFrame(rows)
     return table.sort_values(f"best_{metric}", ascending=False, na_position="last", kind="stable")
+
+
+def close_interrupted(parent_run_id: str) -> None:
+    """A driver interrupted mid-sweep (Ctrl-C, SIGTERM): the parent and every trial run still
+    open end KILLED, so nothing is left RUNNING and --resume picks them up again."""
+    for run in trial_runs(parent_run_id).values():
+        if run.info.status == "RUNNING":
+            RunLogger(run.info.run_id).end("KILLED")
+    RunLogger(parent_run_id).end("KILLED")
 
 
 def finish(results, setup: TrialSetup, state: dict[str, Any], folder: Path) -> SweepOutcome:

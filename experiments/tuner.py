@@ -20,7 +20,7 @@ from experiments.callbacks import ChildRuns, ProgressLines
 from experiments.preflight import search_space
 from experiments.search import scheduler, search_algorithm
 from experiments.spaces import to_tune
-from experiments.summary import SweepOutcome, finish
+from experiments.summary import SweepOutcome, close_interrupted, finish
 from experiments.sweep_config import SweepRunConfig
 from experiments.sweep_state import check_resume, read_state, start, sweep_folder
 from experiments.trainables import TrialSetup, make_trainable
@@ -87,4 +87,9 @@ def run_sweep(cfg: SweepRunConfig, resume: bool = False, parent_of: str | None =
                            ProgressLines(state["metric"], state["max_t"], state["epochs"])]))
     print(f"[sweep] follow it in the MLflow UI{links.browse_hint()}: {links.run_link(setup.parent_run_id)}",
           flush=True)
-    return finish(tuner.fit(), setup, state, folder)
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see experiments.ray_session): Tune's state is on disk
+        close_interrupted(setup.parent_run_id)
+        raise
+    return finish(results, setup, state, folder)

@@ -191,14 +191,49 @@ def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
     assert "resuming" in resumed.stdout
 
 
-def wait_for_finished_and_checkpointed(client, folder: Path, driver, timeout: float = 300):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signalled_driver_leaves_the_sweep_killed_and_resumable(synth_dir, tmp_path, sig):
+    """Ctrl-C or SIGTERM to the driver alone, mid-sweep: it exits with the signal's code and the
+    resume hint, the parent and every trial it cut short end KILLED (none FINISHED, none left
+    RUNNING), its Ray processes go with it, and --resume runs the sweep to its end."""
+    name = f"signal-{sig.name.lower()}"
+    config = sweep_yaml(tmp_path / "sweep.yaml", synth_dir, tmp_path / "ray", name, samples=4, epochs=4)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    cmd = [sys.executable, "-m", "experiments.cli", "sweep", "--config", str(config)]
+    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        _, running = wait_for_finished_and_checkpointed(client, tmp_path / "ray" / name, driver, experiment=name)
+        driver.send_signal(sig)
+        out, err = driver.communicate(timeout=180)
+    finally:
+        kill_group(driver.pid)
+    assert driver.returncode == 128 + int(sig), out[-2000:] + err[-2000:]
+    assert "continue the sweep with the same command and --resume" in err
+    assert_group_gone(driver.pid)
+    parents, children = runs_of(client, f"sweep-{name}")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    by_trial = {c.data.tags["skinclr.trial_id"]: c for c in children}
+    assert all(c.info.status != "RUNNING" for c in children), [c.info.status for c in children]
+    assert all(by_trial[t].info.status == "KILLED" for t in running), {t: by_trial[t].info.status for t in running}
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    parents, children = runs_of(client, f"sweep-{name}")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert len(children) == 4 and all(c.info.status in TERMINAL for c in children)
+
+
+def wait_for_finished_and_checkpointed(client, folder: Path, driver, timeout: float = 300,
+                                     experiment: str = "resume"):
     """Poll the store and the Ray folder until one trial's run has ended and another trial has
     Tune checkpoints of 2 epochs or more while its run is still going; returns (ended runs,
     {trial id: epochs in its newest checkpoint})."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert driver.poll() is None, "the sweep ended before it could be interrupted"
-        exp = client.get_experiment_by_name("sweep-resume")
+        exp = client.get_experiment_by_name(f"sweep-{experiment}")
         if exp is not None:
             runs = [r for r in client.search_runs([exp.experiment_id]) if "skinclr.trial_id" in r.data.tags]
             finished = [r for r in runs if r.info.status == "FINISHED"]
