@@ -26,6 +26,7 @@ from ray import tune
 
 from core import store, tracking
 from core.config import Config, set_value
+from core.retry import retrying
 from core.runner import checkpoint_root, run_finetune, run_pretrain
 from core import names
 
@@ -88,11 +89,16 @@ def use_sweep_checkpoints(setup: TrialSetup) -> None:
 
 def trial_runs(parent_run_id: str) -> dict[str, Any]:
     """Trial id -> MLflow child run of a sweep (runs are found by tag, so a trial that failed
-    before its first report is found too)."""
+    before its first report is found too). Like a run's writes, it waits out a store outage:
+    trials starting and the driver's callbacks ask it at any moment."""
     c = tracking.client()
-    experiment_id = c.get_run(parent_run_id).info.experiment_id
-    runs = c.search_runs([experiment_id], filter_string=f"tags.`{names.PARENT_TAG}` = '{parent_run_id}'",
-                         max_results=10_000)
+
+    def search():
+        experiment_id = c.get_run(parent_run_id).info.experiment_id
+        return c.search_runs([experiment_id], filter_string=f"tags.`{names.PARENT_TAG}` = '{parent_run_id}'",
+                             max_results=10_000)
+
+    runs = retrying("finding the sweep's trial runs", search)
     return {r.data.tags[names.TRIAL_TAG]: r for r in runs if names.TRIAL_TAG in r.data.tags}
 
 
@@ -115,7 +121,7 @@ def restored_run(checkpoint, parent_run_id: str, trial_id: str) -> str | None:
 def finished_result(run_id: str | None) -> dict[str, Any] | None:
     """The last result of a trial whose run already finished (just before its driver was killed,
     before Tune saved that), to repeat for Tune instead of training again; None otherwise."""
-    run = tracking.client().get_run(run_id) if run_id else None
+    run = retrying("reading the trial's run", lambda: tracking.client().get_run(run_id)) if run_id else None
     if run is None or run.info.status != "FINISHED":
         return None
     return {**run.data.metrics, "epoch": int(run.data.tags.get(names.EPOCHS_RUN_TAG, 0)),
