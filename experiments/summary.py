@@ -12,7 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-from core import names
+from core import names, tracking
+from core.candidates import run_score
 from core.tracking import RunLogger
 from experiments.trainables import TrialSetup, trial_runs
 
@@ -32,20 +33,19 @@ class SweepOutcome:
 def trials_table(results, parent_run_id: str, sampled: list[str], metric: str) -> pd.DataFrame:
     """One row per trial: ids, MLflow status, sampled values, last and best metric, why it ended.
 
-    `best_<metric>` is the score of the model the trial saved when it logged one (fine-tuning
-    logs it at the epoch `finetune.select_metric` picked), else the best epoch's value."""
-    runs = trial_runs(parent_run_id)
+    `best_<metric>` is the trial's score as promotion reads it (core.candidates.run_score): the
+    model it saved where it logged one (fine-tuning, at the epoch `finetune.select_metric`
+    picked), else its best epoch."""
+    runs, client = trial_runs(parent_run_id), tracking.client()
     rows = []
     for result in results:
         trial_id = Path(result.path).name
         last = result.metrics or {}
         history = result.metrics_dataframe
         run = runs.get(trial_id)
-        # A fine-tune trial is worth the model it saved (the epoch its own selection picked), as
-        # promotion scores it; only a trial without one (pretraining) counts its best epoch.
-        saved = (run.data.metrics.get(f"best_{metric}") if run else None)
-        best = saved if saved is not None else (
-            history[metric].max() if history is not None and metric in history else None)
+        # Scored as promotion scores a run; a trial that never opened one, by Tune's history.
+        score = run_score(client, run, metric) if run else None
+        best = score[0] if score else (history[metric].max() if history is not None and metric in history else None)
         rows.append({"trial_id": trial_id, "run_id": run.info.run_id if run else "",
                      "status": run.info.status if run else "NOT_STARTED",
                      **{k: result.config.get(k) for k in sampled},
