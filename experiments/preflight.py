@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError
-from core.runner import init_run
+from core.inits import init_run
 from experiments.spaces import check_keys, grid_space, load_space, narrow, space_path
 from experiments.sweep_config import SweepRunConfig
 from experiments.trainables import METRICS

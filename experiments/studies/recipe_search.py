@@ -7,12 +7,16 @@ the same command continues:
 
     python experiments/studies/recipe_search.py --data DIR [--out outputs/recipes] [--dry-run]
 
+With `--recipes experiments/cpu` steps 1-4 are skipped and the shipped recipes (the winners of a
+finished search) are run instead: steps 5-9 alone, the part that measures them.
+
 1. ft_scratch      fine-tune sweep from scratch (experiments/sweeps/recipe_finetune.yaml)
 2. pretrain_sweep  SimCLR sweep over temperature, crop and colour (experiments/sweeps/recipe_pretrain.yaml)
 3. ft_simclr       the fine-tune sweep again, from the best pretrain trial's backbone
 4. recipes         OUT/recipe_{scratch,pretrain,simclr}.yaml: each sweep's best trial as a standalone config
 5. recipe_pretrain the pretraining recipe at the CPU budget (run name recipe_pretrain)
-6. seeds           both fine-tune recipes, seeds 0-2 (experiment skinclr-recipes)
+6. seeds           both fine-tune recipes, seeds 0-2, one step per run, SimCLR and scratch in turn
+                   (experiment skinclr-recipes): stopped at any point, the two stay comparable
 7. paper           the paper's fine-tuning (experiments/cpu/), both inits, seeds 0-2 (skinclr-paper-cpu)
 8. study           label efficiency (experiments/studies/label_efficiency.yaml) with the scratch recipe's settings
 9. reports         `skinclr report` of steps 6-8 into OUT/reports/
@@ -97,6 +101,8 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="the ISIC 2018 Task 3 training folder")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "recipes")
     ap.add_argument("--dry-run", action="store_true", help="print the commands of the steps not yet done")
+    ap.add_argument("--recipes", type=Path, help="run the recipe_{scratch,pretrain,simclr}.yaml in this folder "
+                    "(e.g. experiments/cpu) instead of searching for them: steps 5-9 alone")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="added to every command, e.g. a smoke run: --set data.image_size=32 --set train.epochs=1")
     args = ap.parse_args()
@@ -141,11 +147,46 @@ def main() -> None:
         parent(name, config, overrides)
         finish(name)
 
+    recipes = (args.recipes or out).resolve()
+    if not args.recipes:
+        search(args, out, dry, sweep, parent, done, finish)
+    run("recipe_pretrain", [[*skinclr, "pretrain", "--config", str(recipes / "recipe_pretrain.yaml"), "--set", root]])
+    for s in SEEDS:
+        for r in ("simclr", "scratch"):
+            run(f"seed_{r}_{s}", [[*skinclr, "finetune", "--config", str(recipes / f"recipe_{r}.yaml"), "--set", root,
+                                   "--set", f"train.seed={s}"]])
+    paper = [("baseline_scratch", []), ("finetune_simclr", ["--set", "finetune.init=runs:/recipe_pretrain"])]
+    run("paper", [[*skinclr, "finetune", "--config", f"experiments/cpu/{name}.yaml", "--set", root,
+                   "--set", f"train.seed={s}", "--set", "tracking.experiment=skinclr-paper-cpu", *extra]
+                  for name, extra in paper for s in SEEDS])
+    # the study fine-tunes with the scratch recipe's settings (those its search sampled)
+    sampled = scratch_settings(recipes / "recipe_scratch.yaml") if args.recipes else best_trial(parent("ft_scratch"))[1]
+    sweep("study", "experiments/studies/label_efficiency.yaml",
+          ("sweep.grid.finetune.init=[scratch, 'runs:/recipe_pretrain']", *(f"{k}={v}" for k, v in sampled.items())))
+    run("reports", [[*skinclr, "report", "--experiment", e, "--out", str(out / "reports" / e)]
+                    for e in ("skinclr-recipes", "skinclr-paper-cpu", "skinclr-study")], configured=False)
+
+
+def scratch_settings(recipe: Path) -> dict[str, str]:
+    """The values a recipe file gives the keys the fine-tune search samples."""
+    from core.config import load_config
+
+    cfg = load_config(recipe).to_dict()
+    space = yaml.safe_load((REPO / "search_spaces" / "finetune.yaml").read_text())
+
+    def get(key: str):
+        section, _, name = key.partition(".")
+        return cfg[section][name]
+    return {key: str(get(key)).lower() if isinstance(get(key), bool) else str(get(key)) for key in space}
+
+
+def search(args, out: Path, dry: bool, sweep, parent, done, finish) -> None:
+    """Steps 1-4: the sweeps, and each one's best trial written out as a recipe in OUT."""
     ft_sweep, pre_sweep = "experiments/sweeps/recipe_finetune.yaml", "experiments/sweeps/recipe_pretrain.yaml"
     sweep("ft_scratch", ft_sweep)
     sweep("pretrain_sweep", pre_sweep)
     if dry and not parent("pretrain_sweep"):
-        return print("(the later steps need the pretrain sweep's best trial)")
+        sys.exit("(the later steps need the pretrain sweep's best trial)")
     simclr = (f"finetune.init=runs:/{best_trial(parent('pretrain_sweep'))[0]}", "sweep.num_samples=12")
     sweep("ft_simclr", ft_sweep, simclr)
 
@@ -161,18 +202,6 @@ def main() -> None:
             write_recipe(best_trial(parent(name))[0], parent(name), out / f"recipe_{recipe}.yaml", note,
                          {**changes, "tracking.experiment": "skinclr-recipes", "tracking.run_name": f"recipe_{recipe}"})
         finish("recipes")
-    run("recipe_pretrain", [[*skinclr, "pretrain", "--config", str(out / "recipe_pretrain.yaml"), "--set", root]])
-    run("seeds", [[*skinclr, "finetune", "--config", str(out / f"recipe_{r}.yaml"), "--set", root,
-                   "--set", f"train.seed={s}"] for r in ("scratch", "simclr") for s in SEEDS])
-    paper = [("baseline_scratch", []), ("finetune_simclr", ["--set", "finetune.init=runs:/recipe_pretrain"])]
-    run("paper", [[*skinclr, "finetune", "--config", f"experiments/cpu/{name}.yaml", "--set", root,
-                   "--set", f"train.seed={s}", "--set", "tracking.experiment=skinclr-paper-cpu", *extra]
-                  for name, extra in paper for s in SEEDS])
-    _, sampled = best_trial(parent("ft_scratch"))  # the study fine-tunes with the scratch recipe's settings
-    sweep("study", "experiments/studies/label_efficiency.yaml",
-          ("sweep.grid.finetune.init=[scratch, 'runs:/recipe_pretrain']", *(f"{k}={v}" for k, v in sampled.items())))
-    run("reports", [[*skinclr, "report", "--experiment", e, "--out", str(out / "reports" / e)]
-                    for e in ("skinclr-recipes", "skinclr-paper-cpu", "skinclr-study")], configured=False)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The runner as a unit: where a run stands (its MLflow run id and the checkpoint written after
 every epoch), how it ends, resumes and refuses a second process, what a data-parallel follower
-leaves alone, and the one reading of `finetune.init`. Loops here are stand-ins that yield
+leaves alone. Loops here are stand-ins that yield
 records; the real loops are driven end to end in test_pretrain.py and test_finetune.py."""
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from core.config import ConfigError, load_config
 from core.engine import EpochRecord
 from core.inputs import resolve_inputs
 from core.names import EPOCHS_RUN_TAG, RUN_KEY_TAG, STAGE_TAG
-from core.runner import (CHECKPOINT, SilentLogger, checkpoint_root, drive, follow_run, init_run, open_run,
-                         resolve_init, resume_state)
+from core.runner import CHECKPOINT, SilentLogger, checkpoint_root, drive, follow_run, open_run, resume_state
 from core.filelock import BusyError, lock
 from core.runtime import load_checkpoint
 from core.tracking import RunLogger
@@ -146,33 +145,6 @@ def test_checkpoints_live_beside_a_local_store_unless_told_otherwise(monkeypatch
     assert checkpoint_root("http://tracking:5000") == checkpoint_root("postgresql://db/mlflow")
     monkeypatch.setenv("SKINCLR_CHECKPOINTS", str(tmp_path / "elsewhere"))
     assert checkpoint_root(f"sqlite:///{tmp_path}/db/mlflow.db") == tmp_path / "elsewhere"
-
-
-def pretrain_run(name: str = "", status: str = "FINISHED", stage: str = "pretrain") -> str:
-    logger = RunLogger.create("runner-inits", name, tags={STAGE_TAG: stage})
-    logger.end(status)
-    return logger.run_id
-
-
-def test_finetune_init_names_a_pretrain_run_by_id_or_by_name():
-    assert [init_run(i) for i in ("scratch", "imagenet", "/some/backbone.pt")] == [None, None, None]
-    older = pretrain_run("simclr-a")
-    newest = pretrain_run("simclr-a")
-    pretrain_run("simclr-a", status="KILLED")  # unfinished: never what a name means
-    assert init_run(f"runs:/{older}") == older
-    assert init_run(f"runs:/{older}/checkpoints/backbone_best.pt") == older
-    assert init_run("runs:/simclr-a") == newest
-    with pytest.raises(ConfigError, match="finetune.init 'runs:/nope': no pretrain run with that id or name"):
-        init_run("runs:/nope")
-    pretrain_run("tuned", stage="finetune")
-    with pytest.raises(ConfigError, match="no pretrain run"):  # a name stands for pretrain runs only
-        init_run("runs:/tuned")
-
-
-def test_a_pretrain_run_without_backbones_is_refused_before_any_work(synth_dir, tmp_path):
-    cfg = load_config(None, {"data.root": str(synth_dir), "finetune.init": f"runs:/{pretrain_run()}"}, stage="finetune")
-    with pytest.raises(ConfigError, match="has no checkpoints/backbone_"):
-        resolve_init(cfg, tmp_path)
 
 
 def test_imagenet_init_without_weights_says_where_to_put_them(synth_dir, tmp_path, monkeypatch, capsys):

@@ -240,7 +240,8 @@ def wait_for_finished_and_checkpointed(client, folder: Path, driver, timeout: fl
             running = {}
             for r in runs:
                 trial_id = r.data.tags["skinclr.trial_id"]
-                saved = sorted((folder / trial_id).glob("checkpoint_*"))
+                # a checkpoint folder counts once Tune has finished copying trial.json into it
+                saved = sorted(p.parent for p in (folder / trial_id).glob("checkpoint_*/trial.json"))
                 if r.info.status == "RUNNING" and len(saved) == 2:
                     running[trial_id] = json.loads((saved[-1] / "trial.json").read_text())["epoch"]
             if finished and running:
