@@ -23,7 +23,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from core import retry, store, tracking
-from core.config import Config, ConfigError, hash_items
+from core.config import Config, hash_items
 from core.engine import EpochRecord
 from core.finetune import finetune
 from core.inits import resolve_init
