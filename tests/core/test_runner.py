@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core import store, tracking
-from core.config import ConfigError, load_config
+from core.config import load_config
 from core.engine import EpochRecord
 from core.inputs import resolve_inputs
 from core.names import EPOCHS_RUN_TAG, RUN_KEY_TAG, STAGE_TAG
