@@ -148,8 +148,8 @@ def main() -> None:
         finish(name)
 
     recipes = (args.recipes or out).resolve()
-    if not args.recipes:
-        search(args, out, dry, sweep, parent, done, finish)
+    if not args.recipes and not search(args, out, dry, sweep, parent, done, finish):
+        return print("(the later steps need the pretrain sweep's best trial)")
     run("recipe_pretrain", [[*skinclr, "pretrain", "--config", str(recipes / "recipe_pretrain.yaml"), "--set", root]])
     for s in SEEDS:
         for r in ("simclr", "scratch"):
@@ -174,19 +174,18 @@ def scratch_settings(recipe: Path) -> dict[str, str]:
     cfg = load_config(recipe).to_dict()
     space = yaml.safe_load((REPO / "search_spaces" / "finetune.yaml").read_text())
 
-    def get(key: str):
-        section, _, name = key.partition(".")
-        return cfg[section][name]
-    return {key: str(get(key)).lower() if isinstance(get(key), bool) else str(get(key)) for key in space}
+    values = {key: cfg[key.partition(".")[0]][key.partition(".")[2]] for key in space}
+    return {key: str(v).lower() if isinstance(v, bool) else str(v) for key, v in values.items()}
 
 
-def search(args, out: Path, dry: bool, sweep, parent, done, finish) -> None:
-    """Steps 1-4: the sweeps, and each one's best trial written out as a recipe in OUT."""
+def search(args, out: Path, dry: bool, sweep, parent, done, finish) -> bool:
+    """Steps 1-4: the sweeps, and each one's best trial written out as a recipe in OUT; False
+    when a dry run cannot go on (no pretrain sweep yet to name the later steps' backbone)."""
     ft_sweep, pre_sweep = "experiments/sweeps/recipe_finetune.yaml", "experiments/sweeps/recipe_pretrain.yaml"
     sweep("ft_scratch", ft_sweep)
     sweep("pretrain_sweep", pre_sweep)
     if dry and not parent("pretrain_sweep"):
-        sys.exit("(the later steps need the pretrain sweep's best trial)")
+        return False
     simclr = (f"finetune.init=runs:/{best_trial(parent('pretrain_sweep'))[0]}", "sweep.num_samples=12")
     sweep("ft_simclr", ft_sweep, simclr)
 
@@ -202,6 +201,7 @@ def search(args, out: Path, dry: bool, sweep, parent, done, finish) -> None:
             write_recipe(best_trial(parent(name))[0], parent(name), out / f"recipe_{recipe}.yaml", note,
                          {**changes, "tracking.experiment": "skinclr-recipes", "tracking.run_name": f"recipe_{recipe}"})
         finish("recipes")
+    return True
 
 
 if __name__ == "__main__":
