@@ -1,0 +1,46 @@
+"""Losses that are the same on every x86 machine, for tests that pin a loop's numbers.
+
+A few Adam steps amplify the last bits that differ between kernels (AVX2 or AVX-512 in ATen and
+oneDNN, MKL's per-CPU code paths) into the third decimal, so a value recorded on one machine does
+not hold on another. A child process with every library held to its portable code path gives the
+same numbers anywhere the same PyTorch build runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PORTABLE = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE"}
+
+LOOPS = {
+    "pretrain": ("experiments/paper/simclr_pretrain.yaml", "pretrain",
+                 ["train.epochs=2", "train.batch_size=16", "train.max_steps_per_epoch=3", "monitor.k=5",
+                  "monitor.max_bank=50"], ["train_loss"]),
+    "finetune": ("experiments/paper/baseline_scratch.yaml", "finetune",
+                 ["train.epochs=2", "train.batch_size=16", "train.max_steps_per_epoch=3"], ["train_loss", "val_loss"]),
+}
+
+CHILD = """
+import json, sys
+from core.config import load_config
+from core.inputs import resolve_inputs
+from core.{stage} import {stage} as loop
+cfg = load_config({config!r}, {sets!r}, stage={stage!r})
+records = loop(cfg, resolve_inputs(cfg, progress=False))
+print(json.dumps([[r.metrics[k] for k in {keys!r}] for r in records]))
+"""
+
+
+def portable_losses(name: str, root: Path, store: Path) -> list[float]:
+    """The named loop run for 2 epochs at seed 0 on one thread: its losses per epoch, flattened."""
+    config, stage, extra, keys = LOOPS[name]
+    sets = [f"data.root={root}", "data.image_size=32", "data.workers=0", "train.threads=1", *extra]
+    code = CHILD.format(stage=stage, config=str(REPO / config), sets=sets, keys=keys)
+    env = {**os.environ, **PORTABLE, "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [v for epoch in json.loads(done.stdout.strip().splitlines()[-1]) for v in epoch]
