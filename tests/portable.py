@@ -16,16 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PORTABLE = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE"}
 
-LOOPS = {
-    "pretrain": ("experiments/paper/simclr_pretrain.yaml", "pretrain",
-                 ["train.epochs=2", "train.batch_size=16", "train.max_steps_per_epoch=3", "monitor.k=5",
-                  "monitor.max_bank=50"], ["train_loss"]),
-    "finetune": ("experiments/paper/baseline_scratch.yaml", "finetune",
-                 ["train.epochs=2", "train.batch_size=16", "train.max_steps_per_epoch=3"], ["train_loss", "val_loss"]),
-}
-
 CHILD = """
-import json, sys
+import json
 from core.config import load_config
 from core.inputs import resolve_inputs
 from core.{stage} import {stage} as loop
@@ -35,11 +27,9 @@ print(json.dumps([[r.metrics[k] for k in {keys!r}] for r in records]))
 """
 
 
-def portable_losses(name: str, root: Path, store: Path) -> list[float]:
-    """The named loop run for 2 epochs at seed 0 on one thread: its losses per epoch, flattened."""
-    config, stage, extra, keys = LOOPS[name]
-    sets = [f"data.root={root}", "data.image_size=32", "data.workers=0", "train.threads=1", *extra]
-    code = CHILD.format(stage=stage, config=str(REPO / config), sets=sets, keys=keys)
+def portable_losses(config: Path, stage: str, overrides: list[str], keys: list[str], store: Path) -> list[float]:
+    """The loop of `stage` run on `config` with `overrides`: the `keys` of each epoch's record, flattened."""
+    code = CHILD.format(stage=stage, config=str(config), sets=overrides, keys=keys)
     env = {**os.environ, **PORTABLE, "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

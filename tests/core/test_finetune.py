@@ -117,5 +117,7 @@ FINETUNE_LOSSES_BEFORE_ENGINE = [(2.1982568899790444, 1.943227195739746), (1.954
 
 
 def test_finetune_losses_at_a_fixed_seed_are_unchanged(synth_dir, tmp_path):
-    losses = portable_losses("finetune", synth_dir, tmp_path / "mlflow.db")
+    sets = small(synth_dir, "train.epochs=2", "train.batch_size=16", "train.max_steps_per_epoch=3", "train.threads=1")
+    losses = portable_losses(PAPER / "baseline_scratch.yaml", "finetune", sets, ["train_loss", "val_loss"],
+                             tmp_path / "mlflow.db")
     assert losses == pytest.approx([v for pair in FINETUNE_LOSSES_BEFORE_ENGINE for v in pair], rel=1e-6)

@@ -109,7 +109,9 @@ SIMCLR_LOSSES_BEFORE_ENGINE = [3.4325637817382812, 3.3663292725880942]
 
 
 def test_simclr_losses_at_a_fixed_seed_are_unchanged(synth_dir, tmp_path):
-    losses = portable_losses("pretrain", synth_dir, tmp_path / "mlflow.db")
+    sets = [f"data.root={synth_dir}", "data.image_size=32", "train.epochs=2", "train.threads=1", "train.batch_size=16",
+            "train.max_steps_per_epoch=3", "data.workers=0", "monitor.k=5", "monitor.max_bank=50"]
+    losses = portable_losses(CONFIG, "pretrain", sets, ["train_loss"], tmp_path / "mlflow.db")
     assert losses == pytest.approx(SIMCLR_LOSSES_BEFORE_ENGINE, rel=1e-6)
 
 
