@@ -7,7 +7,7 @@ researcher would, without records, monitor or checkpoints. Also reports the kNN 
 share of a full SimCLR epoch on the real data.
 
     .venv/bin/python tests/benchmarks/bench_pretrain.py [--data DIR] [--size 64] [--steps 12]
-        [--methods simclr moco_v2 byol] [--no-full-epoch]
+        [--repeats 3] [--methods simclr moco_v2 byol] [--no-full-epoch]
 """
 from __future__ import annotations
 
@@ -147,8 +147,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=list(PLAIN), choices=list(PLAIN))
     ap.add_argument("--full-epoch", action=argparse.BooleanOptionalAction, default=True,
                     help="also time one full SimCLR epoch with the monitor (about 1-2 minutes at 64 px)")
@@ -160,9 +160,11 @@ def main() -> None:
     rows = {}
     for method in args.methods:
         rates = {"plain": [], "project": []}
-        for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-            rates["plain"].append(PLAIN[method](inputs, cfg, args.steps))
-            rates["project"].append(project_loop(overrides, method, inputs, args.steps))
+        for i in range(args.repeats):  # interleaved, each side first in turn: noise hits both alike
+            sides = [("plain", lambda: PLAIN[method](inputs, cfg, args.steps)),
+                     ("project", lambda: project_loop(overrides, method, inputs, args.steps))]
+            for side, measure in sides[::1 if i % 2 == 0 else -1]:
+                rates[side].append(measure())
         best = {k: max(v) for k, v in rates.items()}
         rows[method] = {"plain_images_per_s": best["plain"], "project_images_per_s": best["project"],
                         "ratio_project_over_plain": best["project"] / best["plain"], "all_rates": rates}
