@@ -1,17 +1,19 @@
 """The paper's Table 1, Table 2 and Figures 1-3, rebuilt from MLflow runs and nothing else.
 
-Table 1 groups finished fine-tune runs by their init (scratch, ImageNet, SimCLR) and gives mean
-± sample std over the runs of each group (seeds): validation numbers from each run's best epoch
-(`best_val_*`), test numbers from the newest `skinclr evaluate` run of the run's model. Balanced
-accuracy and accuracy always sit in separate, labelled columns: the original paper reported the
-second under the name of the first. Table 2 and the figures describe the single best run (highest
-val balanced accuracy), redrawn from the `report/` files it logged.
+Table 1 groups finished fine-tune runs by their init (scratch, ImageNet, SimCLR; MoCo v2 and BYOL
+when there are runs of them) and gives mean ± sample std over the runs of each group (seeds):
+validation numbers from each run's best epoch (`best_val_*`), test numbers from the newest
+`skinclr evaluate` run of the run's model. Balanced accuracy and accuracy always sit in separate,
+labelled columns: the original paper reported the second under the name of the first. Table 2
+and the figures describe the single best run (highest val balanced accuracy), redrawn from the
+`report/` files it logged.
 
 Sweep trials are left out: they differ in hyperparameters, not only in seed, so their spread is
 not seed variance. The report itself becomes an MLflow run (experiment `skinclr-report`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -21,12 +23,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from core import figures, metrics as M, names, store, tracking
 from core.tracking import RunLogger
 
 REPORT_EXPERIMENT = "skinclr-report"
-INITS = ("scratch", "ImageNet", "SimCLR")
+PAPER_INITS = ("scratch", "ImageNet", "SimCLR")  # Table 1's rows, shown even when empty
 DASH = "—"
 FIGURES = {"figure1_loss_curves.png": "Figure 1. Training and validation loss per epoch",
            "figure2_accuracy_curves.png": "Figure 2. Validation accuracy and balanced accuracy per epoch",
@@ -38,9 +41,34 @@ class ReportError(ValueError):
 
 
 def init_group(run: Run) -> str:
-    """scratch, ImageNet, or SimCLR (a `runs:/` pretrain run or a backbone checkpoint path)."""
+    """scratch, ImageNet, or the method of the pretraining run the fine-tune started from
+    (SimCLR, MoCo v2, BYOL); a backbone file given by path counts as SimCLR."""
     init = run.data.tags.get(names.INIT_TAG) or run.data.params.get("finetune.init", "")
-    return {"scratch": "scratch", "imagenet": "ImageNet"}.get(init, "SimCLR")
+    if init in ("scratch", "imagenet"):
+        return {"scratch": "scratch", "imagenet": "ImageNet"}[init]
+    return method_title(run.data.tags.get(names.PRETRAIN_RUN_TAG, ""))
+
+
+def init_groups() -> list[str]:
+    """Every init group in report order: the paper's three, then the other methods by name."""
+    from core.methods import METHODS
+
+    return list(dict.fromkeys([*PAPER_INITS, *(method.title for method in METHODS.values())]))
+
+
+@functools.lru_cache(maxsize=1024)
+def method_title(pretrain_run_id: str) -> str:
+    """The title of a pretraining run's method, read from its params once (runs before
+    `pretrain.method` existed were SimCLR); "pretrained" when the run is gone from the store."""
+    from core.methods import METHODS
+
+    if not pretrain_run_id:
+        return METHODS["simclr"].title
+    try:
+        method = tracking.client().get_run(pretrain_run_id).data.params.get("pretrain.method", "simclr")
+    except MlflowException:
+        return "pretrained"
+    return METHODS[method].title if method in METHODS else method
 
 
 def is_sweep_run(run: Run) -> bool:
@@ -101,8 +129,10 @@ class Table1:
 
 def table1(runs: list[Run], tests: dict[str, Run]) -> Table1:
     rows, values = [], {}
-    for group in INITS:
+    for group in init_groups():
         members = [r for r in runs if init_group(r) == group]
+        if not members and group not in PAPER_INITS:
+            continue
         ids = [r.info.run_id for r in members]
         v = {"val_balanced_accuracy": [r.data.metrics["best_val_balanced_accuracy"] for r in members],
              "val_accuracy": [r.data.metrics["best_val_accuracy"] for r in members if "best_val_accuracy" in r.data.metrics],
@@ -161,9 +191,9 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
     """Write report.md with its tables and figures to `out`, log them as a new run of experiment
     `skinclr-report` (tag `skinclr.report=1`), and return report.md's path.
 
-    The paper's tables come from the plain fine-tune runs; the label-efficiency section from a
-    grid study over data.label_fraction (`study`, else the newest one in the experiments). An
-    experiment holding only a study gets only that section."""
+    The paper's tables come from the plain fine-tune runs; the study section from a grid study
+    (`study`, else the newest one in the experiments): label efficiency when it spans label
+    fractions, a table by init otherwise. An experiment holding only a study gets only that section."""
     from core import study as S
 
     out = Path(out)
@@ -190,8 +220,9 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
             frame = S.study_frame(parent)
         except S.StudyError as err:
             raise ReportError(str(err)) from None
-        parts += _study_section(frame, parent, out)
-        files += ["label_efficiency.png", "label_efficiency.csv"]
+        section, written = _study_section(frame, parent, out)
+        parts += section
+        files += written
         tags[names.STUDY_RUN_TAG] = parent.info.run_id
 
     logger = RunLogger.create(REPORT_EXPERIMENT, run_name="report", tags={
@@ -253,20 +284,27 @@ def _paper_section(runs: list[Run], n_sweep: int, out: Path) -> tuple[list[str],
     return parts, ["table1.csv", "table2.csv", *FIGURES], bid
 
 
-def _study_section(frame: pd.DataFrame, parent: Run, out: Path) -> list[str]:
-    """The label-efficiency figure and table of one grid study (files written to `out`)."""
+def _study_section(frame: pd.DataFrame, parent: Run, out: Path) -> tuple[list[str], list[str]]:
+    """One grid study (files written to `out`): over label fractions, the label-efficiency figure
+    and table; over inits alone (pretraining methods, seeds), the table by init. Text parts, file names."""
     from core import study as S
 
     pid = parent.info.run_id
     table = S.study_table(frame)
+    note = ("Mean ± sample standard deviation over seeds of each run's best epoch; \"pretraining\" gives each "
+            "pretraining run's kNN monitor (balanced accuracy) at its first, middle and last monitored epoch.")
+    if frame["label_fraction"].nunique() < 2:
+        table.drop(columns="label fraction").to_csv(out / "study.csv", index=False)
+        return [f"## Study `{pid}`: by init ({len(frame)} finished runs)",
+                "Each run fine-tunes with the same settings; the runs differ in their init and seed. " + note,
+                _markdown(table.drop(columns="label fraction"))], ["study.csv"]
     table.to_csv(out / "label_efficiency.csv", index=False)
     S.plot_label_efficiency(frame, out / "label_efficiency.png",
                             title=f"label efficiency, study {pid[:8]}: mean ± 1 std over seeds, lesion-grouped val")
     return [
         f"## Label efficiency (study `{pid}`, {len(frame)} finished runs)",
         "Each run fine-tunes on a lesion-grouped, class-stratified subset of the train side "
-        "(`data.label_fraction`); the val side is the same for all. Mean ± sample standard deviation over seeds "
-        "of each run's best epoch.",
+        "(`data.label_fraction`); the val side is the same for all. " + note,
         _markdown(table),
         "![label efficiency](label_efficiency.png)",
-    ]
+    ], ["label_efficiency.csv", "label_efficiency.png"]

@@ -1,8 +1,11 @@
-"""Label efficiency, measured: val balanced accuracy and accuracy against the labelled fraction.
+"""Grid studies, read back from MLflow: label efficiency (val balanced accuracy and accuracy
+against the labelled fraction) and comparisons of inits (scratch and pretraining methods).
 
-A study is a grid sweep (`sweep.search: grid`) over `data.label_fraction` (with inits and seeds);
-everything here is read back from its MLflow runs, so the figure and the table can be rebuilt
-from the store alone. Balanced accuracy and accuracy are drawn and tabled apart.
+A study is a grid sweep (`sweep.search: grid`) over, for instance, `data.label_fraction`,
+`finetune.init` and seeds; everything here is read back from its MLflow runs, so the figure and
+the table can be rebuilt from the store alone. Balanced accuracy and accuracy are drawn and
+tabled apart. Each row also names the pretraining runs behind it with their kNN monitor at the
+first, middle and last monitored epoch, so a method's fine-tune sits beside what it started from.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from core import metrics as M, names, store, tracking
 FRACTION = "data.label_fraction"
 SCORES = {"best_val_balanced_accuracy": "val balanced accuracy", "best_val_accuracy": "val accuracy"}
 COLOURS = {"scratch": "tab:gray", "ImageNet": "tab:blue", "SimCLR": "tab:red"}
+OTHER_COLOURS = ("tab:purple", "tab:orange", "tab:green", "tab:brown")  # further methods, in report order
 
 
 class StudyError(ValueError):
@@ -30,51 +34,78 @@ def _init_group(run: Run) -> str:
     return init_group(run)
 
 
+def _init_order() -> dict[str, int]:
+    from core.report import init_groups
+
+    return {name: i for i, name in enumerate(init_groups())}
+
+
 def find_study(experiment_ids: list[str], ref: str | None = None) -> Run | None:
-    """The grid study named by `ref` (parent run id or name), else the newest one over label
-    fractions in the experiments; None when there is none."""
+    """The grid study named by `ref` (parent run id or name), else the newest grid study in the
+    experiments; None when there is none."""
     c = tracking.client()
     if ref:
         run_id = tracking.find_run(ref)
         if run_id is None:
             raise StudyError(f"no run '{ref}' in {store.tracking_uri()}; pass the parent run id of a grid study")
         run = c.get_run(run_id)
-        if FRACTION not in run.data.params.get("sweep.grid", ""):
-            raise StudyError(f"run {run_id} is not a grid study over {FRACTION} (its sweep.grid is "
-                             f"{run.data.params.get('sweep.grid', 'not set')!r})")
+        if run.data.tags.get(names.SEARCH_TAG) != "grid":
+            raise StudyError(f"run {run_id} is not the parent run of a grid study (sweep.search=grid); "
+                             "pass the parent run id that `skinclr sweep` printed for the study")
         return run
-    runs = c.search_runs(experiment_ids, filter_string="tags.`skinclr.search` = 'grid'",
-                         order_by=["attributes.start_time DESC"], max_results=100)
-    return next((r for r in runs if FRACTION in r.data.params.get("sweep.grid", "")), None)
+    runs = c.search_runs(experiment_ids, filter_string=f"tags.`{names.SEARCH_TAG}` = 'grid'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
 
 
 def study_frame(parent: Run) -> pd.DataFrame:
-    """One row per finished child run: init group, fraction, seed and the best epoch's scores."""
+    """One row per finished child run: init group, fraction, seed, pretraining run and the best epoch's scores."""
     c = tracking.client()
     children = c.search_runs([parent.info.experiment_id], max_results=10_000,
                              filter_string=f"tags.`{names.PARENT_TAG}` = '{parent.info.run_id}' and attributes.status = 'FINISHED'")
-    rows = [{"run_id": r.info.run_id, "init": _init_group(r), "label_fraction": float(r.data.params[FRACTION]),
+    rows = [{"run_id": r.info.run_id, "init": _init_group(r), "label_fraction": float(r.data.params.get(FRACTION, 1.0)),
              "seed": int(r.data.params.get("train.seed", 0)), "train_images": r.data.tags.get(names.TRAIN_IMAGES_TAG, ""),
+             "pretrain_run": r.data.tags.get(names.PRETRAIN_RUN_TAG, ""),
              **{k: r.data.metrics.get(k, np.nan) for k in SCORES}}
-            for r in children if FRACTION in r.data.params]
-    frame = pd.DataFrame(rows, columns=["run_id", "init", "label_fraction", "seed", "train_images", *SCORES])
+            for r in children]
+    frame = pd.DataFrame(rows, columns=["run_id", "init", "label_fraction", "seed", "train_images", "pretrain_run", *SCORES])
     frame = frame.dropna(subset=list(SCORES))
     if frame.empty:
         raise StudyError(f"study {parent.info.run_id} has no finished child run with best-epoch metrics yet; "
                          "continue it with `skinclr sweep --config ... --resume`")
-    order = {name: i for i, name in enumerate(COLOURS)}  # scratch, ImageNet, SimCLR
-    frame = frame.assign(_order=frame["init"].map(order))
+    order = _init_order()
+    frame = frame.assign(_order=frame["init"].map(lambda g: order.get(g, len(order))))
     return frame.sort_values(["_order", "label_fraction", "seed"], ignore_index=True).drop(columns="_order")
 
 
+def pretraining_summary(run_id: str) -> str:
+    """A pretraining run in one cell: its kNN monitor at the first, middle and last monitored
+    epoch, the best, and its wall time."""
+    c = tracking.client()
+    run = c.get_run(run_id)
+    knn = sorted((m.step, m.value) for m in c.get_metric_history(run_id, "knn_balanced_accuracy"))
+    minutes = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 60_000
+    if not knn:
+        return f"`{run_id[:8]}`: no kNN monitor, {minutes:.1f} min"
+    picks = [knn[0], knn[len(knn) // 2], knn[-1]] if len(knn) > 2 else knn
+    best = max(knn, key=lambda sv: sv[1])
+    return (f"`{run_id[:8]}`: kNN {' / '.join(f'{v:.3f}' for _, v in picks)} at epochs "
+            f"{' / '.join(str(s) for s, _ in picks)} (best {best[1]:.3f}, epoch {best[0]}), {minutes:.1f} min")
+
+
 def study_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± sample std over seeds per (init, fraction), with the run ids behind each cell."""
-    rows = []
+    """Mean ± sample std over seeds per (init, fraction), with the pretraining runs and the run ids behind each cell."""
+    rows, summaries = [], {}
     for (init, fraction), group in frame.groupby(["init", "label_fraction"], sort=False):
         row = {"init": init, "label fraction": fraction, "n runs": len(group)}
         for key, name in SCORES.items():
             mean, std = M.mean_std(group[key])
             row[name] = f"{mean:.4f} ± {std:.4f}" if len(group) > 1 else f"{mean:.4f}"
+        pretrained = [run_id for run_id in dict.fromkeys(group["pretrain_run"]) if run_id]
+        for run_id in pretrained:
+            if run_id not in summaries:
+                summaries[run_id] = pretraining_summary(run_id)
+        row["pretraining"] = "; ".join(summaries[run_id] for run_id in pretrained) or "—"
         row["runs"] = ", ".join(group["run_id"])
         rows.append(row)
     return pd.DataFrame(rows)
@@ -85,11 +116,13 @@ def plot_label_efficiency(frame: pd.DataFrame, path, title: str = "") -> Path:
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
     fractions = sorted(frame["label_fraction"].unique())
+    others = iter(OTHER_COLOURS)
+    colours = {init: COLOURS.get(init) or next(others, "black") for init in frame["init"].unique()}
     for ax, (key, name) in zip(axes, SCORES.items()):
         for init, group in frame.groupby("init", sort=False):
             stats = group.groupby("label_fraction")[key].agg(["mean", "std", "count"]).reindex(fractions).dropna(subset=["mean"])
             x, mean, std = stats.index.to_numpy(), stats["mean"].to_numpy(), stats["std"].fillna(0).to_numpy()
-            colour = COLOURS.get(init, "tab:green")
+            colour = colours[init]
             low, high = int(stats["count"].min()), int(stats["count"].max())
             ax.plot(x, mean, marker="o", color=colour, label=f"{init} (n={low if low == high else f'{low}-{high}'} per point)")
             ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)

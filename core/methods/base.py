@@ -26,6 +26,7 @@ class Pretraining(Task):
     gradients, in forward order (data-parallel runs wrap them in DistributedDataParallel)."""
 
     online_parts: tuple[str, ...] = ("backbone", "projector")
+    title: str  # how reports name the method and the fine-tunes that start from it
 
     def __init__(self, cfg: Config, inputs: Inputs, distributed: bool = False):
         self.cfg, self.inputs, self.distributed = cfg, inputs, distributed

@@ -40,6 +40,7 @@ def cosine_momentum(base: float, step: int, total: int) -> float:
 
 
 class BYOL(Pretraining):
+    title = "BYOL"
     online_parts = ("backbone", "projector", "predictor")
     step: int | None = None  # the model's step counter, mirrored here
 

@@ -109,6 +109,41 @@ def test_report_draws_label_efficiency_from_the_study_runs(study):
     text = study["report"].read_text()
     assert "## Label efficiency" in text and "label_efficiency.png" in text
     assert "Table 1" not in text  # the experiment holds a study only
+    assert "pretraining" in table and all(f"`{study['pretrain_run'][:8]}`: kNN " in cell
+                                          for cell in table.loc[table["init"] == "SimCLR", "pretraining"])
+
+
+@pytest.mark.slow
+def test_a_study_over_methods_is_tabled_by_method_with_each_pretraining_run(synth_dir, tmp_path, monkeypatch):
+    """Fine-tunes from a SimCLR and a MoCo v2 run, two seeds each: the report names each row by
+    its method (not all "SimCLR") and shows the kNN curve of the run it started from."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("SKINCLR_CACHE", str(tmp_path / "cache"))
+    base = {"data.root": str(synth_dir), "data.image_size": 32, "data.workers": 0, "train.batch_size": 16,
+            "train.max_steps_per_epoch": 2, "monitor.every": 1, "monitor.max_bank": 48, "monitor.k": 5,
+            "tracking.experiment": "pre"}
+    simclr = run_pretrain(load_config(None, {**base, "train.epochs": 3}, stage="pretrain"), progress=False).run_id
+    moco = run_pretrain(load_config(None, {**base, "train.epochs": 1, "pretrain.method": "moco_v2",
+                                           "moco_v2.queue_size": 64}, stage="pretrain"), progress=False).run_id
+    config = study_yaml(tmp_path / "methods.yaml", synth_dir, tmp_path / "ray", "methods")
+    grid = yaml.safe_load(config.read_text())
+    grid["sweep"]["grid"] = {"finetune.init": [f"runs:/{simclr}", f"runs:/{moco}"], "train.seed": SEEDS}
+    config.write_text(yaml.safe_dump(grid))
+    assert main(config, []) == 0
+    report = build_report(["methods"], tmp_path / "report")
+
+    table = pd.read_csv(report.parent / "study.csv")
+    assert list(table["init"]) == ["SimCLR", "MoCo v2"] and set(table["n runs"]) == {2}
+    _, kids = children(MlflowClient(), "methods")
+    for _, row in table.iterrows():
+        run = simclr if row["init"] == "SimCLR" else moco
+        cell = [r for r in kids if r.data.params["finetune.init"] == f"runs:/{run}"]
+        assert set(row["runs"].split(", ")) == {r.info.run_id for r in cell}
+        assert row["pretraining"].startswith(f"`{run[:8]}`: kNN ")
+    assert "epochs 1 / 2 / 3" in table.loc[0, "pretraining"] and "epochs 1 (" in table.loc[1, "pretraining"]
+    text = report.read_text()
+    assert "by init" in text and "Label efficiency" not in text
+    assert not (report.parent / "label_efficiency.png").exists()
 
 
 def test_grid_study_settings_are_checked_before_ray_starts(synth_dir, tmp_path):
