@@ -44,8 +44,9 @@ def init_group(run: Run) -> str:
     """scratch, ImageNet, or the method of the pretraining run the fine-tune started from
     (SimCLR, MoCo v2, BYOL); a backbone file given by path counts as SimCLR."""
     init = run.data.tags.get(names.INIT_TAG) or run.data.params.get("finetune.init", "")
-    if init in ("scratch", "imagenet"):
-        return {"scratch": "scratch", "imagenet": "ImageNet"}[init]
+    named = {"scratch": "scratch", "imagenet": "ImageNet"}
+    if init in named:
+        return named[init]
     return method_title(run.data.tags.get(names.PRETRAIN_RUN_TAG, ""))
 
 
@@ -294,10 +295,11 @@ def _study_section(frame: pd.DataFrame, parent: Run, out: Path) -> tuple[list[st
     note = ("Mean ± sample standard deviation over seeds of each run's best epoch; \"pretraining\" gives each "
             "pretraining run's kNN monitor (balanced accuracy) at its first, middle and last monitored epoch.")
     if frame["label_fraction"].nunique() < 2:
-        table.drop(columns="label fraction").to_csv(out / "study.csv", index=False)
+        table = table.drop(columns="label fraction")
+        table.to_csv(out / "study.csv", index=False)
         return [f"## Study `{pid}`: by init ({len(frame)} finished runs)",
                 "Each run fine-tunes with the same settings; the runs differ in their init and seed. " + note,
-                _markdown(table.drop(columns="label fraction"))], ["study.csv"]
+                _markdown(table)], ["study.csv"]
     table.to_csv(out / "label_efficiency.csv", index=False)
     S.plot_label_efficiency(frame, out / "label_efficiency.png",
                             title=f"label efficiency, study {pid[:8]}: mean ± 1 std over seeds, lesion-grouped val")

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run
 
 from core import metrics as M, names, store, tracking
+from core.report import init_group, init_groups
 
 FRACTION = "data.label_fraction"
 SCORES = {"best_val_balanced_accuracy": "val balanced accuracy", "best_val_accuracy": "val accuracy"}
@@ -26,18 +27,6 @@ OTHER_COLOURS = ("tab:purple", "tab:orange", "tab:green", "tab:brown")  # furthe
 
 class StudyError(ValueError):
     """No study to report on, or one whose runs lack what the figure needs."""
-
-
-def _init_group(run: Run) -> str:
-    from core.report import init_group
-
-    return init_group(run)
-
-
-def _init_order() -> dict[str, int]:
-    from core.report import init_groups
-
-    return {name: i for i, name in enumerate(init_groups())}
 
 
 def find_study(experiment_ids: list[str], ref: str | None = None) -> Run | None:
@@ -63,7 +52,7 @@ def study_frame(parent: Run) -> pd.DataFrame:
     c = tracking.client()
     children = c.search_runs([parent.info.experiment_id], max_results=10_000,
                              filter_string=f"tags.`{names.PARENT_TAG}` = '{parent.info.run_id}' and attributes.status = 'FINISHED'")
-    rows = [{"run_id": r.info.run_id, "init": _init_group(r), "label_fraction": float(r.data.params.get(FRACTION, 1.0)),
+    rows = [{"run_id": r.info.run_id, "init": init_group(r), "label_fraction": float(r.data.params.get(FRACTION, 1.0)),
              "seed": int(r.data.params.get("train.seed", 0)), "train_images": r.data.tags.get(names.TRAIN_IMAGES_TAG, ""),
              "pretrain_run": r.data.tags.get(names.PRETRAIN_RUN_TAG, ""),
              **{k: r.data.metrics.get(k, np.nan) for k in SCORES}}
@@ -73,7 +62,7 @@ def study_frame(parent: Run) -> pd.DataFrame:
     if frame.empty:
         raise StudyError(f"study {parent.info.run_id} has no finished child run with best-epoch metrics yet; "
                          "continue it with `skinclr sweep --config ... --resume`")
-    order = _init_order()
+    order = {name: i for i, name in enumerate(init_groups())}
     frame = frame.assign(_order=frame["init"].map(lambda g: order.get(g, len(order))))
     return frame.sort_values(["_order", "label_fraction", "seed"], ignore_index=True).drop(columns="_order")
 

@@ -43,6 +43,7 @@ class MoCoNet(nn.Module):
 
 class MoCoV2(Pretraining):
     title = "MoCo v2"
+
     def build(self) -> nn.Module:
         m, c = self.cfg.model, self.cfg.moco_v2
         return MoCoNet(m.backbone, m.proj_hidden, m.proj_dim, c.queue_size)

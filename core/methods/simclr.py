@@ -11,6 +11,7 @@ from core.models import build_simclr
 
 class SimCLR(Pretraining):
     title = "SimCLR"
+
     def build(self) -> nn.Module:
         m = self.cfg.model
         self.loss_fn = NTXentLoss(self.cfg.simclr.temperature, gather=self.distributed)

@@ -6,7 +6,7 @@ project/plain is the figure (goal >= 0.95). The plain loops are written out here
 researcher would, without records, monitor or checkpoints. Also reports the kNN monitor's
 share of a full SimCLR epoch on the real data.
 
-    .venv/bin/python tests/benchmarks/bench_pretrain.py [--data DIR] [--size 64] [--steps 12]
+    .venv/bin/python tests/benchmarks/bench_pretrain.py [--data DIR] [--size 64] [--steps 24]
         [--repeats 3] [--methods simclr moco_v2 byol] [--no-full-epoch]
 """
 from __future__ import annotations
@@ -160,11 +160,11 @@ def main() -> None:
     rows = {}
     for method in args.methods:
         rates = {"plain": [], "project": []}
+        measure = {"plain": lambda: PLAIN[method](inputs, cfg, args.steps),
+                   "project": lambda: project_loop(overrides, method, inputs, args.steps)}
         for i in range(args.repeats):  # interleaved, each side first in turn: noise hits both alike
-            sides = [("plain", lambda: PLAIN[method](inputs, cfg, args.steps)),
-                     ("project", lambda: project_loop(overrides, method, inputs, args.steps))]
-            for side, measure in sides[::1 if i % 2 == 0 else -1]:
-                rates[side].append(measure())
+            for side in ("plain", "project") if i % 2 == 0 else ("project", "plain"):
+                rates[side].append(measure[side]())
         best = {k: max(v) for k, v in rates.items()}
         rows[method] = {"plain_images_per_s": best["plain"], "project_images_per_s": best["project"],
                         "ratio_project_over_plain": best["project"] / best["plain"], "all_rates": rates}
