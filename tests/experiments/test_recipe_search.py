@@ -1,6 +1,7 @@
 """The shipped recipes and the script that measures them: the SimCLR recipe is the scratch recipe
 with another init (so the two compare inits alone), and `recipe_search.py --recipes` runs them
-seed by seed, SimCLR and scratch in turn, with the study fine-tuning on the scratch recipe."""
+seed by seed, SimCLR and scratch in turn, then the paper's recipe from its own pretraining, with
+the study fine-tuning on the scratch recipe."""
 from __future__ import annotations
 
 import subprocess
@@ -28,8 +29,12 @@ def test_the_shipped_recipes_are_measured_seed_by_seed(tmp_path, synth_dir):
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     steps = [line.strip("[]") for line in out.splitlines() if line.startswith("[")]
     assert steps == ["recipe_pretrain", *(f"seed_{r}_{s}" for s in range(3) for r in ("simclr", "scratch")),
-                     "paper", "study", "reports"]
+                     "paper_pretrain", *(f"paper_{r}_{s}" for s in range(3) for r in ("baseline_scratch", "finetune_simclr")),
+                     "study", "reports"]
     commands = [line for line in out.splitlines() if line.startswith("$")]
+    paper = [c for c in commands if "tracking.experiment=skinclr-paper-cpu" in c]  # the paper's own pretraining, then both inits
+    assert len(paper) == 7 and "simclr_pretrain.yaml" in paper[0] and "tracking.run_name=paper_pretrain" in paper[0]
+    assert all("finetune.init=runs:/paper_pretrain" in c for c in paper[1:] if "finetune_simclr" in c)
     assert f"--config {CPU / 'recipe_pretrain.yaml'}" in commands[0]
     assert commands[1].endswith(f"--config {CPU / 'recipe_simclr.yaml'} --set data.root={synth_dir} --set train.seed=0")
     study = next(c for c in commands if "label_efficiency.yaml" in c)
