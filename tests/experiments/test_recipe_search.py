@@ -34,7 +34,8 @@ def test_the_shipped_recipes_are_measured_seed_by_seed(tmp_path, synth_dir):
     commands = [line for line in out.splitlines() if line.startswith("$")]
     paper = [c for c in commands if "tracking.experiment=skinclr-paper-cpu" in c]  # the paper's own pretraining, then both inits
     assert len(paper) == 7 and "simclr_pretrain.yaml" in paper[0] and "tracking.run_name=paper_pretrain" in paper[0]
-    assert all("finetune.init=runs:/paper_pretrain" in c for c in paper[1:] if "finetune_simclr" in c)
+    simclr = [c for c in paper if "finetune_simclr.yaml" in c]
+    assert len(simclr) == 3 and all("finetune.init=runs:/paper_pretrain" in c for c in simclr)
     assert f"--config {CPU / 'recipe_pretrain.yaml'}" in commands[0]
     assert commands[1].endswith(f"--config {CPU / 'recipe_simclr.yaml'} --set data.root={synth_dir} --set train.seed=0")
     study = next(c for c in commands if "label_efficiency.yaml" in c)
