@@ -17,8 +17,9 @@ finished search) are run instead: steps 5-9 alone, the part that measures them.
 5. recipe_pretrain the pretraining recipe at the CPU budget (run name recipe_pretrain)
 6. seeds           both fine-tune recipes, seeds 0-2, one step per run, SimCLR and scratch in turn
                    (experiment skinclr-recipes): stopped at any point, the two stay comparable
-7. paper_*         the paper's recipe (experiments/cpu/): its SimCLR pretraining (run name paper_pretrain),
-                   then its fine-tuning from scratch and from that run, seeds 0-2 (skinclr-paper-cpu)
+7. paper_pretrain  the paper's SimCLR pretraining at the CPU budget (run name paper_pretrain), then
+   paper           its fine-tuning from scratch and from that run, seeds 0-2: a grid study
+                   (experiments/studies/paper.yaml, experiment skinclr-paper-cpu)
 8. study           label efficiency (experiments/studies/label_efficiency.yaml) with the scratch recipe's settings
 9. reports         `skinclr report` of steps 6-8 into OUT/reports/
 """
@@ -157,14 +158,9 @@ def main() -> None:
             run(f"seed_{r}_{s}", [[*skinclr, "finetune", "--config", str(recipes / f"recipe_{r}.yaml"), "--set", root,
                                    "--set", f"train.seed={s}"]])
     # the paper's recipe throughout: its pretraining (16 epochs at this budget), then its fine-tuning of both inits
-    paper_runs = ["--set", "tracking.experiment=skinclr-paper-cpu"]
     run("paper_pretrain", [[*skinclr, "pretrain", "--config", "experiments/cpu/simclr_pretrain.yaml", "--set", root,
-                            *paper_runs, "--set", "tracking.run_name=paper_pretrain"]])
-    paper = [("baseline_scratch", []), ("finetune_simclr", ["--set", "finetune.init=runs:/paper_pretrain"])]
-    for s in SEEDS:
-        for name, init in paper:
-            run(f"paper_{name}_{s}", [[*skinclr, "finetune", "--config", f"experiments/cpu/{name}.yaml", "--set", root,
-                                       "--set", f"train.seed={s}", *paper_runs, *init]])
+                            "--set", "tracking.experiment=skinclr-paper-cpu", "--set", "tracking.run_name=paper_pretrain"]])
+    sweep("paper", "experiments/studies/paper.yaml")
     # the study fine-tunes with the scratch recipe's settings (those its search sampled)
     sampled = scratch_settings(recipes / "recipe_scratch.yaml") if args.recipes else best_trial(parent("ft_scratch"))[1]
     sweep("study", "experiments/studies/label_efficiency.yaml",

@@ -1,6 +1,6 @@
 """The shipped recipes and the script that measures them: the SimCLR recipe is the scratch recipe
 with another init (so the two compare inits alone), and `recipe_search.py --recipes` runs them
-seed by seed, SimCLR and scratch in turn, then the paper's recipe from its own pretraining, with
+seed by seed, SimCLR and scratch in turn, then the paper's recipe from its own pretraining (a grid study over inits and seeds), with
 the study fine-tuning on the scratch recipe."""
 from __future__ import annotations
 
@@ -29,15 +29,29 @@ def test_the_shipped_recipes_are_measured_seed_by_seed(tmp_path, synth_dir):
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     steps = [line.strip("[]") for line in out.splitlines() if line.startswith("[")]
     assert steps == ["recipe_pretrain", *(f"seed_{r}_{s}" for s in range(3) for r in ("simclr", "scratch")),
-                     "paper_pretrain", *(f"paper_{r}_{s}" for s in range(3) for r in ("baseline_scratch", "finetune_simclr")),
-                     "study", "reports"]
+                     "paper_pretrain", "paper", "study", "reports"]
     commands = [line for line in out.splitlines() if line.startswith("$")]
-    paper = [c for c in commands if "tracking.experiment=skinclr-paper-cpu" in c]  # the paper's own pretraining, then both inits
-    assert len(paper) == 7 and "simclr_pretrain.yaml" in paper[0] and "tracking.run_name=paper_pretrain" in paper[0]
-    simclr = [c for c in paper if "finetune_simclr.yaml" in c]
-    assert len(simclr) == 3 and all("finetune.init=runs:/paper_pretrain" in c for c in simclr)
+    paper = [c for c in commands if "tracking.experiment=skinclr-paper-cpu" in c or "studies/paper.yaml" in c]  # its own pretraining, then the grid
+    assert len(paper) == 2 and "simclr_pretrain.yaml" in paper[0] and "tracking.run_name=paper_pretrain" in paper[0]
+    assert " sweep --config experiments/studies/paper.yaml" in paper[1]
     assert f"--config {CPU / 'recipe_pretrain.yaml'}" in commands[0]
     assert commands[1].endswith(f"--config {CPU / 'recipe_simclr.yaml'} --set data.root={synth_dir} --set train.seed=0")
     study = next(c for c in commands if "label_efficiency.yaml" in c)
     scratch = load_config(CPU / "recipe_scratch.yaml")
     assert f"--set train.lr={scratch.train.lr}" in study and "--set finetune.balanced_sampler=true" in study
+
+
+def test_the_paper_study_runs_the_paper_fine_tuning_over_inits_and_seeds():
+    """The grid study is the paper's CPU-budget fine-tuning with only init and seed varied, so its
+    table measures the paper's recipe and nothing else."""
+    from experiments.sweep_config import load_sweep_config
+
+    study, _ = load_sweep_config(REPO / "experiments" / "studies" / "paper.yaml", [])
+    assert study.sweep.search == "grid"
+    assert study.sweep.grid == {"finetune.init": ["scratch", "runs:/paper_pretrain"], "train.seed": [0, 1, 2]}
+    paper = study.flat()
+    for name in ("baseline_scratch", "finetune_simclr"):
+        shipped = load_config(CPU / f"{name}.yaml").flat()
+        differ = {k for k in paper.keys() | shipped.keys() if paper.get(k) != shipped.get(k)}
+        assert differ <= {"finetune.init", "data.workers", "tracking.experiment", "tracking.run_name"} | \
+            {k for k in paper if k.startswith("sweep.")}, differ

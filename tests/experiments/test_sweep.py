@@ -362,7 +362,8 @@ def test_shipped_sweep_configs_resolve(tmp_path):
         assert space_file.name == f"{stage}.yaml"
         check_keys(narrow(load_space(space_file), cfg.sweep.narrow), cfg)
     assert extra["finetune_config"] == "experiments/sweeps/finetune_asha.yaml"
-    for name in ("sweeps/recipe_finetune", "sweeps/recipe_pretrain", "studies/label_efficiency", "studies/methods"):
+    for name in ("sweeps/recipe_finetune", "sweeps/recipe_pretrain", "studies/label_efficiency", "studies/methods",
+                 "studies/paper"):
         cfg, _ = load_sweep_config(REPO / "experiments" / f"{name}.yaml", [])
         search_space(cfg)
     with pytest.raises(ConfigError, match="runs:/SET_ME"):  # the study needs the SimCLR run named
