@@ -1,7 +1,7 @@
 """The shipped recipes and the script that measures them: the SimCLR recipe is the scratch recipe
 with another init (so the two compare inits alone), and `recipe_search.py --recipes` runs them
-seed by seed, SimCLR and scratch in turn, then the paper's recipe from its own pretraining (a grid study over inits and seeds), with
-the study fine-tuning on the scratch recipe."""
+seed by seed, SimCLR and scratch in turn, then the paper's recipe from its own pretraining (a grid
+study over inits and seeds), with the study fine-tuning on the scratch recipe."""
 from __future__ import annotations
 
 import subprocess
