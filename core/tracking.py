@@ -15,12 +15,19 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import mlflow
+import sqlparse.lexer
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from core import names
 from core.retry import retrying
 from core.store import artifact_root, tracking_uri
+
+# MLflow parses search filters with sqlparse, whose lexer builds itself on first use, once per
+# process. A Ctrl-C or SIGTERM landing mid-way leaves it empty for good: every later search fails
+# (a sweep's driver interrupted during its first search then cannot close its trials). Built
+# here, at import, no interrupt of a run can land in it.
+sqlparse.lexer.Lexer.get_default_instance()
 
 opened_runs: list[str] = []  # runs this process created or reopened
 killed_runs: list[str] = []  # runs this process ended KILLED (the CLI's Ctrl-C line names them)

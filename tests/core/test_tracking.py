@@ -1,10 +1,14 @@
 """MLflow runs: batched logging, experiments that say what they hold, finding runs to resume or
 start from."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from core import names, tracking
 from core.tracking import RunLogger
 
+REPO = Path(__file__).resolve().parents[2]
 
 def test_metrics_are_batched_per_step(tmp_path):
     logger = RunLogger.create("batched", run_name="r")
@@ -78,3 +82,31 @@ def test_experiments_say_what_they_hold_and_open_in_the_model_training_view():
     RunLogger.create("notes-older", tags={names.STAGE_TAG: "evaluate"}).end()
     tags = c.get_experiment(older).tags
     assert tags[names.NOTE_TAG] == "my own words" and tags[names.KIND_TAG] == "custom_model_development"
+
+
+def test_an_interrupt_in_a_process_first_search_leaves_later_searches_working(tmp_path):
+    """A Ctrl-C landing while MLflow's filter parser builds itself (a process's first search) must
+    not break every later search: a sweep's driver interrupted then could not close its trials.
+    In a fresh process, the parser's setup is made to raise as an interrupt mid-way would."""
+    code = f"""
+import sqlparse.lexer
+from core import tracking
+
+def interrupted(self):
+    self.clear()
+    raise KeyboardInterrupt
+sqlparse.lexer.Lexer.default_initialization = interrupted
+
+c = tracking.client()
+experiment = c.create_experiment("interrupted")
+c.create_run(experiment, tags={{"skinclr.trial_id": "t1"}})
+try:
+    c.search_runs([experiment], "tags.`skinclr.trial_id` = 't1'")
+except KeyboardInterrupt:
+    pass
+print(len(c.search_runs([experiment], "tags.`skinclr.trial_id` = 't1'")))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1"
