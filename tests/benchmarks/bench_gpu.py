@@ -86,6 +86,13 @@ def full_step(cfg, inputs, on_device: bool) -> float:
     return records[-1].metrics["images_per_second"]
 
 
+def save(result: dict, out: Path, device: torch.device) -> None:
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, help="dataset folder (default: synthetic images made here)")
@@ -126,18 +133,14 @@ def main() -> None:
                    "c_over_a": c / a, "b_over_a": b / a,
                    "paper_recipe_hours": PAPER_EPOCHS * PAPER_TRAIN_IMAGES / c / 3600}
             result["rows"].append(row)
+            save(result, args.out, device)  # each row as it comes: a run cut short keeps what it measured
             print(f"{backbone} compile={compile_}: a {a:.0f}  b {b:.0f}  c {c:.0f} images/s  c/a {c / a:.3f}", flush=True)
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-
     print(f"\nSimCLR step, {gpu}, {args.size}px, batch {args.batch} (two views each), images/s")
     print(f"{'backbone':<10}{'compile':>8}{'(a) model':>11}{'(b) cpu aug':>13}{'(c) device aug':>16}{'c/a':>7}"
           f"{'paper recipe':>14}")
     for r in result["rows"]:
         print(f"{r['backbone']:<10}{str(r['compile']):>8}{r['model_alone']:>11.0f}{r['cpu_augment']:>13.0f}"
               f"{r['device_augment']:>16.0f}{r['c_over_a']:>7.3f}{r['paper_recipe_hours']:>12.2f} h")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
 
 
