@@ -19,6 +19,7 @@ floats between steps instead of being rounded to uint8 after each.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Iterator
 
 import numpy as np
@@ -64,11 +65,19 @@ class TensorPipeline:
 
     def __init__(self, size: int, train: bool = True, crop_min: float = 0.08, rotation: float = 0.0,
                  color_strength: float = 0.0, color_prob: float = 0.8, gray_prob: float = 0.0,
-                 blur_prob: float = 0.0):
+                 blur_prob: float = 0.0, compile: bool = False):
         self.size, self.train, self.crop_min, self.rotation = size, train, crop_min, rotation
         self.color_strength, self.color_prob, self.gray_prob, self.blur_prob = (color_strength, color_prob,
                                                                                 gray_prob, blur_prob)
         self.kernel = int(0.1 * size) // 2 * 2 + 1  # as augment.simclr_transform
+        # With `train.compile`, each pixel-wise step becomes one fused kernel instead of a pass
+        # over the batch per tensor operation (the hue shift alone is about twenty); the random
+        # draws stay eager. One graph per step, so the jitter's drawn order never recompiles.
+        ops = (JITTER_OPS, grayscale_where, normalise)
+        if compile:
+            fuse = partial(torch.compile, dynamic=False)
+            ops = (tuple(map(fuse, JITTER_OPS)), fuse(grayscale_where), fuse(normalise))
+        self.jitter_ops, self.grayscale_where, self.normalise = ops
 
     def __call__(self, images: Tensor, g: torch.Generator, order: torch.Generator) -> Tensor:
         """`g` draws per-image parameters on the images' device; `order` (a CPU generator) the
@@ -78,27 +87,26 @@ class TensorPipeline:
             x = geometry(x, self.size, self.crop_min, self.rotation, g)
             if self.color_strength > 0:
                 s = 0.8 * self.color_strength
-                x = color_jitter(x, s, s, s, 0.2 * self.color_strength, self.color_prob, g, order)
+                x = color_jitter(x, s, s, s, 0.2 * self.color_strength, self.color_prob, g, order, self.jitter_ops)
             if self.gray_prob > 0:
-                x = torch.where(_per_image(uniform(len(x), g) < self.gray_prob), gray(x), x)
+                x = self.grayscale_where(x, _per_image(uniform(len(x), g) < self.gray_prob))
             if self.blur_prob > 0 and self.kernel >= 3:
                 x = gaussian_blur(x, self.kernel, (0.1, 2.0), self.blur_prob, g)
         elif x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="area" if x.shape[-1] > self.size else "bilinear")
-        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        return self.normalise(x)
 
 
-def simclr_pipeline(size: int, crop_min=0.08, color_strength=0.5, blur_prob=0.5, gray_prob=0.2) -> TensorPipeline:
+def simclr_pipeline(size: int, crop_min=0.08, color_strength=0.5, blur_prob=0.5, gray_prob=0.2,
+                    compile: bool = False) -> TensorPipeline:
     """`augment.simclr_transform`'s view (the caller draws it twice for the two views)."""
     return TensorPipeline(size, crop_min=crop_min, color_strength=color_strength, gray_prob=gray_prob,
-                          blur_prob=blur_prob)
+                          blur_prob=blur_prob, compile=compile)
 
 
-def finetune_pipeline(size: int, crop_min=0.6, rotation=30.0, color_strength=0.2) -> TensorPipeline:
+def finetune_pipeline(size: int, crop_min=0.6, rotation=30.0, color_strength=0.2, compile: bool = False) -> TensorPipeline:
     """`augment.finetune_transform`."""
-    return TensorPipeline(size, crop_min=crop_min, rotation=rotation, color_strength=color_strength)
+    return TensorPipeline(size, crop_min=crop_min, rotation=rotation, color_strength=color_strength, compile=compile)
 
 
 def uniform(n: int, g: torch.Generator, low: float = 0.0, high: float = 1.0, *shape: int) -> Tensor:
@@ -163,26 +171,51 @@ def shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
+def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
+    return (x * _per_image(f)).clamp(0, 1)
+
+
+def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
+    f = _per_image(f)
+    return (x * f + gray(x).mean((1, 2, 3), keepdim=True) * (1 - f)).clamp(0, 1)
+
+
+def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
+    f = _per_image(f)
+    return (x * f + gray(x) * (1 - f)).clamp(0, 1)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    return shift_hue(x, shift).clamp(0, 1)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's order
+
+
+def grayscale_where(x: Tensor, chosen: Tensor) -> Tensor:
+    return torch.where(chosen, gray(x), x)
+
+
+def normalise(x: Tensor) -> Tensor:
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
 def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: float, hue: float, p: float,
-                 g: torch.Generator, order: torch.Generator) -> Tensor:
+                 g: torch.Generator, order: torch.Generator, ops=JITTER_OPS) -> Tensor:
     """ColorJitter: factors U[max(0, 1-b), 1+b] (brightness, contrast, saturation) and hue shift U[-h, h],
-    each image jittered with probability p, clipped to [0, 1] after each operation."""
+    each image jittered with probability p, clipped to [0, 1] after each operation (`ops`: JITTER_OPS,
+    compiled or not)."""
     n = len(x)
     on = uniform(n, g) < p
 
     def factor(s: float) -> Tensor:
         return torch.where(on, uniform(n, g, max(0.0, 1 - s), 1 + s), 1.0)
 
-    b, c, s = factor(brightness), factor(contrast), factor(saturation)
-    h = torch.where(on, uniform(n, g, -hue, hue), 0.0)
-    ops = [
-        lambda x: x * _per_image(b),
-        lambda x: x * _per_image(c) + gray(x).mean((1, 2, 3), keepdim=True) * (1 - _per_image(c)),
-        lambda x: x * _per_image(s) + gray(x) * (1 - _per_image(s)),
-        lambda x: shift_hue(x, h),
-    ]
+    params = (factor(brightness), factor(contrast), factor(saturation), torch.where(on, uniform(n, g, -hue, hue), 0.0))
     for i in torch.randperm(4, generator=order).tolist():
-        x = ops[i](x).clamp_(0, 1)
+        x = ops[i](x, params[i])
     return x
 
 

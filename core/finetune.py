@@ -86,7 +86,8 @@ class Finetuning(Task):
         """Augment on the training device (core/augment_gpu.py) instead of in CPU workers."""
         a = self.cfg.augment
         self.data = DeviceImages(self.inputs.cache, self.device)
-        self.augment = finetune_pipeline(self.cfg.data.image_size, a.crop_min, a.rotation, a.color_strength)
+        self.augment = finetune_pipeline(self.cfg.data.image_size, a.crop_min, a.rotation, a.color_strength,
+                                         compile=self.cfg.train.compile)
 
     def batches(self, epoch: int):
         cfg, labels = self.cfg, self.inputs.train_labels

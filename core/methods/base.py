@@ -60,7 +60,8 @@ class Pretraining(Task):
         """Augment on the training device (core/augment_gpu.py) instead of in CPU workers."""
         a = self.cfg.augment
         self.data = DeviceImages(self.inputs.cache, self.device)
-        self.views = simclr_pipeline(self.cfg.data.image_size, a.crop_min, a.color_strength, a.blur_prob, a.gray_prob)
+        self.views = simclr_pipeline(self.cfg.data.image_size, a.crop_min, a.color_strength, a.blur_prob, a.gray_prob,
+                                     compile=self.cfg.train.compile)
 
     def batches(self, epoch: int):
         order = dict(batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed + 1000 * self.rank, epoch=epoch,

@@ -198,3 +198,14 @@ def test_augment_device_chooses_the_path():
     assert tensor_path("auto", cuda) and tensor_path("cuda", cuda)
     with pytest.raises(ConfigError, match="augment.device=cuda needs training on a CUDA device"):
         tensor_path("cuda", cpu)
+
+
+def test_compiled_pixel_steps_give_the_eager_pipeline_output():
+    """`train.compile` fuses the tensor path's pixel-wise steps; the images it makes are the same."""
+    images = torch.randint(0, 256, (6, 24, 24, 3), dtype=torch.uint8)
+    eager, fused = (simclr_pipeline(16, color_strength=1.0, gray_prob=0.5, blur_prob=0.5, compile=c) for c in (False, True))
+    for seed in (0, 1):  # two batches: two jitter orders, the second reusing the compiled steps
+        a = eager(images, torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed))
+        b = fused(images, torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed))
+        assert b.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
