@@ -10,6 +10,7 @@ from core.tracking import RunLogger
 
 REPO = Path(__file__).resolve().parents[2]
 
+
 def test_metrics_are_batched_per_step(tmp_path):
     logger = RunLogger.create("batched", run_name="r")
     logger.log_metrics({"a": 1.0, "b": 2.0, "skipped": None}, step=1)
@@ -88,7 +89,7 @@ def test_an_interrupt_in_a_process_first_search_leaves_later_searches_working(tm
     """A Ctrl-C landing while MLflow's filter parser builds itself (a process's first search) must
     not break every later search: a sweep's driver interrupted then could not close its trials.
     In a fresh process, the parser's setup is made to raise as an interrupt mid-way would."""
-    code = f"""
+    code = """
 import sqlparse.lexer
 from core import tracking
 
@@ -99,7 +100,7 @@ sqlparse.lexer.Lexer.default_initialization = interrupted
 
 c = tracking.client()
 experiment = c.create_experiment("interrupted")
-c.create_run(experiment, tags={{"skinclr.trial_id": "t1"}})
+c.create_run(experiment, tags={"skinclr.trial_id": "t1"})
 try:
     c.search_runs([experiment], "tags.`skinclr.trial_id` = 't1'")
 except KeyboardInterrupt:
