@@ -1,6 +1,8 @@
-"""skinclr core: the trainer library (data, augmentation, models, losses, loops, metrics, tracking).
+"""skinclr: self-supervised pretraining and fine-tuning for skin-lesion classification, tracked in MLflow.
 
-Never imports Ray: the Ray Tune layer in `experiments/` drives these loops from outside.
+The library's wings, lowest first (a wing imports only those before it): the shared vocabulary
+(`names`, `config`, `runtime`), `data`, `track`, `train`, `serve`, `report`. Above them, and
+never imported by them: `tune` (the only code that imports Ray) and `cli`.
 """
 import os
 

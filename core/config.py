@@ -15,11 +15,9 @@ from typing import Any
 
 import yaml
 
-from core.aspect import aspect_problem
-
-from core.config_schema import (PRETRAIN_METHODS, STAGE_DEFAULTS, AugmentConfig, BYOLConfig, Config, DataConfig,
-                                FinetuneConfig, MethodConfig, ModelConfig, MoCoV2Config, MonitorConfig,
-                                PretrainConfig, SimCLRConfig, TrackingConfig, TrainConfig)
+from skinclr.config_schema import (ASPECTS, PRETRAIN_METHODS, STAGE_DEFAULTS, AugmentConfig, BYOLConfig, Config,
+                                   DataConfig, FinetuneConfig, MethodConfig, ModelConfig, MoCoV2Config, MonitorConfig,
+                                   PretrainConfig, SimCLRConfig, TrackingConfig, TrainConfig)
 
 __all__ = ["ConfigError", "RENAMED", "hash_items", "load_config", "set_value", "parse_override", "validate", "require",
            "Config",
@@ -197,7 +195,7 @@ def validate(cfg: Config) -> None:
         (cfg.monitor.k >= 1, "monitor.k", "must be at least 1"),
         (cfg.monitor.max_bank >= 0, "monitor.max_bank", "must be 0 (the whole train split) or more"),
         (cfg.augment.device in ("auto", "cpu", "cuda"), "augment.device", "must be auto, cpu or cuda"),
-        (aspect_problem(cfg.data.aspect) is None, "data.aspect", "must be center_crop, pad or stretch"),
+        (cfg.data.aspect in ASPECTS, "data.aspect", "must be center_crop, pad or stretch"),
         (0.0 < cfg.augment.crop_min <= 1.0, "augment.crop_min", "must lie in (0, 1]"),
         (cfg.simclr.temperature > 0, "simclr.temperature", "must be positive"),
         (cfg.pretrain.method in PRETRAIN_METHODS, "pretrain.method", f"must be one of {', '.join(PRETRAIN_METHODS)}"),

@@ -1,7 +1,7 @@
 """The run config's schema: one dataclass per section, with its defaults.
 
-`core.config` loads, overrides and checks it. A layer above core may add a section of its own:
-the sweep layer's `sweep:` lives in experiments/sweep_config.py and subclasses `Config` to type
+`skinclr.config` loads, overrides and checks it. A layer above core may add a section of its own:
+the sweep layer's `sweep:` lives in experiments/tune/plan.py and subclasses `Config` to type
 it; core itself only carries that section as data, so one YAML file holds a run and its sweep
 and every run's resolved config keeps both.
 """
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+ASPECTS = ("center_crop", "pad", "stretch")  # how an image becomes square (core/data/images.py)
 
 
 @dataclass

@@ -1,20 +1,26 @@
-"""Device, seeds, RNG state and atomic checkpoint files: what makes a run resumable exactly, and
-safely (core/filelock.py keeps one process per run)."""
+"""What makes a run resumable exactly and safely: device, seeds, RNG state, atomic checkpoint
+files, and one process at a time.
+
+The lock is an exclusive lock on a file, released by the kernel when its holder dies, so a killed
+run or promotion never blocks the next one: there is no stale lock to clear. The holder's pid is
+written into the file, so whoever waits can say which process is in the way.
+"""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
-
-from core.config import ConfigError
+from skinclr.config import ConfigError
 
 
 def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
@@ -118,3 +124,37 @@ def pixel_digest(square: np.ndarray) -> str:
     """A short digest of an image as the model saw it (its cached SxSx3 array): tells the same
     image from another one filed under the same id."""
     return hashlib.blake2b(np.ascontiguousarray(square).tobytes(), digest_size=8).hexdigest()
+
+
+POLL_S = 0.2  # how often a waiting process tries again
+
+
+class BusyError(RuntimeError):
+    """Another process holds the lock; the message names it."""
+
+
+def lock(path: str | Path, wait: float = 0.0, holder: str = "", poll: float = POLL_S) -> IO:
+    """An exclusive lock on `path`, held until the returned file is closed (or the process dies).
+
+    Raises BusyError once `wait` seconds have passed with another process holding it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                fh.seek(0)
+                pid = fh.read().strip()
+                fh.close()
+                raise BusyError(f"{holder or path} is in use by another process{f' (pid {pid})' if pid else ''}; "
+                                "wait for it to finish, or stop it first") from None
+            time.sleep(poll)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh

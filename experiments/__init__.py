@@ -1,0 +1,1 @@
+"""The shipped run, sweep and study configs (YAML), installed as package data `skinclr.configs`."""

@@ -21,7 +21,7 @@ def real_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """A small synthetic dataset in the official training layout (read-only by convention)."""
-    from core.synth import make_synthetic
+    from skinclr.data.synth import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("synth") / "isic", n=280, seed=0)
 

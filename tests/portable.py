@@ -18,8 +18,8 @@ PORTABLE = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MK
 
 CHILD = """
 import json
-from core.config import load_config
-from core.inputs import resolve_inputs
+from skinclr.config import load_config
+from skinclr.data.inputs import resolve_inputs
 from core.{stage} import {stage} as loop
 cfg = load_config({config!r}, {sets!r}, stage={stage!r})
 records = loop(cfg, resolve_inputs(cfg, progress=False))

@@ -263,7 +263,7 @@ class TrackingServer:
 
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(
-                self.ns.cmd(sys.executable, "-m", "experiments.cli", "server", "--host", self.host, "--port", str(self.port),
+                self.ns.cmd(sys.executable, "-m", "skinclr.cli.main", "server", "--host", self.host, "--port", str(self.port),
                             *self.args), cwd=Path(__file__).resolve().parents[1], env=self.env, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(f"tracking server {self.url}", lambda: self.answers("/health"), timeout, self.proc, self.log)

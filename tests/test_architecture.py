@@ -1,47 +1,147 @@
-"""docs/architecture.md stays true: it lists every module of the two layers, each one that exists,
-and the layers keep their direction (core never imports Ray or the sweep layer)."""
+"""The house keeps its rules, and docs/architecture.md stays true.
+
+One import name, `skinclr`; wings in a fixed order, each importing only the wings below it;
+Ray in `tune` alone; no import loop; no module over 300 lines; tests that mirror the package."""
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "architecture.md"
-PACKAGES = ("core", "experiments")
+# Lowest first: a module may import its own wing and the wings before it, never one after it.
+WINGS = ("base", "data", "track", "train", "serve", "run", "report", "tune", "cli")
+FOLDERS = {"skinclr": REPO / "core", "skinclr.tune": REPO / "experiments" / "tune",
+           "skinclr.cli": REPO / "experiments" / "cli"}
+MAX_LINES = 300
 
 
-def listed_modules() -> set[str]:
-    """Module paths named in the doc's tables (`core/data.py`, `experiments/sweep.py` ...)."""
-    return set(re.findall(r"`((?:core|experiments)/[\w/]+\.py)`", DOC.read_text()))
+def modules() -> dict[str, Path]:
+    """Every module of the installed package, by dotted name."""
+    out = {}
+    for prefix, folder in FOLDERS.items():
+        for path in folder.rglob("*.py"):
+            if "__pycache__" in path.parts or (prefix == "skinclr" and path.parts[len(folder.parts)] in
+                                                ("tune", "cli")):
+                continue
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join([prefix, *parts])] = path
+    return out
 
 
-def package_modules() -> set[str]:
-    return {str(p.relative_to(REPO)) for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")
-            if p.name != "__init__.py" and "__pycache__" not in p.parts}
+def wing(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in WINGS) else "base"
 
 
-def test_every_module_the_doc_lists_exists():
-    missing = sorted(m for m in listed_modules() if not (REPO / m).is_file())
-    assert not missing, f"docs/architecture.md lists modules that do not exist: {missing}"
-
-
-def test_the_doc_lists_every_module():
-    unlisted = sorted(package_modules() - listed_modules())
-    assert not unlisted, f"modules missing from docs/architecture.md: {unlisted}"
-
-
-def imported_top_levels(path: Path) -> set[str]:
-    names = set()
+def imports(path: Path) -> set[str]:
+    """Every module named by an import anywhere in the file (lazy imports count too)."""
+    out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
 
 
-def test_core_never_imports_ray_or_the_sweep_layer():
-    upward = {str(p.relative_to(REPO)): sorted(imported_top_levels(p) & {"ray", "experiments"})
-              for p in (REPO / "core").rglob("*.py")}
-    assert not {m: names for m, names in upward.items() if names}
+def own_imports(path: Path, known: dict[str, Path]) -> set[str]:
+    return {m for m in imports(path) if m in known}
+
+
+def test_one_import_name_from_another_folder(tmp_path):
+    """Installed code is importable as `skinclr` only; `core`, `experiments`, `search_spaces` are not."""
+    code = ("import importlib.util, skinclr, skinclr.cli.main, skinclr.configs, skinclr.search_spaces; "
+            "print([n for n in ('core', 'experiments', 'search_spaces') if importlib.util.find_spec(n)])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_doc_lists_every_module_and_only_modules_that_exist():
+    listed = set(re.findall(r"`((?:core|experiments/tune|experiments/cli)/[\w/]+\.py)`", DOC.read_text()))
+    actual = {str(p.relative_to(REPO)) for p in modules().values() if p.name != "__init__.py"}
+    actual |= {str(p.relative_to(REPO)) for name, p in modules().items()
+               if p.name == "__init__.py" and p.read_text().count("\n") > 3}  # a package that holds code
+    assert not listed - actual, f"docs/architecture.md lists modules that do not exist: {sorted(listed - actual)}"
+    assert not actual - listed, f"modules missing from docs/architecture.md: {sorted(actual - listed)}"
+
+
+def test_every_wing_says_what_it_is_for():
+    for name, path in modules().items():
+        if path.name == "__init__.py":
+            doc = ast.get_docstring(ast.parse(path.read_text()))
+            assert doc, f"{path.relative_to(REPO)}: a wing's __init__ says its purpose in a docstring"
+
+
+def test_no_wing_imports_a_wing_above_it():
+    known = modules()
+    upward = {}
+    for name, path in known.items():
+        rank = WINGS.index(wing(name))
+        bad = sorted(m for m in own_imports(path, known) if WINGS.index(wing(m)) > rank)
+        if bad:
+            upward[name] = bad
+    assert not upward, f"imports of a higher wing: {upward}"
+
+
+def test_ray_is_imported_in_tune_alone():
+    users = sorted(name for name, path in modules().items()
+                   if wing(name) != "tune" and any(m.split(".")[0] == "ray" for m in imports(path)))
+    assert not users, f"modules outside skinclr.tune import Ray: {users}"
+
+
+def test_no_import_loop():
+    known = modules()
+    graph = {name: {m for m in own_imports(path, known) if m != name and not name.startswith(m + ".")}
+             for name, path in known.items()}
+    # a package's __init__ importing its own submodules is how a package is built, not a loop
+    graph = {n: {m for m in deps if not m.startswith(n + ".")} for n, deps in graph.items()}
+    done, stack, loops = set(), [], []
+
+    def visit(node):
+        if node in stack:
+            loops.append(stack[stack.index(node):] + [node])
+            return
+        if node in done:
+            return
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            visit(dep)
+        stack.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+    assert not loops, f"import loops: {loops[:3]}"
+
+
+def test_no_module_over_300_lines():
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (one concept a module): {long}"
+
+
+PROJECT_TESTS = {"test_architecture", "test_readme", "test_docker_configs"}  # the project as a whole
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "tests").rglob("test_*.py")
+                                        if "benchmarks" not in p.parts and "studies" not in p.parts),
+                         ids=lambda p: str(p.relative_to(REPO / "tests")))
+def test_tests_mirror_the_package(path):
+    """tests/<wing>/test_<module>[_<part>].py: a test file names the module it tests, in its wing."""
+    if path.stem in PROJECT_TESTS:
+        return
+    folder = path.parent.relative_to(REPO / "tests").parts
+    package = ".".join(["skinclr", *folder])
+    names = {n.rsplit(".", 1)[-1] for n in modules() if n.rsplit(".", 1)[0] == package}
+    names |= {package.rsplit(".", 1)[-1]} if folder else set()
+    stem = path.stem[len("test_"):]
+    assert any(stem == n or stem.startswith(n + "_") for n in names), \
+        f"{path.relative_to(REPO)} names no module of {package} ({sorted(names)})"

@@ -146,7 +146,7 @@ def test_the_local_cluster_syncs_a_slim_copy_and_puts_its_venv_on_path():
 def test_the_readmes_submit_sweeps_with_the_submit_script():
     for readme in (REPO / "README.md", DOCKER / "README.md"):
         text = readme.read_text()
-        assert "ray submit docker/cluster" in text and "experiments/submit.py --" in text, readme
+        assert "ray submit docker/cluster" in text and "experiments/cli/submit.py --" in text, readme
         assert "my_script.py" not in text and "ray exec" not in text, readme
 
 

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from core import names
+from skinclr import names
 
 REPO = Path(__file__).resolve().parents[2]
 SEEDS = (0, 1, 2)
@@ -60,9 +60,9 @@ def sh(cmd: list[str], dry: bool, log: Path | None = None) -> None:
 
 def sweep_parent(config: str, overrides: list[str]) -> str | None:
     """The parent run id of the sweep this config and these overrides make (None: not started)."""
-    from core.names import SWEEP_STATE_FILE
-    from experiments.sweep_config import load_sweep_config
-    from experiments.sweep_state import sweep_folder
+    from skinclr.names import SWEEP_STATE_FILE
+    from skinclr.tune.plan import load_sweep_config
+    from skinclr.tune.plan import sweep_folder
 
     cfg, _ = load_sweep_config(REPO / config, overrides)
     state = sweep_folder(cfg) / SWEEP_STATE_FILE
@@ -71,7 +71,7 @@ def sweep_parent(config: str, overrides: list[str]) -> str | None:
 
 def best_trial(parent_run_id: str) -> tuple[str, dict[str, str]]:
     """The sweep's best trial: its MLflow run and the values it sampled."""
-    from core import tracking
+    from skinclr.track import tracking
 
     run = tracking.client().get_run(parent_run_id)
     best = run.data.tags.get(names.BEST_RUN_TAG)
@@ -84,13 +84,13 @@ def best_trial(parent_run_id: str) -> tuple[str, dict[str, str]]:
 
 def write_recipe(trial_run: str, parent_run: str, path: Path, note: str, changes: dict) -> None:
     """A trial's resolved config as a standalone recipe file, with the sweep named at the top."""
-    from core.config import load_config
-    from core.tracking import RunLogger
+    from skinclr.config import load_config
+    from skinclr.track.tracking import RunLogger
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(RunLogger(trial_run).download(names.CONFIG_ARTIFACT, tmp))
     for key, value in {**STANDALONE, **changes}.items():
-        from core.config import set_value
+        from skinclr.config import set_value
         set_value(cfg, key, value)
     body = {k: v for k, v in cfg.to_dict().items() if k != "sweep"}
     header = (f"# {note}\n# Found by the sweep with MLflow parent run {parent_run} (best trial: run {trial_run}).\n"
@@ -111,7 +111,7 @@ def main() -> None:
     out, dry = args.out.resolve(), args.dry_run
     (out / "done").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    skinclr = [sys.executable, "-m", "experiments.cli"]
+    skinclr = [sys.executable, "-m", "skinclr.cli.main"]
     root = f"data.root={Path(args.data).resolve()}"
     extra = [x for o in args.overrides for x in ("--set", o)]
     parents_file = out / "parents.json"  # step -> its sweep's parent run, kept once known: a later
@@ -171,7 +171,7 @@ def main() -> None:
 
 def scratch_settings(recipe: Path) -> dict[str, str]:
     """The values a recipe file gives the keys the fine-tune search samples."""
-    from core.config import load_config
+    from skinclr.config import load_config
 
     cfg = load_config(recipe).to_dict()
     space = yaml.safe_load((REPO / "search_spaces" / "finetune.yaml").read_text())

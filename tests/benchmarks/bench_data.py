@@ -22,11 +22,11 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from core.augment import simclr_transform  # noqa: E402
-from core.aspect import fit_square  # noqa: E402
-from core.cache import CachedDataset, build_cache  # noqa: E402
-from core.data import read_manifest  # noqa: E402
-from core.images import load_rgb  # noqa: E402
+from skinclr.train.augment import simclr_transform  # noqa: E402
+from skinclr.data.images import fit_square  # noqa: E402
+from skinclr.data.cache import CachedDataset, build_cache  # noqa: E402
+from skinclr.data.manifest import read_manifest  # noqa: E402
+from skinclr.data.images import load_rgb  # noqa: E402
 
 DEFAULT_ROOT = Path(os.environ.get("SKINCLR_REAL_DATA", REPO.parent / "shared" / "data" / "isic2018-task3-200x150"))
 RESULTS = Path(__file__).parent / "results" / "bench_data.json"

@@ -1,5 +1,5 @@
 """SimCLR step throughput on a GPU: what the model alone could do, and how close the full step
-gets with augmentation in CPU workers (albumentations) and on the device (core/augment_gpu.py).
+gets with augmentation in CPU workers (albumentations) and on the device (core/train/augment_gpu.py).
 
 Rows per backbone (images/s, two views each): (a) the model alone, forward + backward + fused
 Adam step on random tensors already on the GPU; (b) the full step, augmentation in DataLoader
@@ -29,12 +29,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from core.config import load_config  # noqa: E402
-from core.engine import adam, autocast, compiled, run  # noqa: E402
-from core.inputs import resolve_inputs  # noqa: E402
-from core.losses import nt_xent  # noqa: E402
-from core.methods.simclr import SimCLR  # noqa: E402
-from core.models import build_simclr  # noqa: E402
+from skinclr.config import load_config  # noqa: E402
+from skinclr.train.engine import adam, autocast, compiled, run  # noqa: E402
+from skinclr.data.inputs import resolve_inputs  # noqa: E402
+from skinclr.train.losses import nt_xent  # noqa: E402
+from skinclr.train.methods.simclr import SimCLR  # noqa: E402
+from skinclr.train.models import build_simclr  # noqa: E402
 
 CONFIG = REPO / "experiments" / "paper" / "simclr_pretrain.yaml"
 PAPER_TRAIN_IMAGES, PAPER_EPOCHS = 8584, 100
@@ -111,7 +111,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu: no CUDA device visible; run it on a GPU machine (or pass --device cpu for a smoke run)")
     if args.data is None:
-        from core.synth import make_synthetic
+        from skinclr.data.synth import make_synthetic
 
         args.data = make_synthetic(Path(tempfile.gettempdir()) / f"skinclr-bench-synth-{args.n}", n=args.n, seed=0)
 

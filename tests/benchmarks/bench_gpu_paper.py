@@ -21,10 +21,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from core.config import load_config  # noqa: E402
-from core.finetune import finetune  # noqa: E402
-from core.inputs import resolve_inputs  # noqa: E402
-from core.pretrain import pretrain  # noqa: E402
+from skinclr.config import load_config  # noqa: E402
+from skinclr.train.finetune import finetune  # noqa: E402
+from skinclr.data.inputs import resolve_inputs  # noqa: E402
+from skinclr.train.methods import pretrain  # noqa: E402
 
 
 def main() -> None:

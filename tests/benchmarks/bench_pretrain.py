@@ -28,11 +28,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from core.augment import simclr_transform  # noqa: E402
-from core.config import load_config  # noqa: E402
-from core.inputs import make_loader, resolve_inputs  # noqa: E402
-from core.models import Projector, build_backbone, build_simclr  # noqa: E402
-from core.pretrain import pretrain  # noqa: E402
+from skinclr.train.augment import simclr_transform  # noqa: E402
+from skinclr.config import load_config  # noqa: E402
+from skinclr.data.inputs import make_loader, resolve_inputs  # noqa: E402
+from skinclr.train.models import Projector, build_backbone, build_simclr  # noqa: E402
+from skinclr.train.methods import pretrain  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "isic2018-task3-200x150"
 CONFIG = REPO / "experiments" / "cpu" / "simclr_pretrain.yaml"

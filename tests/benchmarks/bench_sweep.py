@@ -52,8 +52,8 @@ def sweep_config(path: Path, data: Path, storage: Path, name: str, epochs: int) 
 
 def sweep_arm(work: Path, data: Path, epochs: int, name: str) -> tuple[float, list[Path]]:
     """Wall time of one sweep, and job files splitting its 8 trial configs over 2 processes."""
-    from core.names import SWEEP_STATE_FILE
-    from experiments.sweep import main as sweep_main
+    from skinclr.names import SWEEP_STATE_FILE
+    from skinclr.tune.sweep import main as sweep_main
 
     config = sweep_config(work / f"{name}.yaml", data, work / "ray", name, epochs)
     start = time.perf_counter()
@@ -82,8 +82,8 @@ def plain_arm(jobs: list[Path]) -> float:
 
 def worker(jobs_file: str) -> None:
     """One plain process: its share of the trial configs, one after another, no Ray."""
-    from core.runner import run_pretrain
-    from experiments.trainables import TrialSetup, trial_config
+    from skinclr.run.runner import run_pretrain
+    from skinclr.tune.trainables import TrialSetup, trial_config
 
     jobs = json.loads(Path(jobs_file).read_text())
     setup = TrialSetup(**jobs["setup"])
@@ -106,9 +106,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["SKINCLR_CACHE"] = str(work / "cache")
-    from core.config import load_config
-    from core.inputs import resolve_inputs
-    from core.synth import make_synthetic
+    from skinclr.config import load_config
+    from skinclr.data.inputs import resolve_inputs
+    from skinclr.data.synth import make_synthetic
 
     data = make_synthetic(work / "isic", n=args.images, seed=0)
     resolve_inputs(load_config(sweep_config(work / "probe.yaml", data, work / "ray", "probe", args.epochs)),

@@ -1,0 +1,182 @@
+"""Decoding an image, whatever its file type, mode or orientation, into HxWx3 uint8 RGB, and
+making it the square network input.
+
+Training reads images through here once, into the cache (core/data/cache.py); serving decodes
+what it is sent (a path, base64 text, encoded bytes or an array) through here too, so a broken
+file fails with the same message wherever it is met, and a model sees the same pixels when it
+serves as when it trained. ISIC images are 4:3; an aspect policy crops the long side
+(center_crop), letterboxes the image (pad) or stretches it (stretch).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+from skinclr.config_schema import ASPECTS
+from skinclr.data.problems import DataError
+
+# A truncated file must fail validation, not be padded with grey and trained on.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+_BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
+
+
+def load_rgb(path) -> np.ndarray:
+    """Fully decode an image file into an HxWx3 uint8 RGB array, whatever its mode or suffix."""
+    path = Path(path)
+    try:
+        return decode_image(path)
+    except DECODE_ERRORS as err:
+        raise DataError(f"{path}: {decode_reason(path, err)}; replace or remove the file") from None
+
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def decode_image(source) -> np.ndarray:
+    """Decode a file path or a binary stream (e.g. a served request's bytes) to RGB uint8."""
+    with Image.open(source) as img:
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def decode_input(item: Any, index: int = 0) -> np.ndarray:
+    """One input image as an HxWx3 uint8 RGB array.
+
+    An array is taken as it is; a string is a file path when such a file exists or it does not
+    look like base64, else base64 of an encoded image (the form images take over REST); bytes
+    are an encoded image. Files go through the data layer, so a broken one fails as in training.
+    """
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
+            raise DataError(f"image {index}: expected a uint8 HxWx3 RGB array, got {item.dtype} of shape {item.shape}")
+        return np.ascontiguousarray(item)
+    if isinstance(item, Path):
+        return load_rgb(item)
+    if isinstance(item, str):
+        if not _BASE64.fullmatch(item) or _is_file(item):
+            return load_rgb(item)
+        try:
+            data = base64.b64decode(item, validate=False)
+        except binascii.Error as err:
+            raise DataError(f"image {index}: {item[:40]!r}... is neither an existing file nor valid base64 "
+                            f"({err})") from None
+        return _decode_bytes(data, f"image {index} (base64, {len(item)} characters)")
+    if isinstance(item, (bytes, bytearray)):
+        return _decode_bytes(bytes(item), f"image {index} ({len(item)} bytes)")
+    raise DataError(f"image {index}: a {type(item).__name__}; give a file path, a base64-encoded JPEG/PNG string, "
+                    "encoded image bytes or a uint8 HxWx3 array")
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a base64 string longer than a file name may be
+        return False
+
+
+def _decode_bytes(data: bytes, name: str) -> np.ndarray:
+    try:
+        return decode_image(io.BytesIO(data))
+    except DECODE_ERRORS as err:
+        raise DataError(f"{name}: not a readable image ({err}); send a whole JPEG or PNG file, base64-encoded, "
+                        "or a path to an existing file") from None
+
+
+def decode_reason(path: Path, err: Exception) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "file does not exist"
+    if path.is_file() and path.stat().st_size == 0:
+        return "file is empty"
+    if "truncated" in str(err):
+        return f"image is truncated ({err})"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not a readable image (corrupt or not an image format)"
+    return f"cannot decode image ({err})"
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16-bit grey: scale the full range down; a plain convert() would clip at 255.
+        grey = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def _decode_problems(paths: list[str]) -> list[tuple[str, str]]:
+    """Worker: (path, reason) for every file in the chunk that does not decode."""
+    bad = []
+    for p in paths:
+        try:
+            decode_image(Path(p))
+        except DECODE_ERRORS as err:
+            bad.append((p, decode_reason(Path(p), err)))
+    return bad
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def find_unreadable(paths: list[str], workers: int | None, progress: bool) -> list[tuple[str, str]]:
+    """Decode every file in a process pool (JPEG decoding is CPU bound and holds the GIL)."""
+    from tqdm.auto import tqdm
+
+    workers = workers or default_workers()
+    bar = tqdm(total=len(paths), desc="decoding", unit="img", disable=not progress)
+    bad: list[tuple[str, str]] = []
+    if workers <= 1 or len(paths) < 256:
+        for chunk in _chunks(paths, 64):
+            bad += _decode_problems(chunk)
+            bar.update(len(chunk))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            jobs = {pool.submit(_decode_problems, c): len(c) for c in _chunks(paths, 128)}
+            for job in as_completed(jobs):
+                bad += job.result()
+                bar.update(jobs[job])
+    bar.close()
+    return sorted(bad)
+
+
+
+
+def aspect_problem(aspect: str) -> str | None:
+    """Why `aspect` names no policy, or None when it names one."""
+    if aspect in ASPECTS:
+        return None
+    return f"aspect {aspect!r} is not one of {', '.join(ASPECTS)}"
+
+
+def fit_square(rgb: np.ndarray, size: int, aspect: str = "center_crop") -> np.ndarray:
+    """An HxWx3 image as SxSx3, in one resampling step (antialiased bicubic) whatever the policy."""
+    img = Image.fromarray(rgb)
+    w, h = img.size
+    bicubic = Image.Resampling.BICUBIC
+    if aspect == "center_crop":
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        return np.asarray(img.resize((size, size), bicubic, box=box))
+    if aspect == "stretch":
+        return np.asarray(img.resize((size, size), bicubic))
+    if aspect == "pad":
+        scale = size / max(w, h)
+        inner = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), bicubic)
+        out = Image.new("RGB", (size, size))
+        out.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
+        return np.asarray(out)
+    raise DataError(aspect_problem(aspect))

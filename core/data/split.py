@@ -1,0 +1,175 @@
+"""A manifest -> a lesion-grouped, class-stratified train/val split; labelled subsets; split files.
+
+No lesion has images on both sides of a split: two photographs of one lesion, one in train and
+one in val, would let validation reward memorising the lesion.
+
+A split is written in one format, a CSV that reads on its own: `image,label,lesion_id,split`
+(label as the class name), and `pixels` when it is written with the run's cache: a digest of
+each image as the model saw it, by which evaluation tells a model's own images from others filed
+under the same id. A labelled subset is not part of the split: each run draws its own from the
+split, named by its label fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from skinclr.data.cache import ImageCache
+from skinclr.data.manifest import Manifest
+from skinclr.names import CLASSES
+from skinclr.data.problems import DataError, Problems, listing, plural
+from skinclr.runtime import pixel_digest
+from skinclr.data.problems import check_columns, check_ids, read_csv
+
+COLUMNS = ("image", "label", "lesion_id", "split")  # every split file's; `pixels` may follow
+
+
+def lesion_groups(frame: pd.DataFrame) -> np.ndarray:
+    """Lesion of each image; an image without one is its own group."""
+    return np.where(frame["lesion_id"].isna(), "image:" + frame["image"], frame["lesion_id"].astype(str))
+
+
+def split_by_lesion(manifest: Manifest, val_fraction: float = 0.15, seed: int = 0, folds: int = 0,
+                    fold: int = 0) -> pd.DataFrame:
+    """manifest.frame + column "split": no lesion on both sides, class proportions kept.
+
+    The data is cut into lesion-grouped, class-stratified folds and one fold is val: fold `fold`
+    of `folds` for cross-validation, else fold 0 of round(1 / val_fraction) (so `folds=7, fold=0`
+    is the default 0.15 split, and the folds of one seed are disjoint and cover every image).
+    `val_fraction` lies in (0, 0.5]: config validation checks data.val_fraction before any work."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_folds = folds or round(1 / val_fraction)
+    if not 0 <= fold < n_folds:
+        raise DataError(f"fold {fold} does not exist: folds are numbered 0..{n_folds - 1}")
+    frame = manifest.frame.copy()
+    groups = lesion_groups(frame)
+    if len(set(groups)) < n_folds:
+        what = f"{n_folds} folds" if folds else f"a {val_fraction:.0%} validation split"
+        raise DataError(f"{manifest.root}: only {len(set(groups))} lesions, too few for {what}; "
+                        "add images, or use fewer folds / a larger data.val_fraction")
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # rare classes with fewer lesions than folds are fine here
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        parts = splitter.split(np.zeros(len(frame)), frame["label"].to_numpy(), groups)
+        try:
+            for _ in range(fold):
+                next(parts)
+            _, val = next(parts)
+        except ValueError:  # scikit-learn: every class has fewer members than folds
+            largest = int(np.bincount(frame["label"]).max())
+            raise DataError(f"{manifest.root}: every class has fewer images than the {n_folds} folds of the split "
+                            f"(largest class: {largest}); add images, raise data.val_fraction or use fewer "
+                            "data.folds") from None
+    split = np.full(len(frame), "train", dtype=object)
+    split[val] = "val"
+    frame["split"] = split
+    return frame
+
+
+def check_split(split: pd.DataFrame, min_per_class: int = 1) -> list[str]:
+    """Refuse a split on which balanced accuracy cannot be measured; return the classes absent
+    from the data altogether (allowed only with min_per_class 0, for a run to tag).
+
+    Balanced accuracy averages recall over the classes present in val: a val side with 2 of 7
+    classes yields a number, but not the official metric, and it would compete with real ones."""
+    counts = {part: np.bincount(split.loc[split["split"] == part, "label"].to_numpy(dtype=int),
+                                minlength=len(CLASSES)) for part in ("train", "val")}
+    short = [f"{name} has {counts['train'][i]} train / {counts['val'][i]} val images"
+             for i, name in enumerate(CLASSES) if min(counts["train"][i], counts["val"][i]) < min_per_class]
+    if short:
+        raise DataError(f"split cannot measure balanced accuracy: {'; '.join(short)}, fewer than "
+                        f"data.min_per_class={min_per_class} on a side; add images of "
+                        f"{'that class' if len(short) == 1 else 'those classes'}, raise data.val_fraction "
+                        "(or use fewer data.folds), or set data.min_per_class=0 to accept it")
+    return [name for i, name in enumerate(CLASSES) if counts["train"][i] + counts["val"][i] == 0]
+
+
+def label_subset(split: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """The split + column "labelled": a lesion-grouped, class-stratified share of the train side.
+
+    Per class, the train lesions are put in one seeded order and taken until the class's share of
+    images is reached, at least one lesion each. The order does not depend on `fraction`, so for
+    one seed a smaller subset lies inside every larger one. Val images stay labelled."""
+    out = split.copy()
+    out["labelled"] = out["split"] == "val"
+    train = out[out["split"] == "train"]
+    groups = pd.Series(lesion_groups(train), index=train.index)
+    rng = np.random.default_rng(seed)
+    for c in range(len(CLASSES)):
+        members = groups[train["label"] == c]
+        if members.empty:
+            continue
+        sizes = members.value_counts().sort_index()  # lesion -> images of this class
+        order = sizes.index[rng.permutation(len(sizes))]
+        target = fraction * len(members)
+        taken = np.cumsum(sizes[order].to_numpy())
+        keep = set(order[:max(1, int(np.searchsorted(taken, target - 1e-9)) + 1)])
+        out.loc[members.index[members.isin(keep)], "labelled"] = True
+    return out
+
+
+def label_fingerprint(split: pd.DataFrame) -> str:
+    """Names the labelled train images, so runs on the same subset can be told apart."""
+    train = split[(split["split"] == "train") & split.get("labelled", True)]
+    return hashlib.sha256(",".join(sorted(train["image"])).encode()).hexdigest()[:16]
+
+
+def split_fingerprint(split: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for part in ("train", "val"):
+        h.update(f"{part}:{','.join(sorted(split.loc[split['split'] == part, 'image']))}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def save_split(split: pd.DataFrame, path, cache: ImageCache | None = None) -> Path:
+    """Write a split file (the module's one format); `cache` adds each image's pixel digest."""
+    path = Path(path)
+    out = split[list(COLUMNS)].copy()
+    out["label"] = [CLASSES[i] for i in out["label"]]
+    if cache is not None:
+        out["pixels"] = [pixel_digest(cache.images[row]) for row in cache.rows(out["image"])]
+    out.to_csv(path, index=False)
+    return path
+
+
+def load_split(path, manifest: Manifest) -> pd.DataFrame:
+    """A split file applied to a manifest; it must cover exactly the manifest's images, with the
+    dataset's labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: split file does not exist; make one with save_split or drop the setting")
+    problems = Problems()
+    table = read_csv(path, problems)
+    if table is not None and check_columns(path, table, list(COLUMNS), None, problems):
+        table["image"] = table["image"].str.strip()
+        check_ids(path, table, "image", problems)
+        frame = manifest.frame.set_index("image")
+        for line, image, part, label in zip(table["line"], table["image"], table["split"], table["label"]):
+            if part not in ("train", "val"):
+                problems.add("bad values", f"{path.name} line {line} ({image}): split {part!r} must be train or val")
+            if image and image not in frame.index:
+                problems.add("unknown images", f"{path.name} line {line}: image {image} is not in the dataset at "
+                                               f"{manifest.root}; the split was made for other data: remake it")
+            elif image and label != CLASSES[frame.at[image, "label"]]:
+                problems.add("labels", f"{path.name} line {line} ({image}): label {label} but the dataset says "
+                                       f"{CLASSES[frame.at[image, 'label']]}; remake the split")
+        missing = sorted(set(frame.index) - set(table["image"]))
+        if missing:
+            problems.add("coverage", f"{path.name}: {plural(len(missing), 'dataset image')} not in the split "
+                                     f"({listing(missing)}); the split was made for other data: remake it")
+    if problems.kinds:
+        raise DataError(problems.lines())
+    split = manifest.frame.copy()
+    split["split"] = split["image"].map(table.set_index("image")["split"])
+    groups = lesion_groups(split)
+    shared = sorted(set(groups[split["split"] == "train"]) & set(groups[split["split"] == "val"]))
+    if shared:
+        raise DataError(f"{path.name}: lesions {listing(shared)} have images in both train and val; "
+                        "remake the split with split_by_lesion")
+    return split

@@ -1,0 +1,1 @@
+"""Numbers for people: evaluation on a labelled folder, the paper's tables and figures, studies."""

@@ -1,0 +1,125 @@
+"""A model by URI: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/model]`, a pyfunc
+folder, or a classifier .pt file beside its meta.json (or the run's config.yaml).
+
+A URI that names nothing loadable fails with ModelNotFound saying what does exist there: the
+run's artifacts, or the registry's models with their versions and aliases.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+
+from skinclr import names
+from skinclr.track import store, tracking
+from skinclr.config import load_config
+from skinclr.train.models import ModelError
+from skinclr.serve.predictor import Predictor, load_weights, model_meta
+
+
+class ModelNotFound(ValueError):
+    """A model URI or path that names nothing loadable; the message says what does exist."""
+
+
+def load_predictor(uri: str | Path) -> Predictor:
+    """A Predictor from `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/model]`, a
+    pyfunc folder, or a classifier .pt file beside its meta.json (or the run's config.yaml)."""
+    uri = str(uri)
+    if uri.startswith("runs:/"):
+        run_id, artifact = _parse_runs_uri(uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            return _from_folder(_download(f"runs:/{run_id}/{artifact}", tmp), run_id, uri)
+    if uri.startswith("models:/"):
+        version = _model_version(uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            return _from_folder(_download(uri, tmp), version.run_id, uri)
+    path = Path(uri).expanduser()
+    if path.is_dir():
+        return _from_folder(path, None, uri)
+    if path.is_file():
+        return Predictor(_state_dict_from_file(path), _meta_beside(path), None, uri)
+    raise ModelNotFound(f"model '{uri}': no such file or folder; give models:/NAME@ALIAS, models:/NAME/VERSION, "
+                        "runs:/RUN_ID/model, a pyfunc folder or a classifier .pt file")
+
+
+def _parse_runs_uri(uri: str) -> tuple[str, str]:
+    run_id, _, artifact = uri[len("runs:/"):].strip("/").partition("/")
+    artifact = artifact or names.MODEL_ARTIFACT
+    try:
+        logged = [a.path for a in tracking.client().list_artifacts(run_id)]
+    except MlflowException:
+        raise ModelNotFound(f"model '{uri}': no run {run_id!r} in the tracking store {store.tracking_uri()}; "
+                            "check the run id and MLFLOW_TRACKING_URI") from None
+    if artifact.split("/")[0] not in logged:
+        raise ModelNotFound(f"model '{uri}': run {run_id} has no '{artifact}' artifact (it has: "
+                            f"{', '.join(logged) or 'nothing'}); only fine-tune runs log a model")
+    return run_id, artifact
+
+
+def _model_version(uri: str):
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    c = tracking.client()
+    try:
+        name, version = get_model_name_and_version(c, uri)
+        return c.get_model_version(name, version)
+    except MlflowException as err:
+        raise ModelNotFound(f"model '{uri}' not found in the registry at {store.tracking_uri()} "
+                            f"({str(err).splitlines()[0]}); registered: {_registered(c)}") from None
+
+
+def _registered(c) -> str:
+    """Registered names with their versions and aliases, for error messages."""
+    models = c.search_registered_models()
+    if not models:
+        return "none (register one with `skinclr promote`)"
+    parts = []
+    for m in models:
+        versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{m.name}'"))
+        aliases = ", ".join(f"@{a}->v{v}" for a, v in sorted(m.aliases.items()))
+        parts.append(f"{m.name} (versions {', '.join(map(str, versions)) or 'none'}"
+                     f"{'; aliases ' + aliases if aliases else ''})")
+    return "; ".join(parts)
+
+
+def _download(uri: str, dst: str) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst,
+                                                    tracking_uri=store.tracking_uri()))
+
+
+def _from_folder(folder: Path, run_id: str | None, uri: str) -> Predictor:
+    """A pyfunc folder (weights in artifacts/) or a folder holding the two files themselves."""
+    for sub in (folder / "artifacts", folder):
+        if (sub / names.WEIGHTS_FILE).is_file() and (sub / names.META_FILE).is_file():
+            return Predictor.from_files(sub / names.WEIGHTS_FILE, sub / names.META_FILE, run_id, uri)
+    found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+    raise ModelNotFound(f"model '{uri}': {folder} is not a skinclr model folder (no {names.WEIGHTS_FILE} and {names.META_FILE}; "
+                        f"it holds {found})")
+
+
+def _state_dict_from_file(path: Path) -> dict:
+    """A classifier state_dict, or a fine-tune checkpoint holding one (its best model if it has one)."""
+    obj = load_weights(path)
+    if isinstance(obj, dict):
+        for key in ("best_model", "model"):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise ModelError(f"{path} holds no classifier state_dict (nor a fine-tune checkpoint with one)")
+
+
+def _meta_beside(path: Path) -> dict:
+    """The meta of a bare weights file: meta.json next to it, or the run's resolved config.yaml."""
+    if (path.parent / names.META_FILE).is_file():
+        return json.loads((path.parent / names.META_FILE).read_text())
+    if (path.parent / names.CONFIG_ARTIFACT).is_file():
+        cfg = load_config(path.parent / names.CONFIG_ARTIFACT)
+        return model_meta(cfg.model.backbone, cfg.data.image_size, cfg.data.aspect)
+    raise ModelNotFound(f"model '{path}': a weights file needs its {names.META_FILE} (or the run's config.yaml) in the same "
+                        "folder to know its backbone, input size and aspect; download the run's 'model/artifacts/' "
+                        "folder whole, or use runs:/RUN_ID/model")

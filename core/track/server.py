@@ -1,0 +1,132 @@
+"""`skinclr server`: the project's MLflow store behind one tracking server (UI + REST + artifacts).
+
+Workers on other machines cannot open a SQLite file or write into a local artifact folder; they
+talk to this server instead (`MLFLOW_TRACKING_URI=http://HOST:PORT`). The server proxies
+artifacts (`--serve-artifacts`), so experiments created through it store theirs under
+`--artifacts-destination` and workers need no shared file system. Experiments created earlier
+straight through the SQLite file keep their `file://` artifact folder: workers elsewhere can only
+write there if that path is shared.
+
+For a cluster bind `--host 0.0.0.0`. Exposure is explicit: the server has no login, so anyone who
+reaches the port can read, change and delete every run, and it says so on stderr. MLflow 3
+answers only requests whose Host header it allows (localhost and private IPs by default); the
+address printed for workers is added to those, so the printed URI always works. Other names
+(a DNS name) go in `MLFLOW_SERVER_ALLOWED_HOSTS=name:port` before starting. For logins, run
+MLflow's own basic-auth app (`mlflow server --app-name basic-auth`, clients set
+`MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`). `MLFLOW_WORKERS` sets the number of
+server processes (MLflow's default is 4). MLflow's GenAI job runner stays off unless
+`MLFLOW_SERVER_ENABLE_JOB_EXECUTION` is set.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from skinclr.track.tracking import experiment_links, experiments_link
+from skinclr.track.store import artifact_root, tracking_uri
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _reachable_address(host: str) -> str:
+    """The address workers should use: the bind address, or this machine's outward IP for 0.0.0.0."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # chooses a route, sends nothing
+            return s.getsockname()[0]
+        except OSError:
+            return socket.getfqdn()
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def allowed_hosts(address: str, port: int) -> str:
+    """MLFLOW_SERVER_ALLOWED_HOSTS that admit `address:port` besides what is allowed already (the
+    user's list, else MLflow's defaults: localhost and private IPs)."""
+    from mlflow.server.security_utils import (get_allowed_hosts_from_env, get_default_allowed_hosts,
+                                              is_allowed_host_header)
+
+    hosts = get_allowed_hosts_from_env() or get_default_allowed_hosts()
+    wanted = [f"[{address}]:{port}" if ":" in address else f"{address}:{port}"]
+    return ",".join(hosts + [h for h in wanted if not is_allowed_host_header(hosts, h)])
+
+
+def server_command(host: str, port: int, backend_store_uri: str, artifacts_destination: str) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+            "--serve-artifacts", "--artifacts-destination", artifacts_destination,
+            "--host", host, "--port", str(port)]
+
+
+def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None,
+          artifacts_destination: str | None = None) -> int:
+    """Run `mlflow server` until it stops or Ctrl-C; return its exit code (0 after Ctrl-C).
+
+    The store defaults to the project's own (`tracking_uri()`, a SQLite file) and the artifact
+    destination to the `artifacts/` folder beside it. A bad setting is one line on stderr and
+    exit code 2."""
+    backend = backend_store_uri or tracking_uri()
+    if not backend_store_uri and not backend.startswith("sqlite:///"):
+        print(f"error: MLFLOW_TRACKING_URI is {backend}, a server rather than a store; give "
+              "--backend-store-uri (sqlite:///PATH/mlflow.db or postgresql://...)", file=sys.stderr)
+        return 2
+    artifacts = artifacts_destination or artifact_root(backend)
+    if artifacts is None:
+        print(f"error: a {backend.split(':')[0]} store needs --artifacts-destination (a shared folder or "
+              "s3://bucket/path) for the artifacts it serves", file=sys.stderr)
+        return 2
+    if backend.startswith("sqlite:///"):
+        Path(backend[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if artifacts.startswith("file://"):
+        Path(artifacts[len("file://"):]).mkdir(parents=True, exist_ok=True)
+    if not _port_free(host, port):
+        print(f"error: port {port} on {host} is in use; pick another --port", file=sys.stderr)
+        return 2
+
+    address = _reachable_address(host)
+    url = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
+    print(f"MLflow tracking server at {url} (UI and REST)\n"
+          f"  open       {experiments_link(url)}", *experiment_links(url, backend), sep="\n")
+    print(f"  store      {backend}\n  artifacts  {artifacts}\n"
+          f"workers use it with:\n  export MLFLOW_TRACKING_URI={url}", flush=True)
+    # MLflow's GenAI job runner: several more processes that tracking and the registry never use
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    if host not in LOOPBACK:
+        env["MLFLOW_SERVER_ALLOWED_HOSTS"] = allowed_hosts(address, port)
+        print(f"warning: bound to {host}: anyone who can reach port {port} on this machine can read, change and "
+              "delete every run and model, without logging in. Keep the port on a trusted network, or serve "
+              "with logins: `mlflow server --app-name basic-auth` (docker/README.md). Other host names "
+              "go in MLFLOW_SERVER_ALLOWED_HOSTS=name:port.", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(server_command(host, port, backend, artifacts), env=env)
+    interrupted = False
+
+    def forward(signum, _frame):
+        nonlocal interrupted
+        interrupted = True
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()  # a second Ctrl-C, forwarded too, makes the server skip its graceful wait
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if interrupted:
+        print(f"tracking server stopped (exit code {code})", flush=True)
+        return 0
+    return code

@@ -1,0 +1,155 @@
+"""The one training engine: the epoch loop that pretraining and fine-tuning both run on.
+
+A task says what differs: its modules and optimizer (`setup`), its batches, the loss of one
+batch, what follows each optimizer step (momentum encoders, queues), its per-epoch evaluation
+and its extra state. The engine owns the rest, once: device, threads, seed, resume, step cap,
+timing, autocast and the per-epoch record. It knows nothing of MLflow or Ray: a driver logs
+`record.metrics` and saves `record.state()`; passing that state back as `resume=` continues
+the run exactly where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from skinclr.config import TrainConfig
+from skinclr.runtime import pick_device, rng_state, seed_everything, set_rng_state, set_threads
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based
+    metrics: dict[str, float]
+    state: Callable[[], dict[str, Any]]  # full training state, for checkpoints and resuming
+    is_best: bool = False  # the monitored metric improved this epoch
+    stop: bool = False  # the loop ends after this record (early stopping)
+    report: dict | None = None  # fine-tuning: this epoch's val classification report (figures, tables)
+    history: list[dict] = field(default_factory=list)  # fine-tuning: every epoch's metrics so far (curves)
+    best_model: dict | None = None  # fine-tuning: state_dict of the best epoch so far (the logged model)
+
+
+class Task:
+    """What one kind of training supplies to the engine; the engine calls these in this order."""
+
+    model: nn.Module  # every trained or momentum-updated module and buffer: the checkpoint's "model"
+    world: int = 1  # processes sharing one global batch (images/s counts them all)
+
+    def setup(self, device: torch.device, resume: dict | None) -> torch.optim.Optimizer:
+        """Build `model` on `device` (after seeding) and return its optimizer. `resume` is the
+        saved state or None; the engine itself restores model, optimizer and RNG afterwards."""
+        raise NotImplementedError
+
+    def batches(self, epoch: int) -> Iterable:
+        raise NotImplementedError
+
+    def loss(self, batch) -> tuple[Tensor, int]:
+        """The batch's loss (runs under autocast) and how many images it holds."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """After each optimizer step: momentum encoders, queues."""
+
+    def evaluate(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """Add this epoch's evaluation to `metrics`; return EpochRecord fields (is_best, stop, ...)."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """Extra checkpoint entries beside epoch, model, optimizer and rng."""
+        return {}
+
+
+def run(task: Task, train: TrainConfig, resume: dict[str, Any] | None = None,
+        progress: bool = False) -> Iterator[EpochRecord]:
+    device = pick_device(train.device)
+    set_threads(train.threads)
+    seed_everything(train.seed)
+    optimizer = task.setup(device, resume)
+    start = 1
+    if resume is not None:
+        task.model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        set_rng_state(resume["rng"])
+        start = resume["epoch"] + 1
+
+    for epoch in range(start, train.epochs + 1):
+        task.model.train()
+        t0, seen = time.perf_counter(), 0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+        for step, batch in enumerate(steps(task.batches(epoch), epoch, progress)):
+            if train.max_steps_per_epoch and step >= train.max_steps_per_epoch:
+                break
+            with autocast(device):
+                loss, n = task.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            task.after_step()
+            total += loss.detach() * n
+            seen += n
+        train_loss = total.item() / max(seen, 1)  # waits for the device to finish the epoch's steps
+        train_seconds = time.perf_counter() - t0
+        metrics = {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                   "images_per_second": seen * task.world / train_seconds}
+        fields = task.evaluate(epoch, metrics)
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+
+        def state(epoch=epoch) -> dict[str, Any]:
+            return {"epoch": epoch, "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "rng": rng_state(), **task.state()}
+
+        record = EpochRecord(epoch, metrics, state, **fields)
+        yield record
+        if record.stop:
+            return
+
+
+def adam(params, lr: float, device: torch.device, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam, fused into one kernel per step on CUDA; the CPU keeps torch's default implementation
+    (and with it the numbers earlier runs made)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True if device.type == "cuda" else None)
+
+
+def compiled(module: nn.Module, enabled: bool) -> nn.Module:
+    """`torch.compile` of the training forward when `train.compile` asks for it (the saved model stays the plain one)."""
+    return torch.compile(module) if enabled else module
+
+
+def autocast(device: torch.device):
+    """bf16 on CUDA; full precision on the CPU, where bf16 convolutions are slower."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """Images onto the training device in channels_last, the layout cuDNN and oneDNN run fastest."""
+    return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+
+
+def steps(loader: Iterable, epoch: int, progress: bool):
+    """The batches, with a transient per-epoch step bar when asked for."""
+    return tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress)
+
+
+@torch.no_grad()
+def infer(model: nn.Module, batches: Iterable, device: torch.device) -> Tensor:
+    """`model`'s outputs over batches of images (or (images, labels) pairs), in eval mode and
+    under the training autocast, as float32 on the CPU: the one inference path of the kNN
+    monitor, validation and serving, so all three see a model the same way."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            with autocast(device):
+                outputs.append(model(to_device(x, device)).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs)

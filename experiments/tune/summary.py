@@ -1,0 +1,106 @@
+"""What a sweep comes to: the trials table, its figure and the best trial, on the parent run.
+
+Read back from Tune's results and the trials' MLflow runs, so a resumed sweep sums up every
+trial, including those of the driver before it.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from skinclr import names
+from skinclr.track import tracking
+from skinclr.track.candidates import run_score
+from skinclr.track.tracking import RunLogger
+from skinclr.tune.trainables import TrialSetup, trial_runs
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep comes to: the pipeline and the quickstart go on from its best trial."""
+    parent_run_id: str
+    metric: str
+    table: pd.DataFrame  # one row per trial
+    best_trial_id: str | None
+    best_run_id: str | None
+    best_value: float | None
+    folder: Path
+
+
+def trials_table(results, parent_run_id: str, sampled: list[str], metric: str) -> pd.DataFrame:
+    """One row per trial: ids, MLflow status, sampled values, last and best metric, why it ended.
+
+    `best_<metric>` is the trial's score as promotion reads it (skinclr.track.candidates.run_score): the
+    model it saved where it logged one (fine-tuning, at the epoch `finetune.select_metric`
+    picked), else its best epoch."""
+    runs, client = trial_runs(parent_run_id), tracking.client()
+    rows = []
+    for result in results:
+        trial_id = Path(result.path).name
+        last = result.metrics or {}
+        history = result.metrics_dataframe
+        run = runs.get(trial_id)
+        # Scored as promotion scores a run; a trial that never opened one, by Tune's history.
+        score = run_score(client, run, metric) if run else None
+        best = score[0] if score else (history[metric].max() if history is not None and metric in history else None)
+        rows.append({"trial_id": trial_id, "run_id": run.info.run_id if run else "",
+                     "status": run.info.status if run else "NOT_STARTED",
+                     **{k: result.config.get(k) for k in sampled},
+                     f"last_{metric}": last.get(metric), f"best_{metric}": best,
+                     "epochs": int(last.get("epoch", 0)),
+                     "stopped_by": run.data.tags.get(names.STOPPED_BY_TAG, "") if run else "error"})
+    table = pd.DataFrame(rows)
+    return table.sort_values(f"best_{metric}", ascending=False, na_position="last", kind="stable")
+
+
+def close_interrupted(parent_run_id: str) -> None:
+    """A driver interrupted mid-sweep (Ctrl-C, SIGTERM): the parent and every trial run still
+    open end KILLED, so nothing is left RUNNING and --resume picks them up again."""
+    for run in trial_runs(parent_run_id).values():
+        if run.info.status == "RUNNING":
+            RunLogger(run.info.run_id).end("KILLED")
+    RunLogger(parent_run_id).end("KILLED")
+
+
+def finish(results, setup: TrialSetup, state: dict[str, Any], folder: Path) -> SweepOutcome:
+    """Trials table, parallel-coordinates figure and the best trial, on the parent run."""
+    from skinclr.train.figures import plot_parallel_coordinates
+
+    metric, sampled = state["metric"], state["sampled"]
+    best_col = f"best_{metric}"
+    table = trials_table(results, setup.parent_run_id, sampled, metric)
+    parent = RunLogger(setup.parent_run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / "trials.csv", index=False)
+        parent.log_artifact(Path(tmp) / "trials.csv", "sweep")
+        try:
+            plot_parallel_coordinates(table[sampled + [best_col]], best_col, Path(tmp) / "parallel_coordinates.png",
+                                      params=sampled)
+            parent.log_artifact(Path(tmp) / "parallel_coordinates.png", "sweep")
+        except ValueError as err:
+            print(f"[sweep] no parallel-coordinates figure: {err}", flush=True)
+    scored = table[pd.to_numeric(table[best_col], errors="coerce").notna()]
+    best = scored.iloc[0] if len(scored) else None
+    if best is not None:
+        parent.set_tags({names.BEST_TRIAL_TAG: best["trial_id"], names.BEST_RUN_TAG: best["run_id"],
+                         **{f"{names.BEST_PREFIX}{k}": best[k] for k in sampled}})
+        parent.log_metrics({best_col: float(best[best_col])}, step=0)
+    unfinished = table["status"].isin(["RUNNING", "KILLED"]).any()
+    finished = int((table["status"] == "FINISHED").sum())
+    parent.set_tags({names.TRIALS_TAG: len(table), names.TRIALS_FINISHED_TAG: finished})
+    parent.end("KILLED" if unfinished else "FINISHED" if best is not None else "FAILED")
+    shown = table.drop(columns=["run_id"])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    if unfinished:
+        print(f"[sweep] interrupted; continue with the same command and --resume ({folder})", flush=True)
+    elif best is not None:
+        print(f"[sweep] best trial {best['trial_id']} (MLflow run {best['run_id']}): {metric} {best[best_col]:.4f}",
+              flush=True)
+    if best is None:
+        return SweepOutcome(setup.parent_run_id, metric, table, None, None, None, folder)
+    return SweepOutcome(setup.parent_run_id, metric, table, best["trial_id"], best["run_id"], float(best[best_col]),
+                        folder)

@@ -1,0 +1,128 @@
+"""One stage's sweep through Ray Tune: the search algorithm and the scheduler, and a new Tuner
+or the one a killed driver left, run to its end.
+
+TPE (Optuna) or random sampling proposes trials and ASHA stops the weak ones at its rungs; a
+grid study runs every combination of `sweep.grid` to its end. The driver resolves the tracking
+store and creates the experiment before any trial starts (concurrent first use of a fresh SQLite
+store loses runs); the callbacks close each trial's MLflow child run as Tune decides its fate.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from ray import tune
+from skinclr import names
+from skinclr.config import ConfigError
+from skinclr.track import store, tracking
+from skinclr.track.tracking import RunLogger
+from skinclr.tune.callbacks import ChildRuns, ProgressLines
+from skinclr.tune.plan import (
+    SweepRunConfig,
+    check_resume,
+    read_state,
+    start,
+    sweep_folder,
+)
+from skinclr.tune.preflight import search_space
+from skinclr.tune.spaces import to_tune
+from skinclr.tune.summary import SweepOutcome, close_interrupted, finish
+from skinclr.tune.trainables import TrialSetup, make_trainable
+
+
+def search_algorithm(cfg: SweepRunConfig):
+    """TPE (Optuna), random sampling or the full grid, seeded by train.seed, at most
+    max_concurrent at a time."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if cfg.sweep.search in ("random", "grid"):
+        return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=cfg.sweep.max_concurrent)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own progress lines
+    sampler = optuna.samplers.TPESampler(seed=cfg.train.seed)
+    return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=cfg.sweep.max_concurrent)
+
+
+def scheduler(cfg: SweepRunConfig, max_t: int, epochs: int):
+    """ASHA over epochs, or first-in-first-out for a grid (every combination runs to its end).
+
+    A trial that survives every rung ends on its own and its runner closes its run; ASHA stops
+    it only if max_t < epochs."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.sweep.search == "grid":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=cfg.sweep.grace_period,
+                         reduction_factor=cfg.sweep.reduction_factor, stop_last_trials=max_t < epochs)
+
+
+def driver_tracking_uri() -> str:
+    """The store every process of the sweep logs to, made absolute (trials run in other folders)."""
+    uri = store.tracking_uri()
+    if (db := store.sqlite_path(uri)) is not None:
+        uri = f"{store.SQLITE}{db.resolve()}"
+    elif "://" not in uri:
+        raise ConfigError(f"MLFLOW_TRACKING_URI '{uri}' is a folder; MLflow 3 needs a database or server, "
+                          "e.g. sqlite:///mlruns/mlflow.db or http://host:5000")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+def trial_dirname(trial) -> str:
+    """Trial folders are named by trial id: the results of a trial that never reported are
+    still matched to its MLflow run."""
+    return trial.trial_id
+
+
+def run_sweep(cfg: SweepRunConfig, resume: bool = False, parent_of: str | None = None) -> SweepOutcome:
+    """One stage's sweep, new or resumed; `parent_of` nests its parent run (pipeline)."""
+    space_file, space = search_space(cfg)
+    uri = driver_tracking_uri()
+    tracking.ensure_experiment(cfg.experiment)  # before any trial: see skinclr.track.tracking.ensure_experiment
+    folder = sweep_folder(cfg)
+    check_resume(folder / names.SWEEP_STATE_FILE, resume)
+    if resume:
+        state = read_state(folder, uri)
+        setup = TrialSetup(**state["setup"])
+        RunLogger(setup.parent_run_id).reopen()
+        print(f"[sweep] resuming {folder} (MLflow parent run {setup.parent_run_id})", flush=True)
+        tuner = tune.Tuner.restore(str(folder), make_trainable(setup), resume_unfinished=True, resume_errored=True)
+    else:
+        setup = start(cfg, folder, uri, space_file, space, parent_of)
+        state = json.loads((folder / names.SWEEP_STATE_FILE).read_text())
+        s = cfg.sweep
+        grid = s.search == "grid"
+        how = (f"grid of {math.prod(len(v) for v in s.grid.values())}, no early stops" if grid else
+               f"{s.num_samples} trials, {s.search} search, ASHA grace {s.grace_period} x{s.reduction_factor} "
+               f"up to {state['max_t']}")
+        print(f"[sweep] {cfg.stage} {how}, {s.max_concurrent} at a time; MLflow parent run "
+              f"{setup.parent_run_id} in {uri}; Ray folder {folder}", flush=True)
+        tuner = tune.Tuner(
+            make_trainable(setup),
+            param_space=to_tune(space),
+            tune_config=tune.TuneConfig(
+                metric=state["metric"], mode="max", search_alg=search_algorithm(cfg),
+                num_samples=1 if grid else s.num_samples,  # a grid runs each combination once
+                # Each trial gets a fresh process: a stopped trial's thread never returns (see
+                # trainables.report_to_tune).
+                scheduler=scheduler(cfg, state["max_t"], state["epochs"]),
+                trial_dirname_creator=trial_dirname, reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=folder.name, storage_path=str(folder.parent), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                # Two, not one: Tune deletes the older checkpoint before its saved state points
+                # past it, and a driver killed in between must still find the one it names.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[ChildRuns(setup.parent_run_id, uri, state["max_t"], state["epochs"]),
+                           ProgressLines(state["metric"], state["max_t"], state["epochs"])]))
+    print(f"[sweep] follow it in the MLflow UI{tracking.browse_hint()}: {tracking.run_link(setup.parent_run_id)}",
+          flush=True)
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see skinclr.tune.ray_session): Tune's state is on disk
+        close_interrupted(setup.parent_run_id)
+        raise
+    return finish(results, setup, state, folder)

@@ -1,0 +1,33 @@
+"""Decoding: every image mode becomes HxWx3 uint8 RGB."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skinclr.data.images import load_rgb
+
+
+def _modes():
+    grey = np.full((6, 8), 100, np.uint8)
+    rgb = np.zeros((6, 8, 3), np.uint8) + np.array([10, 20, 30], np.uint8)
+    rgba = np.dstack([rgb, np.full((6, 8), 40, np.uint8)])
+    return {
+        "L": (Image.fromarray(grey), "png", (100, 100, 100)),
+        "LA": (Image.fromarray(grey).convert("LA"), "png", (100, 100, 100)),
+        "P": (Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE), "png", (10, 20, 30)),
+        "RGBA": (Image.fromarray(rgba), "png", (10, 20, 30)),
+        "CMYK": (Image.new("CMYK", (8, 6), (0, 0, 0, 0)), "jpg", (255, 255, 255)),
+        "I;16": (Image.fromarray(np.full((6, 8), 65535, np.uint16)), "png", (255, 255, 255)),
+        "PNG named .jpg": (Image.fromarray(rgb), "png", (10, 20, 30)),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_load_rgb_converts_every_mode_to_rgb(tmp_path, mode):
+    img, fmt, expected = _modes()[mode]
+    path = tmp_path / "image.jpg" if mode == "PNG named .jpg" else tmp_path / f"image.{fmt}"
+    img.save(path, format="PNG" if fmt == "png" else "JPEG")
+    rgb = load_rgb(path)
+    assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
+    assert np.abs(rgb.astype(int) - expected).max() <= 2

@@ -1,0 +1,140 @@
+"""Metrics against numbers worked out by hand."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skinclr.train.metrics import classification_metrics, mean_std, report_frame, report_text, write_confusion_csv
+from skinclr.names import CLASSES
+
+# Rows = true class, columns = predicted class, over all 7 classes. Only MEL, NV and BCC occur
+# in the data; one NV image is predicted DF, a class with no true samples.
+#            MEL NV BCC AKIEC BKL DF VASC
+TABLE = [
+    [6, 3, 1, 0, 0, 0, 0],   # MEL  support 10, recall 6/10  = 0.6
+    [1, 18, 0, 0, 0, 1, 0],  # NV   support 20, recall 18/20 = 0.9
+    [0, 2, 3, 0, 0, 0, 0],   # BCC  support 5,  recall 3/5   = 0.6
+    [0] * 7, [0] * 7, [0] * 7, [0] * 7,
+]
+# accuracy          = (6 + 18 + 3) / 35 = 27/35 = 0.771428...
+# balanced accuracy = (0.6 + 0.9 + 0.6) / 3 = 0.7   (mean recall over the 3 PRESENT classes)
+# precision (column sums): MEL 6/7, NV 18/23, BCC 3/4
+# f1 = 2TP / (2TP + FP + FN): MEL 12/(12+1+4) = 12/17, NV 36/(36+5+2) = 36/43, BCC 6/(6+1+2) = 2/3
+
+
+def _from_table(table):
+    """y_true and probabilities whose argmax reproduces `table` cell by cell."""
+    y_true, probs = [], []
+    c = len(table)
+    for t, row in enumerate(table):
+        for p, count in enumerate(row):
+            for _ in range(count):
+                y_true.append(t)
+                probs.append(np.full(c, 0.3 / (c - 1)))
+                probs[-1][p] = 0.7
+    return np.array(y_true), np.array(probs)
+
+
+@pytest.fixture()
+def hand():
+    y, p = _from_table(TABLE)
+    return classification_metrics(y, p)
+
+
+def test_balanced_accuracy_and_accuracy_match_hand_values_and_differ(hand):
+    assert hand["num_samples"] == 35
+    assert hand["accuracy"] == pytest.approx(27 / 35)
+    assert hand["balanced_accuracy"] == pytest.approx(0.7)
+    assert abs(hand["accuracy"] - hand["balanced_accuracy"]) > 0.05
+    pc = hand["per_class"]
+    assert [pc[c]["recall"] for c in ("MEL", "NV", "BCC")] == pytest.approx([0.6, 0.9, 0.6])
+    assert [pc[c]["precision"] for c in ("MEL", "NV", "BCC")] == pytest.approx([6 / 7, 18 / 23, 3 / 4])
+    assert [pc[c]["f1"] for c in ("MEL", "NV", "BCC")] == pytest.approx([12 / 17, 36 / 43, 2 / 3])
+    assert hand["macro_f1"] == pytest.approx((12 / 17 + 36 / 43 + 2 / 3) / 3)
+    assert [pc[c]["support"] for c in CLASSES] == [10, 20, 5, 0, 0, 0, 0]
+    assert hand["confusion_matrix"] == TABLE
+    json.dumps(hand)  # logged and written as JSON as is
+
+
+def test_absent_classes_have_no_scores_and_zero_rows(hand):
+    for name in ("AKIEC", "BKL", "DF", "VASC"):
+        assert hand["per_class"][name] == {"precision": None, "recall": None, "f1": None,
+                                           "support": 0, "roc_auc": None}
+    # the false DF alarm stays visible in the DF column
+    assert [row[CLASSES.index("DF")] for row in hand["confusion_matrix"]] == [0, 1, 0, 0, 0, 0, 0]
+    sums = np.array(hand["confusion_matrix_normalized"]).sum(axis=1)
+    assert sums == pytest.approx([1, 1, 1, 0, 0, 0, 0])
+    assert hand["confusion_matrix_normalized"][1][1] == pytest.approx(0.9)
+
+
+def test_roc_auc_one_vs_rest_hand_example():
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.60, 0.30, 0.10],
+                      [0.55, 0.40, 0.05],
+                      [0.50, 0.35, 0.15],
+                      [0.10, 0.80, 0.10]])
+    m = classification_metrics(y, probs, classes=("A", "B", "C"))
+    # A: positives score 0.60, 0.55; negatives 0.50, 0.10 -> every pair ordered right: 4/4 = 1.0
+    # B: positives 0.35, 0.80; negatives 0.30, 0.40 -> (0.35>0.30, 0.35<0.40, 0.80>both) = 3/4
+    # C: no positives -> undefined; the macro mean skips it: (1.0 + 0.75) / 2
+    assert m["per_class"]["A"]["roc_auc"] == pytest.approx(1.0)
+    assert m["per_class"]["B"]["roc_auc"] == pytest.approx(0.75)
+    assert m["per_class"]["C"]["roc_auc"] is None
+    assert m["roc_auc_macro"] == pytest.approx(0.875)
+
+
+def test_roc_auc_undefined_when_class_has_no_negatives():
+    m = classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.6, 0.4]]), classes=("a", "b"))
+    assert m["per_class"]["b"]["roc_auc"] is None
+    assert m["roc_auc_macro"] is None
+    assert m["balanced_accuracy"] == pytest.approx(0.5) and m["accuracy"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("y, probs, match", [
+    (np.array([0, 1]), np.full((2, 6), 1 / 6), r"shape \(N, C\)"),
+    (np.array([0, 9]), np.full((2, 7), 1 / 7), "outside 0..6"),
+    (np.array([0, 1]), np.ones((2, 7)), "softmax"),
+    (np.array([0.5, 1.0]), np.full((2, 7), 1 / 7), "integer"),
+])
+def test_bad_input_is_named(y, probs, match):
+    with pytest.raises(ValueError, match=match):
+        classification_metrics(y, probs)
+
+
+def test_report_frame_is_table_2(hand):
+    frame = report_frame(hand)
+    assert list(frame.index) == [*CLASSES, "macro avg", "weighted avg"]
+    assert list(frame.columns) == ["precision", "recall", "f1", "support", "roc_auc"]
+    # averages run over present classes, so they reproduce the two headline numbers
+    assert frame.loc["macro avg", "recall"] == pytest.approx(hand["balanced_accuracy"])
+    assert frame.loc["weighted avg", "recall"] == pytest.approx(hand["accuracy"])
+    assert frame.loc["macro avg", "f1"] == pytest.approx(hand["macro_f1"])
+    assert frame.loc["macro avg", "support"] == 35
+    assert math.isnan(frame.loc["DF", "recall"])
+    assert frame.attrs == {"balanced_accuracy": pytest.approx(0.7), "accuracy": pytest.approx(27 / 35)}
+
+    text = report_text(hand)
+    assert text.splitlines()[0] == "balanced accuracy 0.7000 | accuracy 0.7714"
+    assert "weighted avg" in text and "0.9000" in text
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_confusion_csv_round_trips(hand, tmp_path, normalized):
+    path = write_confusion_csv(hand, tmp_path / "cm" / "confusion.csv", normalized=normalized)
+    back = pd.read_csv(path, index_col=0)
+    assert back.index.name == "true"
+    assert list(back.columns) == list(CLASSES) and list(back.index) == list(CLASSES)
+    key = "confusion_matrix_normalized" if normalized else "confusion_matrix"
+    np.testing.assert_allclose(back.to_numpy(), np.array(hand[key]))
+
+
+def test_mean_std():
+    assert mean_std([0.5]) == (0.5, 0.0)
+    mean, std = mean_std([0.6, 0.7, 0.8])
+    assert mean == pytest.approx(0.7) and std == pytest.approx(0.1)  # ddof=1: sqrt(0.02 / 2)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_std([])
