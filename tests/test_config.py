@@ -7,7 +7,7 @@ import yaml
 from skinclr import config
 from skinclr.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_layers_resolve_in_order(tmp_path):

@@ -4,7 +4,7 @@ device, so a GPU is not left waiting on CPU workers.
 The cached uint8 images go to the device once (`DeviceImages`). Each batch is gathered there,
 then cropped, resized, flipped and rotated in one `grid_sample`, colour-jittered, grayscaled,
 blurred and normalised, with per-image random parameters drawn on the device. The parameters
-follow albumentations 2.0.8's distributions (tests/core/test_augment_gpu.py compares them):
+follow albumentations 2.0.8's distributions (tests/train/test_augment_gpu.py compares them):
 RandomResizedCrop's ten tries of area and log aspect ratio with a whole-image fallback, flips
 at p = 0.5, a uniform rotation angle, ColorJitter's four uniform factors at probability p,
 ToGray's weighted average, GaussianBlur's fixed kernel with uniform sigma. The same code runs

@@ -16,10 +16,10 @@ INTERRUPT = {"signal": signal.SIGINT, "resumable": True}  # what the Ctrl-C line
 
 
 def cmd_data(args) -> int:
-    from skinclr.data import manifest
+    from skinclr.data.manifest import check_folder, summary_table
 
     if args.data_command == "check":
-        manifest, problems, warnings = manifest.check_folder(args.dir, workers=args.workers)
+        manifest, problems, warnings = check_folder(args.dir, workers=args.workers)
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
         if problems:
@@ -28,7 +28,7 @@ def cmd_data(args) -> int:
             print(f"{args.dir}: {len(problems)} problem(s); fix them and run `skinclr data check` again",
                   file=sys.stderr)
             return 1
-        print(manifest.summary_table(manifest))
+        print(summary_table(manifest))
         return 0
     if args.data_command == "synth":
         from skinclr.data.synth import make_synthetic

@@ -1,32 +1,17 @@
-"""A sweep's plan: its config (a run config plus its typed, checked `sweep:` section) and its
-folder, created once by `start` and found again by `--resume`.
+"""A sweep config: a run config plus its `sweep:` section, typed and checked here, above the
+library.
 
-The library carries the section as data (core/config_schema.py), so one YAML file holds a run
-and its sweep; `SweepRunConfig` types it. Every command loads its config through
-`load_run_config`, so a `skinclr finetune` of a file with a sweep section checks that section
-too, and a run's resolved config, params and run key hold the whole section. The folder is named
-by the config's hash, so the same command finds it again; `start` does what must happen once per
-sweep (decode the images, pin one split, open the MLflow parent run) and writes the resume state:
-what every trial starts from and the parent run it logs under.
+The library carries the section as data (core/config_schema.py), so one YAML file holds a run and its
+sweep; `SweepRunConfig` types it. Every command loads its config through `load_run_config`, so a
+`skinclr finetune` of a file with a sweep section checks that section too, and a run's resolved
+config, params and run key hold the whole section, defaults included, whichever command ran it.
 """
 from __future__ import annotations
 
-import copy
-import json
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-from ray import tune
-from skinclr import names
-from skinclr.config import Config, ConfigError, hash_items, load_config, require
-from skinclr.track import tracking
-from skinclr.track.tracking import RunLogger
-from skinclr.tune.spaces import sampled_keys
-from skinclr.tune.trainables import METRICS, TrialSetup
+from skinclr.config import Config, ConfigError, load_config, require
 
 PIPELINE_KEYS = ("finetune_config", "eval_data")  # sweep.* keys only a pipeline config has
 
@@ -76,92 +61,3 @@ def load_sweep_config(path: str | Path | None,
     if extra and cfg.sweep.stage != "pipeline":
         raise ConfigError(f"sweep.{', sweep.'.join(extra)} only apply to sweep.stage=pipeline (got '{cfg.sweep.stage}')")
     return cfg, extra
-
-
-SPLIT_KEYS = ("data.folds", "data.fold", "data.val_fraction", "data.split_seed")  # varied: trials split themselves
-
-
-def sweep_folder(cfg: SweepRunConfig, extra: dict[str, str] | None = None) -> Path:
-    """`<sweep.storage>/<sweep.name>`; the name defaults to the stage and a hash of the config,
-    so the same command finds the same folder again for --resume."""
-    storage = Path(cfg.sweep.storage or Path.home() / "ray_results").expanduser().resolve()
-    key = tracking.run_key({**hash_items(cfg), **(extra or {})})[:8]
-    return storage / (cfg.sweep.name or f"{cfg.sweep.stage if extra else cfg.stage}-{key}")
-
-
-def _absolute(path: str) -> str:
-    return str(Path(path).expanduser().resolve()) if path else path
-
-
-def trial_base(cfg: SweepRunConfig, split_file: Path | None, cache_dir: Path) -> SweepRunConfig:
-    """What every trial starts from: paths made absolute (trials run in their own folders), the
-    driver's split (unless the trials vary it) and cache pinned, one torch thread per CPU of the
-    trial, and no implicit resume of some other unfinished run with the same config."""
-    base = copy.deepcopy(cfg)
-    base.data.root = _absolute(base.data.root)
-    base.data.split_file = str(split_file) if split_file else ""
-    base.data.cache_dir = str(cache_dir)
-    base.finetune.imagenet_weights = _absolute(base.finetune.imagenet_weights)
-    if base.finetune.init not in ("scratch", "imagenet") and not base.finetune.init.startswith("runs:/"):
-        base.finetune.init = _absolute(base.finetune.init)
-    base.train.threads = max(1, int(cfg.sweep.cpus_per_trial))
-    base.tracking.resume = False
-    return base
-
-
-def start(cfg: SweepRunConfig, folder: Path, uri: str, space_file: Path | None, space: dict,
-          parent_of: str | None) -> TrialSetup:
-    """A new sweep: decode once, pin the split, open the parent run, write the resume state."""
-    from skinclr.data.inputs import resolve_inputs, save_inputs
-
-    inputs = resolve_inputs(cfg)  # the sweep's only scan and decode of the folder
-    split_file = save_inputs(inputs, folder)  # the split, and beside it the resolved inputs its trials open
-    own_split = set(SPLIT_KEYS) & set(sampled_keys(space))  # e.g. a study over folds
-    base = trial_base(cfg, None if own_split else split_file, inputs.cache.path.parent)
-    parent = RunLogger.create(cfg.experiment, cfg.tracking.run_name or f"sweep-{folder.name}",
-                              tags={names.SWEEP_PARENT_TAG: "1", names.STAGE_TAG: cfg.stage, names.SWEEP_FOLDER_TAG: str(folder),
-                                    names.SEARCH_TAG: cfg.sweep.search,
-                                    **inputs.tags()},
-                              parent_run_id=parent_of)
-    parent.log_params(cfg.flat())
-    with tempfile.TemporaryDirectory() as tmp:
-        parent.log_artifact(cfg.save(Path(tmp) / "sweep_config.yaml"), "sweep")
-        if space_file is not None:
-            shutil.copyfile(space_file, Path(tmp) / "search_space.yaml")
-        else:  # a grid study: the grid is the space
-            (Path(tmp) / "search_space.yaml").write_text(yaml.safe_dump(cfg.sweep.grid, sort_keys=False))
-        (Path(tmp) / "search_space_narrowed.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
-        for name in ("search_space.yaml", "search_space_narrowed.yaml"):
-            parent.log_artifact(Path(tmp) / name, "sweep")
-    parent.log_artifact(split_file, "sweep")
-    s = cfg.sweep
-    setup = TrialSetup(stage=cfg.stage, base=base.to_dict(), parent_run_id=parent.run_id, tracking_uri=uri,
-                       name=folder.name, storage=str(folder.parent), cpus=s.cpus_per_trial, gpus=s.gpus_per_trial,
-                       workers=s.workers_per_trial)
-    state = {"setup": asdict(setup), "sampled": sampled_keys(space), "metric": METRICS[cfg.stage],
-             "max_t": s.max_t or cfg.train.epochs, "epochs": cfg.train.epochs}
-    (folder / names.SWEEP_STATE_FILE).write_text(json.dumps(state, indent=1))
-    return setup
-
-
-def check_resume(state_file: Path, resume: bool) -> None:
-    """A new sweep must not land on an existing one, and --resume needs one to continue."""
-    if state_file.is_file() and not resume:
-        raise ConfigError(f"a sweep of this config already lives in {state_file.parent}; continue it with "
-                          "--resume, or set sweep.name to start another")
-    if resume and not state_file.is_file():
-        raise ConfigError(f"nothing to resume in {state_file.parent}; run the same command without --resume")
-
-
-def read_state(folder: Path, uri: str) -> dict[str, Any]:
-    """The state a resumed sweep continues from: Tune must be able to restore the folder, and the
-    store must be the one its runs live in."""
-    state_file = folder / names.SWEEP_STATE_FILE
-    if not tune.Tuner.can_restore(str(folder)):
-        raise ConfigError(f"no sweep to resume in {folder}: it stopped before its first trial; "
-                          "remove the folder and run the same command without --resume")
-    state = json.loads(state_file.read_text())
-    if state["setup"]["tracking_uri"] != uri:
-        raise ConfigError(f"the sweep in {folder} logs to {state['setup']['tracking_uri']}, but MLFLOW_TRACKING_URI "
-                          f"is {uri}; set MLFLOW_TRACKING_URI to the sweep's store to resume it")
-    return state

@@ -23,12 +23,8 @@ from skinclr import names
 from skinclr.config import ConfigError
 from skinclr.track import tracking
 from skinclr.track.tracking import RunLogger
-from skinclr.tune.plan import (
-    SweepRunConfig,
-    check_resume,
-    load_sweep_config,
-    sweep_folder,
-)
+from skinclr.tune.plan import SweepRunConfig, load_sweep_config
+from skinclr.tune.folder import check_resume, sweep_folder
 from skinclr.tune.preflight import check_inits, search_space
 from skinclr.tune.ray_session import ray_session
 from skinclr.tune.spaces import project_path

@@ -18,13 +18,8 @@ from skinclr.config import ConfigError
 from skinclr.track import store, tracking
 from skinclr.track.tracking import RunLogger
 from skinclr.tune.callbacks import ChildRuns, ProgressLines
-from skinclr.tune.plan import (
-    SweepRunConfig,
-    check_resume,
-    read_state,
-    start,
-    sweep_folder,
-)
+from skinclr.tune.plan import SweepRunConfig
+from skinclr.tune.folder import check_resume, read_state, start, sweep_folder
 from skinclr.tune.preflight import search_space
 from skinclr.tune.spaces import to_tune
 from skinclr.tune.summary import SweepOutcome, close_interrupted, finish

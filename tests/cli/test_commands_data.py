@@ -10,7 +10,7 @@ from skinclr.data.manifest import read_manifest
 from skinclr.data.layouts import TRAINING_GT, TRAINING_INPUT
 from skinclr.names import CLASSES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def skinclr(*args) -> subprocess.CompletedProcess:

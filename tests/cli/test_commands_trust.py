@@ -27,7 +27,7 @@ from skinclr.data.synth import make_synthetic
 from skinclr.track.store import checkpoint_root
 from tests.track.test_server import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["data.image_size=32", "train.batch_size=16", "data.workers=0", "train.max_steps_per_epoch=2",
         "monitor.max_bank=64", "monitor.k=5"]
 

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from skinclr.track import store, tracking
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

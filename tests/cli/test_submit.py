@@ -1,6 +1,6 @@
 """experiments/cli/submit.py before it reaches a cluster: what it refuses, and what it hands the sweep.
 
-The real `ray submit` of it runs in tests/experiments/test_cluster.py."""
+The real `ray submit` of it runs in tests/cli/test_submit_cluster.py."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ def submit(tmp_path: Path, uri: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     if uri is not None:
         env["MLFLOW_TRACKING_URI"] = uri
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "submit.py"), "--config",
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "cli" / "submit.py"), "--config",
                            "experiments/sweeps/finetune_asha.yaml"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
 

@@ -274,7 +274,7 @@ def test_ray_job_submit_runs_the_uploaded_code_with_absolute_paths(cluster, synt
     assert done.returncode == 0, done.log[-4000:]
     assert "succeeded" in done.log and "[sweep] best trial" in done.log
     assert_sweep_complete(cluster, "job-submit", epochs=1, samples=1)
-    uploaded = list((cluster.folder / "ray").glob("ray/session_*/runtime_resources/working_dir_files/*/experiments/submit.py"))
+    uploaded = list((cluster.folder / "ray").glob("ray/session_*/runtime_resources/working_dir_files/*/experiments/cli/submit.py"))
     assert uploaded, "the job did not run from an uploaded copy of the working folder"
 
 

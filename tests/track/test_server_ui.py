@@ -29,7 +29,7 @@ from skinclr.track.tracking import DEFAULT_UI
 from skinclr.track.tracking import RunLogger
 from tests.track.test_server import running_server
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

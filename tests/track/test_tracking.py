@@ -92,7 +92,7 @@ def test_an_interrupt_in_a_process_first_search_leaves_later_searches_working(tm
     In a fresh process, the parser's setup is made to raise as an interrupt mid-way would."""
     code = """
 import sqlparse.lexer
-from core import tracking
+from skinclr.track import tracking
 
 def interrupted(self):
     self.clear()

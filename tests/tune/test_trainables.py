@@ -1,7 +1,7 @@
 """A trial as a unit, in this process with Tune's session calls stood in for: it opens the inputs
 its driver resolved (never the dataset folder), reports checkpoints that only point at the
 runner's, and a restored trial continues its MLflow run from the runner's checkpoint however far
-past Tune's last report it got. Real Ray runs the same trials in tests/experiments/test_sweep.py."""
+past Tune's last report it got. Real Ray runs the same trials in tests/tune/test_sweep.py."""
 from __future__ import annotations
 
 import json
