@@ -19,7 +19,8 @@ from skinclr.config_schema import (ASPECTS, PRETRAIN_METHODS, STAGE_DEFAULTS, Au
                                    DataConfig, FinetuneConfig, MethodConfig, ModelConfig, MoCoV2Config, MonitorConfig,
                                    PretrainConfig, SimCLRConfig, TrackingConfig, TrainConfig)
 
-__all__ = ["ConfigError", "RENAMED", "hash_items", "load_config", "set_value", "parse_override", "validate", "require",
+__all__ = ["ConfigError", "RENAMED", "hash_items", "load_config", "load_yaml", "set_value", "parse_override",
+           "validate", "require",
            "Config",
            "DataConfig", "AugmentConfig", "ModelConfig", "PretrainConfig", "MethodConfig", "SimCLRConfig",
            "MoCoV2Config", "BYOLConfig", "MonitorConfig", "FinetuneConfig", "TrainConfig", "TrackingConfig",
@@ -125,6 +126,31 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML whose mappings refuse a key given twice: plain YAML keeps the last and loses the rest
+    without a word (a second `train:` section replaced the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"key '{key}' is given twice, on lines {seen[key]} and {line}; keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    """A YAML file, read once: one line naming the file for invalid YAML or a repeated key."""
+    try:
+        return yaml.load(Path(path).read_text(), Loader=_UniqueKeys) or {}
+    except ConfigError as err:
+        raise ConfigError(f"{what} '{path}': {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {err}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
                 stage: str | None = None, schema: type[Config] = Config) -> Config:
     """Resolve a config: dataclass defaults, the stage's defaults, the YAML file, the overrides.
@@ -136,12 +162,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        raw = load_yaml(path, "config file")
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(raw).__name__}")
+    if stage and raw.get("stage", stage) != stage:
+        raise ConfigError(f"config file '{path}' is a {raw['stage']} config (stage: {raw['stage']}), not a {stage} "
+                          f"one; run it with `skinclr {raw['stage']}`, or pass a config with stage: {stage}")
     cfg = schema()
     cfg.stage = stage or str(raw.get("stage", cfg.stage))
     if cfg.stage not in STAGE_DEFAULTS and cfg.stage != "sweep":
@@ -220,6 +246,9 @@ def validate(cfg: Config) -> None:
          "finetune.select_metric", "must be val_balanced_accuracy, val_accuracy or val_loss"),
         (cfg.finetune.select_smoothing >= 1, "finetune.select_smoothing", "must be at least 1"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
+        (not (cfg.finetune.linear_probe and cfg.finetune.init == "scratch"), "finetune.linear_probe",
+         "trains the head alone on a random backbone (finetune.init=scratch), which learns next to nothing; start "
+         "from a trained backbone (finetune.init=imagenet or runs:/RUN) or set finetune.linear_probe=false"),
     ]
     require(cfg, checks)
 

@@ -82,3 +82,35 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.stage == yaml.safe_load(path.read_text()).get("stage", "pretrain")
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("stage: finetune\ntrain:\n  epochs: 1\ndata:\n  image_size: 32\ntrain:\n  lr: 0.001\n", "train", (2, 6)),
+    ("stage: finetune\ntrain:\n  epochs: 1\n  batch_size: 8\n  epochs: 20\n", "epochs", (3, 5)),
+])
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path, text, key, lines):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"'{key}'" in message and f"lines {lines[0]} and {lines[1]}" in message and str(path) in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("given, asked", [("finetune", "pretrain"), ("pretrain", "finetune")])
+def test_a_config_for_one_stage_is_refused_by_the_other(tmp_path, given, asked):
+    path = tmp_path / f"{given}.yaml"
+    path.write_text(f"stage: {given}\ntrain:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match=f"is a {given} config") as err:
+        load_config(path, stage=asked)
+    assert f"skinclr {given}" in str(err.value)
+    assert load_config(path, stage=given).stage == given
+
+
+def test_a_linear_probe_on_a_random_backbone_is_refused():
+    with pytest.raises(ConfigError, match="finetune.linear_probe") as err:
+        load_config(None, ["finetune.linear_probe=true"], stage="finetune")  # init: scratch by default
+    assert "random backbone" in str(err.value)
+    probe = load_config(None, ["finetune.linear_probe=true", "finetune.init=imagenet"], stage="finetune")
+    assert probe.finetune.linear_probe

@@ -113,15 +113,41 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
-def _decode_problems(paths: list[str]) -> list[tuple[str, str]]:
-    """Worker: (path, reason) for every file in the chunk that does not decode."""
-    bad = []
+MIN_SIDE = 16  # pixels on the short side: data.image_size is at least this, and a lesion needs it
+MAX_ASPECT = 4.0  # a longer image squares into a sliver of itself
+
+
+def image_doubt(img: Image.Image) -> str | None:
+    """Why an image that decodes is still no lesion picture to train on; None when it may be one."""
+    w, h = img.size
+    side = min(w, h)
+    if side < MIN_SIDE or max(w, h) > MAX_ASPECT * side:
+        why = (f"a lesion picture needs at least {MIN_SIDE} pixels on its short side" if side < MIN_SIDE else
+               f"{100 * side / max(w, h):.0f}% of its length")
+        return f"{w}x{h} pixels: squared by its centre crop (data.aspect=center_crop) it keeps {side}x{side}; {why}"
+    if "A" in img.getbands() or "transparency" in img.info:
+        if img.convert("RGBA").getchannel("A").getextrema()[1] == 0:
+            return "fully transparent: every pixel decodes to black"
+    return None
+
+
+def _inspect(paths: list[str]) -> list[tuple[str, str, bool]]:
+    """Worker: (path, reason, fatal) for every file in the chunk that does not decode (fatal) or
+    decodes into no lesion picture (a doubt)."""
+    out = []
     for p in paths:
         try:
-            decode_image(Path(p))
+            with Image.open(p) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                doubt = image_doubt(img)
+                _to_rgb(img)
         except DECODE_ERRORS as err:
-            bad.append((p, decode_reason(Path(p), err)))
-    return bad
+            out.append((p, decode_reason(Path(p), err), True))
+            continue
+        if doubt:
+            out.append((p, doubt, False))
+    return out
 
 
 def default_workers() -> int:
@@ -132,25 +158,28 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def find_unreadable(paths: list[str], workers: int | None, progress: bool) -> list[tuple[str, str]]:
-    """Decode every file in a process pool (JPEG decoding is CPU bound and holds the GIL)."""
+def inspect_images(paths: list[str], workers: int | None,
+                   progress: bool) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Decode every file in a process pool (JPEG decoding is CPU bound and holds the GIL):
+    (path, reason) of the files that do not decode, and of those that are no lesion picture."""
     from tqdm.auto import tqdm
 
     workers = workers or default_workers()
     bar = tqdm(total=len(paths), desc="decoding", unit="img", disable=not progress)
-    bad: list[tuple[str, str]] = []
+    bad: list[tuple[str, str, bool]] = []
     if workers <= 1 or len(paths) < 256:
         for chunk in _chunks(paths, 64):
-            bad += _decode_problems(chunk)
+            bad += _inspect(chunk)
             bar.update(len(chunk))
     else:
         with ProcessPoolExecutor(workers) as pool:
-            jobs = {pool.submit(_decode_problems, c): len(c) for c in _chunks(paths, 128)}
+            jobs = {pool.submit(_inspect, c): len(c) for c in _chunks(paths, 128)}
             for job in as_completed(jobs):
                 bad += job.result()
                 bar.update(jobs[job])
     bar.close()
-    return sorted(bad)
+    bad.sort()
+    return [(p, why) for p, why, fatal in bad if fatal], [(p, why) for p, why, fatal in bad if not fatal]
 
 
 

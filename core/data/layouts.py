@@ -37,12 +37,13 @@ def read_labels(root: Path, problems: Problems, warnings: Problems):
         return None, None
     if present:
         layout = present[0]
-        table = _read_isic_gt(root / ISIC_SPLITS[layout][0], problems)
+        table = _nonempty(root / ISIC_SPLITS[layout][0], _read_isic_gt(root / ISIC_SPLITS[layout][0], problems),
+                          problems)
         if table is not None and layout == "isic2018-training":
             _attach_groupings(root, table, problems, warnings)
         return layout, table
     if (root / HAM_METADATA).is_file():
-        return "ham10000", _read_ham_metadata(root / HAM_METADATA, problems)
+        return "ham10000", _nonempty(root / HAM_METADATA, _read_ham_metadata(root / HAM_METADATA, problems), problems)
 
     inputs = [d for _, d in ISIC_SPLITS.values() if (root / d).is_dir()]
     if inputs:
@@ -54,6 +55,15 @@ def read_labels(root: Path, problems: Problems, warnings: Problems):
         problems.add("layout", f"{root}: no ground-truth file ({what}); expected {TRAINING_GT} "
                                f"(or the Validation/Test one, or {HAM_METADATA}) and its image folder")
     return None, None
+
+
+def _nonempty(path: Path, table: pd.DataFrame | None, problems: Problems) -> pd.DataFrame | None:
+    """A labels table with at least one row: zero images is an error, named at its file."""
+    if table is not None and not len(table):
+        problems.add("no images", f"{path}: has no rows, only a header; a dataset needs at least one image, "
+                                  "one row per image")
+        return None
+    return table
 
 
 def _read_isic_gt(path: Path, problems: Problems) -> pd.DataFrame | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinclr.data.images import find_unreadable
+from skinclr.data.images import inspect_images
 from skinclr.data.layouts import attach_files, read_labels
 from skinclr.names import CLASSES
 from skinclr.data.problems import DataError, Problems, relative
@@ -69,18 +69,34 @@ def _scan(root: Path, decode: bool, workers: int | None, progress: bool):
 
     if decode and len(frame):
         present = frame["path"].notna()
-        for path, reason in find_unreadable(frame.loc[present, "path"].tolist(), workers, progress):
+        unreadable, doubtful = inspect_images(frame.loc[present, "path"].tolist(), workers, progress)
+        for path, reason in unreadable:
             problems.add("unreadable images", f"{relative(root, path)}: {reason}; replace the file or remove its row")
+        for path, reason in doubtful:
+            warnings.add("doubtful images", f"{relative(root, path)}: {reason}; check the file, or remove its row")
 
     if problems.kinds:
         return None, problems.lines(), warnings.lines()
     frame = frame.sort_values("image", ignore_index=True)
+    _mixed_lesions(frame, warnings)
     absent = [name for name, n in zip(CLASSES, np.bincount(frame["label"], minlength=len(CLASSES))) if n == 0]
     if absent:
         warnings.add("missing classes", f"no images of class {', '.join(absent)}: balanced accuracy over all "
                                         f"{len(CLASSES)} classes cannot be measured on this data; training "
                                         "on it needs data.min_per_class=0 (the run is tagged skinclr.missing_classes)")
     return Manifest(frame, root, layout, warnings.lines(), _fingerprint(frame)), [], warnings.lines()
+
+
+def _mixed_lesions(frame: pd.DataFrame, warnings: Problems) -> None:
+    """A lesion has one diagnosis: images of one lesion_id under several point at a wrong label
+    or a wrong grouping."""
+    grouped = frame.dropna(subset=["lesion_id"])
+    counts = grouped.groupby("lesion_id")["label"].nunique()
+    for lesion in counts[counts > 1].index:
+        rows = grouped[grouped["lesion_id"] == lesion]
+        images = ", ".join(f"{i} {CLASSES[label]}" for i, label in zip(rows["image"], rows["label"]))
+        warnings.add("mixed lesions", f"lesion {lesion}: its images have different diagnoses ({images}); one "
+                                      "lesion has one diagnosis: fix the ground truth or the groupings")
 
 
 def _fingerprint(frame: pd.DataFrame) -> str:

@@ -103,6 +103,10 @@ def check_ids(path: Path, table: pd.DataFrame, column: str, problems: Problems) 
     """Add a problem per empty id and per id on several lines of `column`."""
     for line in table.loc[table[column].str.strip() == "", "line"]:
         problems.add("rows", f"{path.name} line {line}: empty {column}; fill it in or delete the row")
+    odd = table[table[column].str.contains(r"[\x00-\x1f\x7f]", regex=True)]
+    for line, value in zip(odd["line"], odd[column]):
+        problems.add("rows", f"{path.name} line {line}: {column} {value!r} holds a line break or another control "
+                             "character; an id is one line of plain text (a file name without its extension)")
     dupes = table[table[column].duplicated(keep=False) & (table[column] != "")]
     for image, rows in dupes.groupby(column, sort=True)["line"]:
         problems.add("duplicate ids", f"{path.name}: {column} {image} appears on lines "

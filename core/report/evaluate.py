@@ -29,7 +29,7 @@ from skinclr.serve.uris import load_predictor
 from skinclr.serve.predictor import Predictor
 from skinclr.data.problems import DataError
 from skinclr.runtime import pixel_digest
-from skinclr.track.tracking import RunLogger
+from skinclr.track.tracking import RunLogger, ending
 
 ROLES = ("train", "val", "test")  # what an evaluated image was to the model; test: never seen
 
@@ -136,7 +136,7 @@ def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr
               "num_images": len(manifest.frame), "run_id": logger.run_id, "data_role": role,
               "images_by_role": counts, "matched_by": how, "parts": parts,
               "warnings": _warnings(counts, how, predictor.run_id, manifest.root)}
-    try:
+    with ending(logger):
         logger.log_params({"model_uri": model_uri, "data_dir": manifest.root, "num_images": len(manifest.frame),
                            **{f"model_{k}": v for k, v in predictor.meta.items() if k != "classes"}})
         logger.log_metrics({k: v for r, part in parts.items() for k, v in _run_metrics(part, r).items()}, step=0)
@@ -144,10 +144,6 @@ def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr
             title = f"{model_uri} on {manifest.root.name}" + ("" if role == "test" else f" ({role} images)")
             for f in _write_artifacts(report, result, Path(tmp), title=title):
                 logger.log_artifact(f)
-    except BaseException:
-        logger.end("FAILED")
-        raise
-    logger.end("FINISHED")
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1))

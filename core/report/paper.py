@@ -26,7 +26,7 @@ from mlflow.entities import Run
 from skinclr.train import figures, metrics as M
 from skinclr import names
 from skinclr.track import store, tracking
-from skinclr.track.tracking import RunLogger
+from skinclr.track.tracking import RunLogger, ending
 from skinclr.report import study as S
 from skinclr.report.study import PAPER_INITS, init_group, init_groups
 
@@ -195,7 +195,7 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
 
     logger = RunLogger.create(REPORT_EXPERIMENT, run_name="report", tags={
         names.REPORT_TAG: "1", names.STAGE_TAG: "report", names.REPORT_EXPERIMENTS_TAG: ",".join(experiments), **tags})
-    try:
+    with ending(logger):
         logger.log_params({"experiments": ",".join(experiments), "runs": len(runs), "sweep_runs_left_out": n_sweep})
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         header = [
@@ -211,10 +211,6 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
         (out / "report.md").write_text("\n\n".join(header + parts) + "\n")
         for name in ("report.md", *files):
             logger.log_artifact(out / name)
-    except BaseException:
-        logger.end("FAILED")
-        raise
-    logger.end("FINISHED")
     return out / "report.md"
 
 

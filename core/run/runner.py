@@ -22,7 +22,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from skinclr.track import store, tracking
-from skinclr.config import Config, hash_items
+from skinclr.config import Config, ConfigError, hash_items
 from skinclr.train.engine import EpochRecord
 from skinclr.train.finetune import finetune
 from skinclr.train.finetune import resolve_init
@@ -71,6 +71,16 @@ def prepare(cfg: Config) -> None:
     check_devices(cfg)
     if cfg.tracking.retry_seconds >= 0:
         store.set_retry_seconds(cfg.tracking.retry_seconds)
+
+
+def check_batches(cfg: Config, inputs: Inputs) -> None:
+    """Refuse, before a run opens, a config that would train nothing: every epoch drops its last
+    incomplete batch, so a train side smaller than one batch makes no optimizer step."""
+    n = len(inputs.train_rows)
+    if n < cfg.train.batch_size:
+        raise ConfigError(f"the train side holds {n} image(s), fewer than train.batch_size={cfg.train.batch_size}: "
+                          "every batch would be dropped as incomplete and nothing would train; set "
+                          f"train.batch_size to at most {n} (or give the train side more images)")
 
 
 class SilentLogger:
@@ -131,18 +141,17 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
                 _claim(run_id)
     logger, state = RunLogger(run_id), None
     try:
-        if not created:
-            state = resume_state(run_id)
-            logger.reopen()
-        logger.set_tags({**inputs.tags(), names.DEVICE_TAG: device, **(tags or {})})
-        logger.log_params(cfg.flat())
-        with tempfile.TemporaryDirectory() as tmp:
-            logger.log_artifact(cfg.save(Path(tmp) / names.CONFIG_ARTIFACT))
-            logger.log_artifact(save_split(inputs.split, Path(tmp) / "split.csv", inputs.cache))
-    except BaseException as err:
+        with tracking.ending(logger, finish=False):  # the loop ends it; until then, a failure here does
+            if not created:
+                state = resume_state(run_id)
+                logger.reopen()
+            logger.set_tags({**inputs.tags(), names.DEVICE_TAG: device, **(tags or {})})
+            logger.log_params(cfg.flat())
+            with tempfile.TemporaryDirectory() as tmp:
+                logger.log_artifact(cfg.save(Path(tmp) / names.CONFIG_ARTIFACT))
+                logger.log_artifact(save_split(inputs.split, Path(tmp) / "split.csv", inputs.cache))
+    except BaseException:
         _release(run_id)
-        if not isinstance(err, store.StoreError):
-            logger.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     return Run(logger, state)
 
@@ -161,34 +170,29 @@ def drive(cfg: Config, loop, run: Run, on_epoch: OnEpoch | None,
                disable=not progress)
     last, best, epoch = {}, None, start
     try:
-        for record in loop:
-            epoch, last = record.epoch, record.metrics
-            logger.log_metrics(record.metrics, step=record.epoch)
-            if run.leader:
-                state = record.state()
-                save_atomic(state, run.folder / CHECKPOINT)
-                if on_record:
-                    on_record(record, state, run.folder)
-            if on_epoch:
-                on_epoch(record, logger.run_id)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in record.metrics.items()
-                             if k in ("train_loss", "knn_balanced_accuracy", "val_balanced_accuracy")})
-            if record.is_best:
-                best = record.metrics.get("knn_balanced_accuracy", record.metrics.get("monitor_value"))
-    except BaseException as err:
-        try:
-            if isinstance(err, KeyboardInterrupt):
-                logger.end("KILLED")
-            elif not isinstance(err, store.StoreError):  # a store that is gone leaves it RUNNING, resumable
-                logger.end("FAILED")
-        finally:
-            _release(logger.run_id)
+        with tracking.ending(logger):
+            for record in loop:
+                epoch, last = record.epoch, record.metrics
+                logger.log_metrics(record.metrics, step=record.epoch)
+                if run.leader:
+                    state = record.state()
+                    save_atomic(state, run.folder / CHECKPOINT)
+                    if on_record:
+                        on_record(record, state, run.folder)
+                if on_epoch:
+                    on_epoch(record, logger.run_id)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.metrics.items()
+                                 if k in ("train_loss", "knn_balanced_accuracy", "val_balanced_accuracy")})
+                if record.is_best:
+                    best = record.metrics.get("knn_balanced_accuracy", record.metrics.get("monitor_value"))
+            bar.close()
+            logger.set_tags({names.EPOCHS_RUN_TAG: epoch})
+    except BaseException:
+        _release(logger.run_id)
         raise
     finally:
         bar.close()
-    logger.set_tags({names.EPOCHS_RUN_TAG: epoch})
-    logger.end("FINISHED")
     if run.leader:  # a finished run never resumes: its ~100+ MB resume state goes (models are in MLflow)
         shutil.rmtree(run.folder, ignore_errors=True)
     _release(logger.run_id)  # last: until now another process must not take the run for unfinished
@@ -203,6 +207,7 @@ def run_pretrain(cfg: Config, *, resolved: str | Path | None = None, run_id: str
     process's place in a data-parallel run (only rank 0 records)."""
     prepare(cfg)
     inputs = load_inputs(cfg, resolved, progress=progress)
+    check_batches(cfg, inputs)
     run = open_run(cfg, inputs, run_id, parent_run_id, tags) if rank == 0 else follow_run(run_id)
     logger = run.logger
 
@@ -258,6 +263,7 @@ def run_finetune(cfg: Config, *, resolved: str | Path | None = None, run_id: str
     with tempfile.TemporaryDirectory() as work:
         checkpoint, init_tags = resolve_init(cfg, Path(work))
         inputs = load_inputs(cfg, resolved, progress=progress)
+        check_batches(cfg, inputs)
         run = open_run(cfg, inputs, run_id, parent_run_id, {**init_tags, **(tags or {})})
         loop = finetune(cfg, inputs, resume=run.state, pretrain_checkpoint=checkpoint, progress=progress)
         result = drive(cfg, loop, run, on_epoch,

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +24,7 @@ import sqlparse.lexer
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from skinclr import names
-from skinclr.track.store import artifact_root, retrying, sqlite_path, tracking_uri
+from skinclr.track.store import StoreError, artifact_root, retrying, sqlite_path, tracking_uri
 
 # MLflow parses search filters with sqlparse, whose lexer builds itself on first use, once per
 # process. A Ctrl-C or SIGTERM landing mid-way leaves it empty for good: every later search fails
@@ -212,6 +213,24 @@ class RunLogger:
         retrying(f"marking the run {status}", lambda: self.client.set_terminated(self.run_id, status=status))
         if status == "KILLED":
             killed_runs.append(self.run_id)
+
+
+@contextmanager
+def ending(logger: RunLogger, finish: bool = True):
+    """The one way a run ends: KILLED on Ctrl-C or SIGTERM (resumable), FAILED on any other error,
+    FINISHED when the block completes (unless `finish` is off: the block then ends the run as its
+    outcome says). A store that went away leaves the run RUNNING: nothing can mark it, and the
+    same command resumes it once the store is back."""
+    try:
+        yield logger
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):
+            logger.end("KILLED")
+        elif not isinstance(err, StoreError):
+            logger.end("FAILED")
+        raise
+    if finish:
+        logger.end("FINISHED")
 
 
 UI_ENV = "SKINCLR_UI_URL"

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from skinclr.config import TrainConfig
+from skinclr.config import ConfigError, TrainConfig
 from skinclr.runtime import pick_device, rng_state, seed_everything, set_rng_state, set_threads
 
 
@@ -92,6 +92,10 @@ def run(task: Task, train: TrainConfig, resume: dict[str, Any] | None = None,
             task.after_step()
             total += loss.detach() * n
             seen += n
+        if seen == 0:  # a run that trains nothing must fail, never finish as if it had trained
+            raise ConfigError(f"epoch {epoch} made no optimizer step: no batch of train.batch_size="
+                              f"{train.batch_size} was complete (the last incomplete batch is dropped); "
+                              "lower train.batch_size")
         train_loss = total.item() / max(seen, 1)  # waits for the device to finish the epoch's steps
         train_seconds = time.perf_counter() - t0
         metrics = {"train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],

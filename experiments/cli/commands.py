@@ -126,10 +126,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    _load_config(args, None)
-    from skinclr.tune.sweep import main as sweep_main
+    cfg = _load_config(args, None)  # the config's one load, validated before Ray or torch loads
+    from skinclr.tune.preflight import resolve_plan
+    from skinclr.tune.sweep import run_plan
 
-    return sweep_main(args.config, args.overrides, resume=args.resume)
+    return run_plan(resolve_plan(cfg, resume=args.resume))
 
 
 def cmd_promote(args) -> int:

@@ -26,9 +26,10 @@ def _step(n: int, text: str) -> None:
 def quickstart(workdir: Path = Path("quickstart")) -> int:
     from skinclr.track.registry import CHAMPION, alias_version, promote
     from skinclr.data.synth import make_synthetic
-    from skinclr.tune.sweep import run_pipeline
+    from skinclr.tune.plan import load_run_config
+    from skinclr.tune.preflight import resolve_plan
     from skinclr.tune.ray_session import ray_session
-    from skinclr.tune.plan import load_sweep_config
+    from skinclr.tune.sweep import run_pipeline
 
     t0 = time.perf_counter()
     workdir = Path(workdir).resolve()
@@ -38,8 +39,8 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
     train = make_synthetic(workdir / "data" / "train", n=600, seed=0)
     test = make_synthetic(workdir / "data" / "test", n=210, seed=1)
 
-    cfg, extra = load_sweep_config(CONFIG, [f"data.root={train}", f"sweep.name=quickstart-{stamp}",
-                                            f"sweep.storage={workdir / 'ray'}", f"sweep.eval_data={test}"])
+    plan = resolve_plan(load_run_config(CONFIG, [f"data.root={train}", f"sweep.name=quickstart-{stamp}",
+                                                 f"sweep.storage={workdir / 'ray'}", f"sweep.eval_data={test}"]))
 
     def announce(stage: str, source: str) -> None:
         if stage == "pretrain":
@@ -50,7 +51,7 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
             _step(4, f"evaluate on a held-out synthetic test set ({test})")
 
     with ray_session():
-        outcome = run_pipeline(cfg, extra, on_stage=announce)
+        outcome = run_pipeline(plan, on_stage=announce)
     sweep, result = outcome.pretrain, outcome.evaluation
     if sweep.best_run_id is None:
         print(f"no trial finished an epoch; see the trial errors in {sweep.folder}")
@@ -62,7 +63,7 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
         print(f"warning: {line}")
 
     _step(5, "promote to the Model Registry (alias champion moves only if the model is better)")
-    print(promote(cfg.experiment, metric="val_balanced_accuracy", name=MODEL_NAME))
+    print(promote(plan.cfg.experiment, metric="val_balanced_accuracy", name=MODEL_NAME))
 
     print("\nSimCLR sweep trials (kNN balanced accuracy on the lesion-grouped val split):")
     table = sweep.table
@@ -79,7 +80,7 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
     start = "" if tracking.browse_hint() == "" else "  .venv/bin/skinclr server      # first, then open:\n"
     print(f"\ndone in {time.perf_counter() - t0:.0f} s. Browse every run, metric and artifact in the MLflow UI "
           f"(store: {store.tracking_uri()}):\n{start}"
-          f"  the sweep's trials   {tracking.experiment_link(tracking.ensure_experiment(cfg.experiment))}\n"
+          f"  the sweep's trials   {tracking.experiment_link(tracking.ensure_experiment(plan.cfg.experiment))}\n"
           f"  the sweep            {tracking.run_link(sweep.parent_run_id)}\n"
           f"  the fine-tuned model {tracking.run_link(outcome.finetune_run_id)}\n"
           f"  the champion         {tracking.model_link(MODEL_NAME, champion.version if champion else None)}")

@@ -57,8 +57,9 @@ def trial_base(cfg: SweepRunConfig, split_file: Path | None, cache_dir: Path) ->
 
 
 def start(cfg: SweepRunConfig, folder: Path, uri: str, space_file: Path | None, space: dict,
-          parent_of: str | None) -> TrialSetup:
-    """A new sweep: decode once, pin the split, open the parent run, write the resume state."""
+          parent_of: str | None) -> tuple[TrialSetup, dict[str, Any]]:
+    """A new sweep: decode once, pin the split, open the parent run, write the resume state (and
+    return it, with what every trial starts from)."""
     from skinclr.data.inputs import resolve_inputs, save_inputs
 
     inputs = resolve_inputs(cfg)  # the sweep's only scan and decode of the folder
@@ -88,7 +89,7 @@ def start(cfg: SweepRunConfig, folder: Path, uri: str, space_file: Path | None, 
     state = {"setup": asdict(setup), "sampled": sampled_keys(space), "metric": METRICS[cfg.stage],
              "max_t": s.max_t or cfg.train.epochs, "epochs": cfg.train.epochs}
     (folder / names.SWEEP_STATE_FILE).write_text(json.dumps(state, indent=1))
-    return setup
+    return setup, state
 
 
 def check_resume(state_file: Path, resume: bool) -> None:

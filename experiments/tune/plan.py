@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from skinclr.config import Config, ConfigError, load_config, require
 
@@ -53,11 +54,43 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | dict 
     return cfg
 
 
-def load_sweep_config(path: str | Path | None,
-                      overrides: list[str] | None) -> tuple[SweepRunConfig, dict[str, str]]:
-    """A sweep config, and the pipeline's own keys (sweep.finetune_config, sweep.eval_data) that it sets."""
-    cfg = load_run_config(path, overrides)
+def pipeline_keys(cfg: SweepRunConfig) -> dict[str, str]:
+    """The pipeline's own keys (sweep.finetune_config, sweep.eval_data) that a config sets."""
     extra = {k: getattr(cfg.sweep, k) for k in PIPELINE_KEYS if getattr(cfg.sweep, k)}
     if extra and cfg.sweep.stage != "pipeline":
         raise ConfigError(f"sweep.{', sweep.'.join(extra)} only apply to sweep.stage=pipeline (got '{cfg.sweep.stage}')")
-    return cfg, extra
+    return extra
+
+
+def load_sweep_config(path: str | Path | None,
+                      overrides: list[str] | None) -> tuple[SweepRunConfig, dict[str, str]]:
+    """A sweep config, and the pipeline's own keys that it sets."""
+    cfg = load_run_config(path, overrides)
+    return cfg, pipeline_keys(cfg)
+
+
+@dataclass
+class StagePlan:
+    """One stage's sweep, resolved once: its config, the narrowed space its trials draw from
+    (and the file it came from; None for a grid), its folder, and whether it continues."""
+    cfg: SweepRunConfig
+    space_file: Path | None
+    space: dict[str, Any]
+    folder: Path
+    resume: bool = False
+
+
+@dataclass
+class SweepPlan:
+    """`skinclr sweep` resolved once, before Ray starts, and handed down: nothing below reads a
+    YAML file again or recomputes a folder. One stage's sweep (`stage`), or the pipeline: its
+    pretrain sweep, then its fine-tuning, a sweep (`finetune`) or one run (`finetune_run`)."""
+    cfg: SweepRunConfig
+    extra: dict[str, str]
+    folder: Path
+    resume: bool = False
+    stage: StagePlan | None = None
+    pretrain: StagePlan | None = None
+    finetune: StagePlan | None = None
+    finetune_run: SweepRunConfig | None = None
+    finetune_file: Path | None = None  # the pipeline's fine-tune config, logged on its top run

@@ -1,17 +1,23 @@
-"""Every check a sweep can make before Ray starts, so a wrong config costs seconds, not a cluster.
+"""Every check a sweep can make before Ray starts, so a wrong config costs seconds, not a cluster,
+and the sweep's plan resolved once from them.
 
 `search_space` checks the sweep section against the stage it sweeps and resolves what the trials
-draw from; `check_inits` makes sure every pretrain run a fine-tune sweep starts from exists.
+draw from; `check_inits` makes sure every pretrain run a fine-tune sweep starts from exists;
+`resolve_plan` does both, for one stage or each stage of the pipeline, finds the folders and
+checks them against `--resume`.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
-from skinclr.config import ConfigError
+from skinclr import names
+from skinclr.config import ConfigError, load_yaml
 from skinclr.train.finetune import init_run
-from skinclr.tune.spaces import check_keys, grid_space, load_space, narrow, space_path
-from skinclr.tune.plan import SweepRunConfig
+from skinclr.tune.folder import check_resume, sweep_folder
+from skinclr.tune.plan import StagePlan, SweepPlan, SweepRunConfig, load_sweep_config, pipeline_keys
+from skinclr.tune.spaces import check_keys, grid_space, load_space, narrow, project_path, space_path
 from skinclr.tune.trainables import METRICS
 
 
@@ -65,3 +71,49 @@ def check_inits(cfg: SweepRunConfig, space: dict[str, Any]) -> None:
     inits = spec["values"] if isinstance(spec, dict) else [spec]
     for init in inits if cfg.stage == "finetune" else []:
         init_run(str(init))  # the runner's own reading of the value, so a trial cannot disagree
+
+
+def stage_plan(cfg: SweepRunConfig, resume: bool = False, folder: Path | None = None) -> StagePlan:
+    """One stage's sweep: its settings checked, its space narrowed, its folder found."""
+    space_file, space = search_space(cfg)
+    return StagePlan(cfg, space_file, space, folder or sweep_folder(cfg), resume)
+
+
+def pipeline_plan(cfg: SweepRunConfig, extra: dict[str, str], folder: Path, resume: bool) -> SweepPlan:
+    """The pipeline's pretrain sweep and its fine-tuning: a sweep when the fine-tune config has a
+    sweep section, else one run. Fine-tuning reads the pretrain stage's data and logs to the
+    pipeline's experiment, so the UI nests every run under the pipeline's."""
+    if not extra.get("finetune_config"):
+        raise ConfigError("a pipeline needs sweep.finetune_config: the fine-tune config (with a sweep section "
+                          "to sweep, without one for a single run)")
+    ft_file = project_path(extra["finetune_config"])
+    ft, _ = load_sweep_config(ft_file, [])
+    if ft.stage != "finetune":
+        raise ConfigError(f"sweep.finetune_config '{extra['finetune_config']}' is a {ft.stage} config; "
+                          "point it at a config with stage: finetune")
+    pre = copy.deepcopy(cfg)
+    ft.data = copy.deepcopy(cfg.data)
+    ft.tracking.experiment = cfg.experiment
+    for stage_cfg in (pre, ft):
+        stage_cfg.sweep.stage = stage_cfg.stage
+        stage_cfg.sweep.name = f"{folder.name}-{stage_cfg.stage}"
+        stage_cfg.sweep.storage = str(folder.parent)
+    ft_sweeps = "sweep" in load_yaml(ft_file, "sweep.finetune_config")
+    return SweepPlan(cfg, extra, folder, resume, pretrain=stage_plan(pre), finetune_file=ft_file,
+                     finetune=stage_plan(ft) if ft_sweeps else None, finetune_run=None if ft_sweeps else ft)
+
+
+def resolve_plan(cfg: SweepRunConfig, resume: bool = False) -> SweepPlan:
+    """`skinclr sweep` of a loaded config, checked and resolved once: every config error, a sweep
+    already there (without --resume) or nothing to resume surfaces here, before Ray starts."""
+    extra = pipeline_keys(cfg)
+    folder = sweep_folder(cfg, extra)
+    if cfg.sweep.stage == "pipeline":
+        plan = pipeline_plan(cfg, extra, folder, resume)
+        check_resume(folder / names.PIPELINE_STATE_FILE, resume)
+        return plan
+    stage = stage_plan(cfg, resume, folder)
+    check_resume(folder / names.SWEEP_STATE_FILE, resume)
+    if not resume:
+        check_inits(cfg, stage.space)
+    return SweepPlan(cfg, extra, folder, resume, stage=stage)

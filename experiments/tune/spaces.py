@@ -19,11 +19,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 import skinclr.configs
 import skinclr.search_spaces
-from skinclr.config import Config, ConfigError, set_value
+from skinclr.config import Config, ConfigError, load_yaml, set_value, validate
 
 # The shipped folders as the checkout lays them out; an installed skinclr carries both as package data.
 SHIPPED = {"experiments": Path(skinclr.configs.__file__).parent,
@@ -55,10 +54,7 @@ def space_path(stage: str, space: str = "") -> Path:
 def load_space(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read and check a space file: every entry a known distribution with sane bounds."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"search space '{path}' is not valid YAML: {err}") from None
+    raw = load_yaml(path, "search space")
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"search space '{path}' must map config keys to distributions, "
                           "e.g. 'train.lr: {type: loguniform, low: 1.0e-4, high: 3.0e-3}'")
@@ -139,17 +135,24 @@ def grid_space(grid: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def check_keys(space: dict[str, Any], cfg: Config) -> None:
-    """Every key must be a config key taking the space's values: one error naming all culprits."""
+    """Every key must be a config key taking the space's values, each value one the config's own
+    validation accepts (a range at both ends), so a bad range fails here, not in every trial after
+    Ray started: one error naming all culprits."""
     problems = []
     for key, spec in space.items():
-        values = spec["values"] if isinstance(spec, dict) and spec["type"] in ("choice", "grid") else (
-            [spec["low"], spec["high"]] if isinstance(spec, dict) else [spec])
-        scratch = copy.deepcopy(cfg)
+        if not isinstance(spec, dict):
+            values = [spec]
+        elif spec["type"] in ("choice", "grid"):
+            values = spec["values"]
+        else:  # Ray's randint leaves out `high`
+            values = [spec["low"], spec["high"] - 1 if spec["type"] == "randint" else spec["high"]]
         for value in values:
+            scratch = copy.deepcopy(cfg)
             try:
                 set_value(scratch, key, value)
+                validate(scratch)
             except ConfigError as err:
-                problems.append(str(err))
+                problems.append(f"{key} = {value!r}: {err}")
                 break
     if problems:
         raise ConfigError("the search space does not fit the config:\n  " + "\n  ".join(problems))

@@ -25,7 +25,7 @@ from typing import Any
 from ray import tune
 
 from skinclr.track import store, tracking
-from skinclr.config import Config, set_value
+from skinclr.config import Config, set_value, validate
 from skinclr.track.store import retrying
 from skinclr.run.runner import run_finetune, run_pretrain
 from skinclr import names
@@ -54,12 +54,11 @@ class TrialSetup:
 
 
 def trial_config(setup: TrialSetup, params: dict[str, Any]) -> Config:
-    """The base config with this trial's sampled values applied."""
+    """The base config with this trial's sampled values applied, validated as every run's is."""
     cfg = Config()
-    for key, value in setup.base.items():
+    for key, value in {**setup.base, **params}.items():
         set_value(cfg, key, value)
-    for key, value in params.items():
-        set_value(cfg, key, value)
+    validate(cfg)
     return cfg
 
 

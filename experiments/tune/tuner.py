@@ -8,19 +8,17 @@ store loses runs); the callbacks close each trial's MLflow child run as Tune dec
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from ray import tune
-from skinclr import names
+
 from skinclr.config import ConfigError
 from skinclr.track import store, tracking
 from skinclr.track.tracking import RunLogger
 from skinclr.tune.callbacks import ChildRuns, ProgressLines
-from skinclr.tune.plan import SweepRunConfig
-from skinclr.tune.folder import check_resume, read_state, start, sweep_folder
-from skinclr.tune.preflight import search_space
+from skinclr.tune.folder import read_state, start
+from skinclr.tune.plan import StagePlan, SweepRunConfig
 from skinclr.tune.spaces import to_tune
 from skinclr.tune.summary import SweepOutcome, close_interrupted, finish
 from skinclr.tune.trainables import TrialSetup, make_trainable
@@ -72,22 +70,19 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def run_sweep(cfg: SweepRunConfig, resume: bool = False, parent_of: str | None = None) -> SweepOutcome:
-    """One stage's sweep, new or resumed; `parent_of` nests its parent run (pipeline)."""
-    space_file, space = search_space(cfg)
+def run_sweep(plan: StagePlan, parent_of: str | None = None) -> SweepOutcome:
+    """One stage's sweep as its plan says, new or resumed; `parent_of` nests its parent run (pipeline)."""
+    cfg, folder, space = plan.cfg, plan.folder, plan.space
     uri = driver_tracking_uri()
     tracking.ensure_experiment(cfg.experiment)  # before any trial: see skinclr.track.tracking.ensure_experiment
-    folder = sweep_folder(cfg)
-    check_resume(folder / names.SWEEP_STATE_FILE, resume)
-    if resume:
+    if plan.resume:
         state = read_state(folder, uri)
         setup = TrialSetup(**state["setup"])
         RunLogger(setup.parent_run_id).reopen()
         print(f"[sweep] resuming {folder} (MLflow parent run {setup.parent_run_id})", flush=True)
         tuner = tune.Tuner.restore(str(folder), make_trainable(setup), resume_unfinished=True, resume_errored=True)
     else:
-        setup = start(cfg, folder, uri, space_file, space, parent_of)
-        state = json.loads((folder / names.SWEEP_STATE_FILE).read_text())
+        setup, state = start(cfg, folder, uri, plan.space_file, space, parent_of)
         s = cfg.sweep
         grid = s.search == "grid"
         how = (f"grid of {math.prod(len(v) for v in s.grid.values())}, no early stops" if grid else

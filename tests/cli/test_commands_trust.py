@@ -265,3 +265,16 @@ def test_a_normal_run_prints_no_third_party_warnings(synth_dir):
     lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line).strip() for line in done.stderr.replace("\r", "\n").splitlines()]
     noise = [line for line in lines if line and "%|" not in line]  # progress bars only
     assert noise == [], noise
+
+
+@pytest.mark.parametrize("extra", [("train.batch_size=512",), ("data.label_fraction=0.05", "train.batch_size=64")])
+def test_a_run_that_would_train_nothing_is_refused_before_it_opens(synth_dir, capsys, extra):
+    """Every batch dropped as incomplete: one line with the image count, the batch size and the
+    fix, and no run at all (least of all a FINISHED, promotable one)."""
+    sets = [s for s in TINY if not s.startswith("train.batch_size")]
+    argv = ["finetune", "--config", str(REPO / "experiments" / "paper" / "baseline_scratch.yaml"),
+            "--set", f"data.root={synth_dir}", *sets, "train.epochs=1", "tracking.experiment=nothing-test", *extra]
+    assert main(argv) == 1
+    line = one_error(capsys.readouterr().err)
+    assert "train.batch_size" in line and "image" in line and "nothing would train" in line
+    assert runs_of("nothing-test") == []

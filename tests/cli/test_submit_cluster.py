@@ -67,7 +67,7 @@ class Cluster:
         """`ray submit CLUSTER experiments/cli/submit.py -- ARGS`, in the background."""
         out = open(self.folder / "logs" / log, "w")
         proc = subprocess.Popen(self.ns.cmd(str(BIN / "ray"), "submit", str(self.config),
-                                            str(REPO / "experiments" / "submit.py"), "--", *args),
+                                            str(REPO / "experiments" / "cli" / "submit.py"), "--", *args),
                                 stdout=out, stderr=subprocess.STDOUT, env=ray_env(self.folder), cwd=REPO)
         out.close()
         return proc
@@ -217,7 +217,7 @@ def assert_sweep_complete(c: Cluster, experiment: str, epochs: int, samples: int
 
 
 def test_ray_submit_runs_trials_on_both_nodes_and_logs_everything_to_the_server(cluster, synth_dir):
-    done = cluster.ray("submit", str(cluster.config), str(REPO / "experiments" / "submit.py"), "--",
+    done = cluster.ray("submit", str(cluster.config), str(REPO / "experiments" / "cli" / "submit.py"), "--",
                        *sweep_args(synth_dir, "on-both-nodes"), log="submit.log", cwd=REPO)
     assert done.returncode == 0, done.log[-4000:]
     assert "[sweep] best trial" in done.log
@@ -274,7 +274,8 @@ def test_ray_job_submit_runs_the_uploaded_code_with_absolute_paths(cluster, synt
     assert done.returncode == 0, done.log[-4000:]
     assert "succeeded" in done.log and "[sweep] best trial" in done.log
     assert_sweep_complete(cluster, "job-submit", epochs=1, samples=1)
-    uploaded = list((cluster.folder / "ray").glob("ray/session_*/runtime_resources/working_dir_files/*/experiments/cli/submit.py"))
+    uploaded = list((cluster.folder / "ray").glob(
+        "ray/session_*/runtime_resources/working_dir_files/*/experiments/cli/submit.py"))
     assert uploaded, "the job did not run from an uploaded copy of the working folder"
 
 

@@ -25,7 +25,8 @@ def write_jpeg(path, seed: int = 0, size=(40, 30)) -> None:
 
 
 def make_training(root, n: int = 8):
-    """A tiny official-layout training folder: ISIC_0000000.. cycling through the classes, two per lesion."""
+    """A tiny official-layout training folder: ISIC_0000000.. cycling through the classes; images k
+    and k+7 are one lesion (of one class, as a lesion has one diagnosis)."""
     (root / TRAINING_INPUT).mkdir(parents=True)
     ids = [f"ISIC_{i:07d}" for i in range(n)]
     for k, image in enumerate(ids):
@@ -33,7 +34,7 @@ def make_training(root, n: int = 8):
     (root / TRAINING_GT).write_text("\n".join(["image," + ",".join(CLASSES)] +
                                               [f"{i},{one_hot(CLASSES[k % 7])}" for k, i in enumerate(ids)]) + "\n")
     (root / GROUPINGS).write_text("\n".join(["image,lesion_id,diagnosis_confirm_type"] +
-                                            [f"{i},HAM_{k // 2:07d},histopathology" for k, i in enumerate(ids)]) + "\n")
+                                            [f"{i},HAM_{k % 7 + 7 * (k // 14):07d},histopathology" for k, i in enumerate(ids)]) + "\n")
     return root
 
 
@@ -73,9 +74,9 @@ def test_small_folder_reads_into_manifest(tmp_path):
     assert list(m.frame.columns) == ["image", "path", "label", "lesion_id"]
     assert m.frame["image"].tolist() == [f"ISIC_{i:07d}" for i in range(8)]
     assert m.frame["label"].tolist() == [0, 1, 2, 3, 4, 5, 6, 0]
-    assert m.frame.loc[3, "lesion_id"] == "HAM_0000001"
+    assert m.frame.loc[3, "lesion_id"] == "HAM_0000003" and m.frame.loc[7, "lesion_id"] == "HAM_0000000"
     assert m.frame.loc[3, "path"] == str((root / TRAINING_INPUT / "ISIC_0000003.jpg").resolve())
-    assert m.lesion_count() == 4
+    assert m.lesion_count() == 7
 
 
 def test_fingerprint_follows_labels(tmp_path):
@@ -300,3 +301,55 @@ def test_ham10000_layout(tmp_path):
     set_line(root / HAM_METADATA, 4, "HAM_0000002,ISIC_0000002,scc,histo,50.0,male,back")
     [line] = problems_of(root)
     assert HAM_METADATA in line and "line 4" in line and "'scc'" in line
+
+
+@pytest.mark.parametrize("layout", ["isic", "ham"])
+def test_a_ground_truth_with_a_header_and_no_rows_is_an_error_naming_it(tmp_path, layout):
+    """Zero images is no dataset: `data check` and `evaluate` both refuse it at the file, and the
+    groupings file (which then names unknown images) is not blamed."""
+    root = make_training(tmp_path / "isic")
+    if layout == "isic":
+        gt = root / TRAINING_GT
+        gt.write_text("image," + ",".join(CLASSES) + "\n")
+    else:
+        (root / TRAINING_GT).unlink()
+        gt = root / HAM_METADATA
+        gt.write_text("lesion_id,image_id,dx\n")
+    [line] = problems_of(root)
+    assert str(gt) in line and "no rows" in line and GROUPINGS not in line
+    manifest, problems, _ = check_folder(root, progress=False)
+    assert manifest is None and problems == [line]
+
+
+def test_images_that_are_no_lesion_picture_are_named_one_line_each(tmp_path):
+    """`data check` decodes every file: a 1x1 image, a 3000x2 sliver and a fully transparent PNG
+    decode, but are no lesion picture; each gets a warning naming it, the folder still checks."""
+    root = make_training(tmp_path / "isic", n=10)
+    folder = root / TRAINING_INPUT
+    Image.new("RGB", (1, 1), (90, 60, 40)).save(folder / "ISIC_0000001.jpg")
+    Image.new("RGB", (3000, 2), (90, 60, 40)).save(folder / "ISIC_0000002.jpg")
+    (folder / "ISIC_0000003.jpg").unlink()
+    Image.new("RGBA", (40, 30), (200, 100, 50, 0)).save(folder / "ISIC_0000003.png")
+    manifest, problems, warnings = check_folder(root, progress=False)
+    assert problems == [] and manifest is not None
+    doubts = {line.split(":")[0]: line for line in warnings if "ISIC_000000" in line}
+    assert set(doubts) == {f"{TRAINING_INPUT}/ISIC_000000{i}.{ext}" for i, ext in ((1, "jpg"), (2, "jpg"), (3, "png"))}
+    assert "1x1" in doubts[f"{TRAINING_INPUT}/ISIC_0000001.jpg"]
+    assert "2x2" in doubts[f"{TRAINING_INPUT}/ISIC_0000002.jpg"]
+    assert "transparent" in doubts[f"{TRAINING_INPUT}/ISIC_0000003.png"]
+
+
+def test_a_lesion_with_images_of_different_diagnoses_is_named(tmp_path):
+    root = make_training(tmp_path / "isic", n=8)
+    set_line(root / GROUPINGS, 3, "ISIC_0000001,HAM_0000000,histopathology")  # NV, into MEL's lesion
+    _, problems, warnings = check_folder(root, progress=False)
+    [line] = [w for w in warnings if "HAM_0000000" in w]
+    assert problems == [] and "ISIC_0000000 MEL" in line and "ISIC_0000001 NV" in line
+
+
+def test_an_image_id_holding_a_line_break_is_refused(tmp_path):
+    root = make_training(tmp_path / "isic")
+    gt = root / TRAINING_GT
+    gt.write_text(gt.read_text().replace("ISIC_0000003,", '"ISIC_00\n00003",', 1))
+    lines = [p for p in problems_of(root) if "line break" in p]
+    assert len(lines) == 1 and TRAINING_GT in lines[0] and "ISIC_00\\n00003" in lines[0]

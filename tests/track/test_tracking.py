@@ -112,3 +112,30 @@ print(len(c.search_runs([experiment], "tags.`skinclr.trial_id` = 't1'")))
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "1"
+
+
+def test_every_run_ends_one_way():
+    """`ending`: FINISHED when the block completes, KILLED on Ctrl-C, FAILED on an error, and
+    RUNNING (resumable) when the store itself went away; `finish=False` leaves the end to the block."""
+    import pytest
+
+    from skinclr.track.store import StoreError
+
+    def outcome(error: BaseException | None, finish: bool = True) -> str:
+        logger = RunLogger.create("ending", run_name="r")
+        try:
+            with tracking.ending(logger, finish=finish):
+                if error is not None:
+                    raise error
+        except BaseException as err:  # noqa: BLE001 - re-raised untouched, as the test checks
+            assert err is error
+        return logger.run.info.status
+
+    assert outcome(None) == "FINISHED"
+    assert outcome(None, finish=False) == "RUNNING"
+    assert outcome(KeyboardInterrupt()) == "KILLED"
+    assert outcome(ValueError("bad")) == "FAILED"
+    assert outcome(StoreError("gone")) == "RUNNING"
+    with pytest.raises(ValueError):
+        with tracking.ending(RunLogger.create("ending", run_name="r")):
+            raise ValueError("propagates")

@@ -123,3 +123,17 @@ def test_infer_returns_float32_outputs_in_order_and_restores_the_mode():
         torch.testing.assert_close(out, net(x))  # eval mode: BatchNorm used its running statistics
     assert torch.equal(infer(net, [x[:4], x[4:]], torch.device("cpu")), out)  # bare image batches too
     assert not net.training
+
+
+class NoBatches(LeastSquares):
+    """A task whose every batch is dropped: what a train side smaller than one batch gives."""
+
+    def batches(self, epoch):
+        return []
+
+
+def test_an_epoch_without_an_optimizer_step_fails_the_run():
+    from skinclr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="made no optimizer step"):
+        list(run(NoBatches(), train(2)))

@@ -77,23 +77,24 @@ def test_early_stopping_ends_a_run_that_stops_improving(synth_dir):
     assert run.data.tags["skinclr.early_stopped_at"] == "3"
 
 
-def test_linear_probe_leaves_the_backbone_untouched(synth_dir, tmp_path):
-    cfg = load_config(PAPER / "baseline_scratch.yaml",
-                      small(synth_dir, "train.epochs=1", "finetune.linear_probe=true", "train.batch_size=16",
-                            "train.max_steps_per_epoch=3", "train.lr=0.01"), stage="finetune")
+def test_linear_probe_leaves_the_backbone_untouched(synth_dir, simclr_run, tmp_path):
+    cfg = load_config(PAPER / "finetune_simclr.yaml",
+                      small(synth_dir, "train.epochs=1", "finetune.linear_probe=true",
+                            f"finetune.init=runs:/{simclr_run}", "train.batch_size=16", "train.max_steps_per_epoch=3", "train.lr=0.01"), stage="finetune")
     result = run_finetune(cfg, progress=False)
     from skinclr.track.tracking import RunLogger
 
     # the run's model (its only epoch); a finished run keeps no resume checkpoint
-    weights = RunLogger(result.run_id).download("model/artifacts/classifier.pt", tmp_path)
+    weights = RunLogger(result.run_id).download("model/artifacts/classifier.pt", tmp_path / "model")
     model = torch.load(weights, weights_only=True)
-    torch.manual_seed(cfg.train.seed)
+    start = torch.load(RunLogger(simclr_run).download("checkpoints/backbone_best.pt", tmp_path / "init"),
+                       weights_only=True)
+    backbone = {k[len("backbone."):]: v for k, v in model.items() if k.startswith("backbone.")}
+    assert backbone.keys() == start.keys() and all(torch.equal(v, start[k]) for k, v in backbone.items())
+    torch.manual_seed(cfg.train.seed)  # the head as it was drawn: it trained
     from skinclr.train.models import build_classifier
 
-    fresh = build_classifier("resnet18").state_dict()
-    backbone = {k: v for k, v in model.items() if k.startswith("backbone.")}
-    assert all(torch.equal(v, fresh[k]) for k, v in backbone.items())
-    assert not torch.equal(model["head.weight"], fresh["head.weight"])
+    assert not torch.equal(model["head.weight"], build_classifier("resnet18").state_dict()["head.weight"])
 
 
 def test_corrupt_image_in_evaluation_folder_is_named(synth_dir, tmp_path, simclr_run, capsys):
