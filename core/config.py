@@ -185,8 +185,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     for key, value in items:
         set_value(cfg, key, value)
+    expand_user(cfg)
     validate(cfg)
     return cfg
+
+
+PATH_KEYS = ("data.root", "data.split_file", "data.cache_dir", "finetune.imagenet_weights", "finetune.init")
+
+
+def expand_user(cfg: Config) -> None:
+    """`~` in a path setting, expanded once, here: every later reader sees the same path."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(getattr(cfg, section), name, str(Path(value).expanduser()))
 
 
 def validate(cfg: Config) -> None:

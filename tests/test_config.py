@@ -114,3 +114,11 @@ def test_a_linear_probe_on_a_random_backbone_is_refused():
     assert "random backbone" in str(err.value)
     probe = load_config(None, ["finetune.linear_probe=true", "finetune.init=imagenet"], stage="finetune")
     assert probe.finetune.linear_probe
+
+
+def test_a_home_folder_path_is_expanded_once_when_the_config_resolves(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["data.root=~/isic", "data.split_file=~/split.csv", "finetune.init=~/backbone.pt"],
+                      stage="finetune")
+    assert cfg.data.root == str(tmp_path / "isic") and cfg.data.split_file == str(tmp_path / "split.csv")
+    assert cfg.finetune.init == str(tmp_path / "backbone.pt")

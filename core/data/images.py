@@ -14,6 +14,7 @@ import binascii
 import io
 import os
 import re
+import stat
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,23 @@ from skinclr.data.problems import DataError
 
 # A truncated file must fail validation, not be padded with grey and trained on.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# What an encoded image starts with: JPEG, PNG, GIF, BMP, TIFF (both byte orders), WebP's RIFF.
+IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 _BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
 
 
 def load_rgb(path) -> np.ndarray:
-    """Fully decode an image file into an HxWx3 uint8 RGB array, whatever its mode or suffix."""
+    """Fully decode an image file into an HxWx3 uint8 RGB array, whatever its mode or suffix.
+
+    Only a regular file is opened: a named pipe would block the read forever."""
     path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        mode = None  # opening it says why
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise DataError(f"{path}: is {kind}, not an image file; give a JPEG or PNG file")
     try:
         return decode_image(path)
     except DECODE_ERRORS as err:
@@ -61,13 +73,17 @@ def decode_input(item: Any, index: int = 0) -> np.ndarray:
     if isinstance(item, Path):
         return load_rgb(item)
     if isinstance(item, str):
-        if not _BASE64.fullmatch(item) or _is_file(item):
+        if not _BASE64.fullmatch(item) or _is_file(item) or Path(item).exists():
             return load_rgb(item)
         try:
             data = base64.b64decode(item, validate=False)
-        except binascii.Error as err:
-            raise DataError(f"image {index}: {item[:40]!r}... is neither an existing file nor valid base64 "
-                            f"({err})") from None
+        except binascii.Error:
+            data = b""
+        if not data.startswith(IMAGE_MAGIC):  # no encoded image in it: meant as a path
+            if len(item) <= 255:
+                return load_rgb(item)  # "file does not exist", naming it
+            raise DataError(f"image {index}: {item[:40]!r}... ({len(item)} characters) is neither an existing "
+                            "file nor a base64-encoded JPEG or PNG")
         return _decode_bytes(data, f"image {index} (base64, {len(item)} characters)")
     if isinstance(item, (bytes, bytearray)):
         return _decode_bytes(bytes(item), f"image {index} ({len(item)} bytes)")

@@ -77,6 +77,9 @@ def split_of(cfg: Config, manifest: Manifest) -> pd.DataFrame:
     """The config's split of a manifest: its split file, or a fresh lesion-grouped split (which
     the first run writes to `data.split_file`, for later runs to share)."""
     d = cfg.data
+    if d.split_file and Path(d.split_file).exists() and not Path(d.split_file).is_file():
+        raise DataError(f"data.split_file {d.split_file} is a folder, not a split file; name a CSV file "
+                        "(written by the first run that uses it)")
     if d.split_file and Path(d.split_file).is_file():
         return load_split(d.split_file, manifest)
     split = split_by_lesion(manifest, d.val_fraction, d.split_seed, d.folds, d.fold)

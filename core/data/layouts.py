@@ -175,7 +175,7 @@ def attach_files(root: Path, layout: str, table: pd.DataFrame, problems: Problem
     table["path"] = table["image"].map(lambda i: str(files[i]) if i in files else None)
     if files:
         for line, image in zip(table.loc[table["path"].isna(), "line"], table.loc[table["path"].isna(), "image"]):
-            if image:
+            if image and not image.lower().endswith(IMAGE_SUFFIXES):  # an id with its suffix is named apart
                 problems.add("missing images", f"{gt_name} line {line}: image file for {image} not found in "
                                                f"{relative(root, folders[0])}/; add {image}.jpg or delete the row")
     unlisted = sorted(set(files) - set(table["image"]))

@@ -8,6 +8,7 @@ each row keeps `line`, its line in the file, for the messages.
 """
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +76,27 @@ def read_csv(path: Path, problems: Problems) -> pd.DataFrame | None:
         problems.add("files", f"{path.name}: not a readable CSV ({str(err).strip()}); "
                               "restore it from the dataset download")
         return None
+    long = _longer_rows(path, len(table.columns))
+    if long:
+        line, fields = long[0]
+        problems.add("files", f"{path.name}: {len(long)} row(s) have more fields than the header's "
+                              f"{len(table.columns)} (line {line} has {fields}); a trailing comma on each row? remove "
+                              "it, or name the extra column in the header")
+        return None
     table = table.fillna("")
     table.columns = [c.strip() for c in table.columns]
     table["line"] = np.arange(len(table)) + 2  # file line of each row: the header is line 1
     blank = (table.drop(columns="line") == "").all(axis=1)
     return table[~blank].reset_index(drop=True)
+
+
+def _longer_rows(path: Path, width: int) -> list[tuple[int, int]]:
+    """(line, fields) of the rows with more fields than the header: pandas would silently take the
+    first column as an index and shift every name by one."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = csv.reader(f)
+        next(rows, None)
+        return [(rows.line_num, len(row)) for row in rows if len(row) > width]
 
 
 def check_columns(path: Path, table: pd.DataFrame, required: list[str], allowed: list[str] | None,
@@ -103,6 +120,10 @@ def check_ids(path: Path, table: pd.DataFrame, column: str, problems: Problems) 
     """Add a problem per empty id and per id on several lines of `column`."""
     for line in table.loc[table[column].str.strip() == "", "line"]:
         problems.add("rows", f"{path.name} line {line}: empty {column}; fill it in or delete the row")
+    suffixed = table[table[column].str.lower().str.endswith((".jpg", ".jpeg", ".png"))]
+    for line, value in zip(suffixed["line"], suffixed[column]):
+        problems.add("ids with an extension", f"{path.name} line {line}: {column} {value} ends in a file extension; "
+                                              f"ids name the image without it ({Path(value).stem})")
     odd = table[table[column].str.contains(r"[\x00-\x1f\x7f]", regex=True)]
     for line, value in zip(odd["line"], odd[column]):
         problems.add("rows", f"{path.name} line {line}: {column} {value!r} holds a line break or another control "

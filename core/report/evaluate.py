@@ -75,8 +75,29 @@ def _tags(model_uri: str, predictor: Predictor, manifest, role: str, counts: dic
     return tags
 
 
+def missing_classes(report: dict) -> list[str]:
+    """Classes with no image in the evaluated set: with any, balanced accuracy (the mean recall over
+    classes) covers only the others, and is not the ISIC 2018 metric."""
+    return [name for name, m in report["per_class"].items() if not m["support"]]
+
+
+def balanced_name(report: dict) -> str:
+    """The name balanced accuracy goes by: `balanced_accuracy` over every class, else
+    `balanced_accuracy_present_classes`."""
+    return "balanced_accuracy_present_classes" if missing_classes(report) else "balanced_accuracy"
+
+
+def balanced_text(result: dict) -> str:
+    """Balanced accuracy for a line of text, saying which classes it covers when not all."""
+    missing = result.get("missing_classes") or []
+    if not missing:
+        return f"{result['balanced_accuracy']:.4f}"
+    return (f"{result['balanced_accuracy_present_classes']:.4f} over the classes present only (no "
+            f"{', '.join(missing)} images: not the ISIC 2018 metric)")
+
+
 def _run_metrics(report: dict, role: str) -> dict[str, float | None]:
-    out = {f"{role}_balanced_accuracy": report["balanced_accuracy"], f"{role}_accuracy": report["accuracy"],
+    out = {f"{role}_{balanced_name(report)}": report["balanced_accuracy"], f"{role}_accuracy": report["accuracy"],
            f"{role}_macro_f1": report["macro_f1"], f"{role}_roc_auc_macro": report["roc_auc_macro"]}
     out.update({f"{role}_recall_{name}": m["recall"] for name, m in report["per_class"].items()})
     return out  # None (a class absent from the folder, an undefined AUC) is not logged
@@ -93,7 +114,7 @@ def _write_artifacts(report: dict, result: dict, out: Path, title: str) -> list[
                               names.CLASSIFICATION_REPORT_CSV, "classification_report.txt", "metrics.json")]
 
 
-def _warnings(counts: dict[str, int], how: str, run_id: str | None, root: Path) -> list[str]:
+def _warnings(counts: dict[str, int], how: str, run_id: str | None, root: Path, missing: list[str]) -> list[str]:
     seen, total = counts["train"] + counts["val"], sum(counts.values())
     out = []
     if seen:
@@ -107,6 +128,10 @@ def _warnings(counts: dict[str, int], how: str, run_id: str | None, root: Path) 
     if how == "unknown":
         out.append("the model comes without the split it was trained on (no MLflow run with a split.csv): "
                    "its test_* numbers are test numbers only if these images were never used to train it")
+    if missing:
+        out.append(f"{root} holds no images of {', '.join(missing)}: balanced accuracy is reported over the "
+                   "classes present only (balanced_accuracy_present_classes), which is not the ISIC 2018 metric; "
+                   "evaluate on a folder with every class for that")
     return out
 
 
@@ -135,7 +160,10 @@ def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr
               "data_dir": str(manifest.root), "data_fingerprint": manifest.fingerprint,
               "num_images": len(manifest.frame), "run_id": logger.run_id, "data_role": role,
               "images_by_role": counts, "matched_by": how, "parts": parts,
-              "warnings": _warnings(counts, how, predictor.run_id, manifest.root)}
+              "warnings": _warnings(counts, how, predictor.run_id, manifest.root, missing_classes(report))}
+    if missing_classes(report):  # never under the metric's own name
+        result.update(balanced_accuracy=None, balanced_accuracy_present_classes=report["balanced_accuracy"],
+                      missing_classes=missing_classes(report))
     with ending(logger):
         logger.log_params({"model_uri": model_uri, "data_dir": manifest.root, "num_images": len(manifest.frame),
                            **{f"model_{k}": v for k, v in predictor.meta.items() if k != "classes"}})
@@ -193,12 +221,15 @@ def format_summary(result: dict) -> str:
              f"data               {result['data_dir']} ({result['num_images']} images; {seen})"]
     parts = result.get("parts") or {}
     if role in ("test", "unknown"):
-        lines += [f"balanced accuracy  {result['balanced_accuracy']:.4f}   (mean recall over classes; the ISIC 2018 "
-                  "metric)", f"accuracy           {result['accuracy']:.4f}   (fraction of images right)"]
+        what = "mean recall over classes; the ISIC 2018 metric" if not result.get("missing_classes") else \
+            "mean recall over the classes present"
+        lines += [f"balanced accuracy  {balanced_text(result)}   ({what})",
+                  f"accuracy           {result['accuracy']:.4f}   (fraction of images right)"]
     else:
         for name, part in parts.items():
             label = {"train": "train (trained on)", "val": "val (its validation)", "test": "test (unseen)"}[name]
-            lines.append(f"{label:<22} balanced accuracy {part['balanced_accuracy']:.4f}   accuracy "
+            over = "" if not missing_classes(part) else " (classes present)"
+            lines.append(f"{label:<22} balanced accuracy{over} {part['balanced_accuracy']:.4f}   accuracy "
                          f"{part['accuracy']:.4f}   (n={part['num_samples']})")
     lines.append("recall per class" + ("" if role in ("test", "unknown") else " (whole folder)") + ":")
     for name, m in result["per_class"].items():

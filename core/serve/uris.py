@@ -2,7 +2,8 @@
 folder, or a classifier .pt file beside its meta.json (or the run's config.yaml).
 
 A URI that names nothing loadable fails with ModelNotFound saying what does exist there: the
-run's artifacts, or the registry's models with their versions and aliases.
+run's artifacts, or the registry's models with their versions and aliases. `locate_model` says so
+before torch loads (commands call it first), so a wrong URI answers in a second or two.
 """
 from __future__ import annotations
 
@@ -11,39 +12,45 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import torch
 from mlflow.exceptions import MlflowException
 
 from skinclr import names
-from skinclr.track import store, tracking
 from skinclr.config import load_config
-from skinclr.train.models import ModelError
-from skinclr.serve.predictor import Predictor, load_weights, model_meta
+from skinclr.track import store, tracking
 
 
 class ModelNotFound(ValueError):
     """A model URI or path that names nothing loadable; the message says what does exist."""
 
 
-def load_predictor(uri: str | Path) -> Predictor:
-    """A Predictor from `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/model]`, a
-    pyfunc folder, or a classifier .pt file beside its meta.json (or the run's config.yaml)."""
+def locate_model(uri: str | Path) -> tuple[str, str | None, Path | None]:
+    """Where a model URI points, checked without loading anything heavy: (artifact URI, its run
+    id, None) for `runs:/` and `models:/`, ("", None, path) for a file or folder."""
     uri = str(uri)
     if uri.startswith("runs:/"):
         run_id, artifact = _parse_runs_uri(uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            return _from_folder(_download(f"runs:/{run_id}/{artifact}", tmp), run_id, uri)
+        return f"runs:/{run_id}/{artifact}", run_id, None
     if uri.startswith("models:/"):
-        version = _model_version(uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            return _from_folder(_download(uri, tmp), version.run_id, uri)
+        return uri, _model_version(uri).run_id, None
     path = Path(uri).expanduser()
-    if path.is_dir():
-        return _from_folder(path, None, uri)
-    if path.is_file():
-        return Predictor(_state_dict_from_file(path), _meta_beside(path), None, uri)
+    if path.exists():
+        return "", None, path
     raise ModelNotFound(f"model '{uri}': no such file or folder; give models:/NAME@ALIAS, models:/NAME/VERSION, "
                         "runs:/RUN_ID/model, a pyfunc folder or a classifier .pt file")
+
+
+def load_predictor(uri: str | Path):
+    """A Predictor from `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/model]`, a
+    pyfunc folder, or a classifier .pt file beside its meta.json (or the run's config.yaml)."""
+    from skinclr.serve.predictor import Predictor
+
+    artifact, run_id, path = locate_model(uri)
+    if artifact:
+        with tempfile.TemporaryDirectory() as tmp:
+            return _from_folder(_download(artifact, tmp), run_id, str(uri))
+    if path.is_dir():
+        return _from_folder(path, None, str(uri))
+    return Predictor(_state_dict_from_file(path), _meta_beside(path), None, str(uri))
 
 
 def _parse_runs_uri(uri: str) -> tuple[str, str]:
@@ -91,8 +98,10 @@ def _download(uri: str, dst: str) -> Path:
                                                     tracking_uri=store.tracking_uri()))
 
 
-def _from_folder(folder: Path, run_id: str | None, uri: str) -> Predictor:
+def _from_folder(folder: Path, run_id: str | None, uri: str):
     """A pyfunc folder (weights in artifacts/) or a folder holding the two files themselves."""
+    from skinclr.serve.predictor import Predictor
+
     for sub in (folder / "artifacts", folder):
         if (sub / names.WEIGHTS_FILE).is_file() and (sub / names.META_FILE).is_file():
             return Predictor.from_files(sub / names.WEIGHTS_FILE, sub / names.META_FILE, run_id, uri)
@@ -103,6 +112,11 @@ def _from_folder(folder: Path, run_id: str | None, uri: str) -> Predictor:
 
 def _state_dict_from_file(path: Path) -> dict:
     """A classifier state_dict, or a fine-tune checkpoint holding one (its best model if it has one)."""
+    import torch
+
+    from skinclr.serve.predictor import load_weights
+    from skinclr.train.models import ModelError
+
     obj = load_weights(path)
     if isinstance(obj, dict):
         for key in ("best_model", "model"):
@@ -118,6 +132,8 @@ def _meta_beside(path: Path) -> dict:
     if (path.parent / names.META_FILE).is_file():
         return json.loads((path.parent / names.META_FILE).read_text())
     if (path.parent / names.CONFIG_ARTIFACT).is_file():
+        from skinclr.serve.predictor import model_meta
+
         cfg = load_config(path.parent / names.CONFIG_ARTIFACT)
         return model_meta(cfg.model.backbone, cfg.data.image_size, cfg.data.aspect)
     raise ModelNotFound(f"model '{path}': a weights file needs its {names.META_FILE} (or the run's config.yaml) in the same "

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from skinclr.track.tracking import experiment_links, experiments_link
-from skinclr.track.store import artifact_root, tracking_uri
+from skinclr.track.store import artifact_root, sqlite_path, tracking_uri
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -80,7 +80,7 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | No
     destination to the `artifacts/` folder beside it. A bad setting is one line on stderr and
     exit code 2."""
     backend = backend_store_uri or tracking_uri()
-    if not backend_store_uri and not backend.startswith("sqlite:///"):
+    if not backend_store_uri and sqlite_path(backend) is None:
         print(f"error: MLFLOW_TRACKING_URI is {backend}, a server rather than a store; give "
               "--backend-store-uri (sqlite:///PATH/mlflow.db or postgresql://...)", file=sys.stderr)
         return 2
@@ -89,8 +89,8 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | No
         print(f"error: a {backend.split(':')[0]} store needs --artifacts-destination (a shared folder or "
               "s3://bucket/path) for the artifacts it serves", file=sys.stderr)
         return 2
-    if backend.startswith("sqlite:///"):
-        Path(backend[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if (db := sqlite_path(backend)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     if artifacts.startswith("file://"):
         Path(artifacts[len("file://"):]).mkdir(parents=True, exist_ok=True)
     if not _port_free(host, port):

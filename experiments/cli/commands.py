@@ -97,6 +97,9 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     _writable(args.json, "--json")
     _check_store()
+    from skinclr.serve.uris import locate_model
+
+    locate_model(args.model)  # a wrong URI answers before torch loads
     from skinclr.report.evaluate import evaluate, format_summary
 
     result = evaluate(args.model, args.data, json_out=args.json, experiment=args.experiment)
@@ -111,6 +114,9 @@ def cmd_predict(args) -> int:
     _writable(args.out, "--out")
     if args.model.startswith(("models:/", "runs:/")):
         _check_store()
+    from skinclr.serve.uris import locate_model
+
+    locate_model(args.model)  # a wrong URI answers before torch loads
     from skinclr.report.evaluate import predict
 
     frame = predict(args.model, [str(p) for p in args.images], out_csv=args.out)

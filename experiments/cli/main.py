@@ -129,11 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "restart from epoch 1 instead of resuming")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p = _parser(sub, "server", "an MLflow tracking server (UI + REST) over the project's store")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--backend-store-uri", default=None)
-    p.add_argument("--artifacts-destination", default=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
+                   "(default: %(default)s, this machine only)")
+    p.add_argument("--port", type=port_number, default=5000, help="TCP port, 1-65535 (default: %(default)s)")
+    p.add_argument("--backend-store-uri", default=None, help="the store it serves: sqlite:///PATH/mlflow.db or "
+                   "postgresql://USER@HOST/DB (default: the project's store, $MLFLOW_TRACKING_URI or "
+                   "sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--artifacts-destination", default=None, help="where it keeps artifacts: a folder or "
+                   "s3://bucket/path (default: artifacts/ beside a SQLite store; required for any other store)")
     return parser
+
+
+def port_number(text: str) -> int:
+    """A TCP port for argparse: one usage line for anything else."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; give a number from 1 to 65535")
+    return port
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

@@ -26,6 +26,7 @@ def _step(n: int, text: str) -> None:
 def quickstart(workdir: Path = Path("quickstart")) -> int:
     from skinclr.track.registry import CHAMPION, alias_version, promote
     from skinclr.data.synth import make_synthetic
+    from skinclr.report.evaluate import balanced_text
     from skinclr.tune.plan import load_run_config
     from skinclr.tune.preflight import resolve_plan
     from skinclr.tune.ray_session import ray_session
@@ -75,7 +76,7 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
     print(f"\nfine-tuned model {model_uri}")
     print(f"  val  balanced accuracy {last.get('val_balanced_accuracy', float('nan')):.4f}   "
           f"accuracy {last.get('val_accuracy', float('nan')):.4f}  (last epoch)")
-    print(f"  test balanced accuracy {result['balanced_accuracy']:.4f}   accuracy {result['accuracy']:.4f}")
+    print(f"  test balanced accuracy {balanced_text(result)}   accuracy {result['accuracy']:.4f}")
     champion = alias_version(tracking.client(), MODEL_NAME, CHAMPION)
     start = "" if tracking.browse_hint() == "" else "  .venv/bin/skinclr server      # first, then open:\n"
     print(f"\ndone in {time.perf_counter() - t0:.0f} s. Browse every run, metric and artifact in the MLflow UI "

@@ -103,7 +103,7 @@ def run_pipeline(plan: SweepPlan, on_stage: Callable[[str, str], None] | None = 
             print("[pipeline] no fine-tune trial finished an epoch", flush=True)
             return outcome
         if extra.get("eval_data") and "eval_run_id" not in state:
-            from skinclr.report.evaluate import evaluate
+            from skinclr.report.evaluate import balanced_text, evaluate
 
             announce("evaluate", f"runs:/{best_run}/model")
             report = evaluate(f"runs:/{best_run}/model", extra["eval_data"], experiment=cfg.experiment)
@@ -114,7 +114,7 @@ def run_pipeline(plan: SweepPlan, on_stage: Callable[[str, str], None] | None = 
             record(eval_run_id=report["run_id"])
             outcome.evaluation = report
             print(f"[pipeline] best model runs:/{best_run}/model on {extra['eval_data']}: balanced accuracy "
-                  f"{report['balanced_accuracy']:.4f}, accuracy {report['accuracy']:.4f}", flush=True)
+                  f"{balanced_text(report)}, accuracy {report['accuracy']:.4f}", flush=True)
         top.end("FINISHED")
         outcome.finished = True
         print(f"[pipeline] done: MLflow run {top.run_id}; best pretrain run {pre.best_run_id}, "

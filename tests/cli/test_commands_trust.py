@@ -75,8 +75,6 @@ def test_every_option_says_what_it_does_and_its_default():
     for name, sub in commands.items():
         nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
         for command in (nested[0].choices.values() if nested else [sub]):
-            if name == "server":  # its flags belong to the server's own module
-                continue
             for action in command._actions:
                 if isinstance(action, argparse._HelpAction):
                     continue
@@ -278,3 +276,24 @@ def test_a_run_that_would_train_nothing_is_refused_before_it_opens(synth_dir, ca
     line = one_error(capsys.readouterr().err)
     assert "train.batch_size" in line and "image" in line and "nothing would train" in line
     assert runs_of("nothing-test") == []
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "http"])
+def test_a_port_out_of_range_is_one_usage_line(port):
+    done = subprocess.run([sys.executable, "-m", "skinclr.cli", "server", "--port", port], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{port!r} is not a TCP port" in done.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("uri", ["runs:/0123456789abcdef0123456789abcdef/model", "models:/skinclr@champion"])
+def test_a_model_uri_that_names_nothing_answers_before_torch_loads(command, uri, synth_dir, tmp_path):
+    """A wrong run id or alias is one line, found with the store alone: no torch import to wait for."""
+    probe = ("import sys; from skinclr.cli.main import main; code = main(sys.argv[1:]); "
+             "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules)); sys.exit(code)")
+    target = ["--data", str(synth_dir)] if command == "evaluate" else [str(next(synth_dir.rglob("*.jpg")))]
+    done = subprocess.run([sys.executable, "-c", probe, command, "--model", uri, *target], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert uri in one_error(done.stderr) and done.stdout.strip() == "[]"

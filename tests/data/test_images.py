@@ -31,3 +31,35 @@ def test_load_rgb_converts_every_mode_to_rgb(tmp_path, mode):
     rgb = load_rgb(path)
     assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
     assert np.abs(rgb.astype(int) - expected).max() <= 2
+
+
+def test_a_named_pipe_is_refused_at_once_not_read_forever(tmp_path):
+    """A FIFO (or a folder, a device) is no image file: opening it to read would block forever."""
+    import os
+
+    from skinclr.data.images import decode_input
+    from skinclr.data.problems import DataError
+
+    pipe = tmp_path / "lesion.jpg"
+    os.mkfifo(pipe)
+    for source in (pipe, str(pipe)):
+        with pytest.raises(DataError, match="is a named pipe, not an image file"):
+            decode_input(source)
+    with pytest.raises(DataError, match="is a folder"):
+        load_rgb(tmp_path)
+
+
+def test_a_missing_path_without_an_extension_is_named_as_a_missing_file(tmp_path):
+    """`photos/lesion1` reads as base64 text too; holding no image, it is taken for the path it is."""
+    import base64
+    import io
+
+    from skinclr.data.images import decode_input
+    from skinclr.data.problems import DataError
+
+    for missing in ("photos/lesion1", str(tmp_path / "lesion2"), "ISIC0024306"):
+        with pytest.raises(DataError, match="file does not exist"):
+            decode_input(missing)
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (120, 80, 60)).save(buffer, format="PNG")
+    assert decode_input(base64.b64encode(buffer.getvalue()).decode()).shape == (20, 20, 3)

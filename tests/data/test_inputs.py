@@ -134,3 +134,8 @@ def test_a_loader_replays_the_same_batches_for_the_same_seed_and_epoch(synth_dir
     (order, first), (again, first_again) = batches(0, 2), batches(0, 2)
     assert order == again and np.array_equal(first, first_again)
     assert batches(0, 3)[0] != order and batches(1, 2)[0] != order
+
+
+def test_a_split_file_that_is_a_folder_is_one_line(synth_dir, tmp_path):
+    with pytest.raises(DataError, match="is a folder, not a split file"):
+        resolve_inputs(config(synth_dir, **{"data.split_file": str(tmp_path)}), progress=False)

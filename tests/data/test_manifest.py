@@ -353,3 +353,22 @@ def test_an_image_id_holding_a_line_break_is_refused(tmp_path):
     gt.write_text(gt.read_text().replace("ISIC_0000003,", '"ISIC_00\n00003",', 1))
     lines = [p for p in problems_of(root) if "line break" in p]
     assert len(lines) == 1 and TRAINING_GT in lines[0] and "ISIC_00\\n00003" in lines[0]
+
+
+def test_a_trailing_comma_on_every_row_is_named_as_one_field_too_many(tmp_path):
+    root = make_training(tmp_path / "isic")
+    gt = root / TRAINING_GT
+    lines = gt.read_text().splitlines()
+    gt.write_text("\n".join([lines[0]] + [line + "," for line in lines[1:]]) + "\n")
+    [line] = problems_of(root)
+    assert TRAINING_GT in line and "8 row(s) have more fields than the header's 8" in line
+    assert "trailing comma" in line
+
+
+def test_image_ids_written_with_their_extension_name_the_real_fix(tmp_path):
+    root = make_training(tmp_path / "isic")
+    gt = root / TRAINING_GT
+    gt.write_text(gt.read_text().replace("ISIC_0000002,", "ISIC_0000002.jpg,"))
+    lines = problems_of(root)
+    assert "ISIC_0000002.jpg ends in a file extension" in lines[0] and "(ISIC_0000002)" in lines[0]
+    assert not any(".jpg.jpg" in line for line in lines)

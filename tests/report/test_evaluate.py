@@ -157,3 +157,28 @@ def test_the_models_own_images_are_scored_as_train_and_val_never_as_test(synth_d
     assert part["images_by_role"] == {"train": expected.get("train", 0), "val": expected.get("val", 0), "test": 40}
     assert part["parts"]["test"]["num_samples"] == 40
     assert c.get_run(part["run_id"]).data.tags["skinclr.data_role"] == "mixed"
+
+
+def test_a_folder_without_every_class_never_reports_the_isic_metric(trained_state, labelled_dir, tmp_path):
+    """Only BCC images: the mean recall over the classes present is not the ISIC 2018 metric, so it
+    goes under a name that says so, the folder's missing classes are named, and nothing is logged
+    or returned as balanced_accuracy."""
+    _, uri = log_trained(trained_state)
+    only = tmp_path / "bcc"
+    (only / "ISIC2018_Task3_Validation_Input").mkdir(parents=True)
+    gt = pd.read_csv(labelled_dir / "ISIC2018_Task3_Validation_GroundTruth.csv")
+    gt = gt[gt["BCC"] == 1.0]
+    for name in gt["image"]:
+        shutil.copy(labelled_dir / "ISIC2018_Task3_Validation_Input" / f"{name}.jpg",
+                    only / "ISIC2018_Task3_Validation_Input")
+    gt.to_csv(only / "ISIC2018_Task3_Validation_GroundTruth.csv", index=False)
+
+    result = evaluate(uri, only, progress=False)
+    missing = [c for c in CLASSES if c != "BCC"]
+    assert result["balanced_accuracy"] is None and result["missing_classes"] == missing
+    assert result["balanced_accuracy_present_classes"] == pytest.approx(result["per_class"]["BCC"]["recall"])
+    assert any("holds no images of " + ", ".join(missing) in w for w in result["warnings"])
+    logged = tracking.client().get_run(result["run_id"]).data.metrics
+    assert "test_balanced_accuracy" not in logged and "test_balanced_accuracy_present_classes" in logged
+    summary = format_summary(result)
+    assert "; the ISIC 2018 metric" not in summary and "not the ISIC 2018 metric" in summary and "MEL" in summary
