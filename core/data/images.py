@@ -73,17 +73,17 @@ def decode_input(item: Any, index: int = 0) -> np.ndarray:
     if isinstance(item, Path):
         return load_rgb(item)
     if isinstance(item, str):
-        if not _BASE64.fullmatch(item) or _is_file(item) or Path(item).exists():
+        if not _BASE64.fullmatch(item) or _exists(item):
             return load_rgb(item)
         try:
             data = base64.b64decode(item, validate=False)
-        except binascii.Error:
-            data = b""
-        if not data.startswith(IMAGE_MAGIC):  # no encoded image in it: meant as a path
-            if len(item) <= 255:
+        except binascii.Error as err:
+            if _path_like(item):
                 return load_rgb(item)  # "file does not exist", naming it
-            raise DataError(f"image {index}: {item[:40]!r}... ({len(item)} characters) is neither an existing "
-                            "file nor a base64-encoded JPEG or PNG")
+            raise DataError(f"image {index}: {item[:40]!r}... is neither an existing file nor valid base64 "
+                            f"({err})") from None
+        if not data.startswith(IMAGE_MAGIC) and _path_like(item):  # holds no image: meant as a path
+            return load_rgb(item)
         return _decode_bytes(data, f"image {index} (base64, {len(item)} characters)")
     if isinstance(item, (bytes, bytearray)):
         return _decode_bytes(bytes(item), f"image {index} ({len(item)} bytes)")
@@ -91,11 +91,17 @@ def decode_input(item: Any, index: int = 0) -> np.ndarray:
                     "encoded image bytes or a uint8 HxWx3 array")
 
 
-def _is_file(text: str) -> bool:
+def _exists(text: str) -> bool:
     try:
-        return Path(text).is_file()
+        return Path(text).exists()
     except (OSError, ValueError):  # a base64 string longer than a file name may be
         return False
+
+
+def _path_like(text: str) -> bool:
+    """Text that is both base64 and a path (`photos/lesion1`) is taken for a path when it is short
+    and unpadded: an encoded image is longer, or ends in `=` padding."""
+    return len(text) <= 255 and not text.rstrip().endswith("=")
 
 
 def _decode_bytes(data: bytes, name: str) -> np.ndarray:
