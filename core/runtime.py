@@ -8,7 +8,6 @@ written into the file, so whoever waits can say which process is in the way.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import random
 import signal
@@ -118,12 +117,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)
-
-
-def pixel_digest(square: np.ndarray) -> str:
-    """A short digest of an image as the model saw it (its cached SxSx3 array): tells the same
-    image from another one filed under the same id."""
-    return hashlib.blake2b(np.ascontiguousarray(square).tobytes(), digest_size=8).hexdigest()
 
 
 POLL_S = 0.2  # how often a waiting process tries again

@@ -15,7 +15,7 @@ import torch
 
 from skinclr.config import ConfigError, load_config
 from skinclr.runtime import (check_devices, describe_device, interrupts_deferred, load_checkpoint, pick_device,
-                             pixel_digest, rng_state, save_atomic, seed_everything, set_rng_state)
+                             rng_state, save_atomic, seed_everything, set_rng_state)
 
 
 def draws() -> tuple:
@@ -81,14 +81,3 @@ def test_devices_a_config_names_must_exist():
     with pytest.raises(ConfigError, match="augment.device=cuda"):
         check_devices(load_config(None, {"augment.device": "cuda"}))
     check_devices(load_config(None, {"train.device": "cpu", "augment.device": "auto"}))
-
-
-def test_the_pixel_digest_tells_images_apart_by_their_pixels_alone():
-    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    other = image.copy()
-    other[3, 4, 1] ^= 1
-    assert pixel_digest(image) == pixel_digest(image.copy()) and len(pixel_digest(image)) == 16
-    assert pixel_digest(other) != pixel_digest(image)
-    stacked = np.stack([image, other])
-    assert pixel_digest(stacked[0]) == pixel_digest(image)  # a row of the cache, as the runner reads it
-    assert pixel_digest(np.asfortranarray(image)) == pixel_digest(image)  # layout in memory does not count

@@ -21,7 +21,7 @@ from skinclr.data.cache import ImageCache
 from skinclr.data.manifest import Manifest
 from skinclr.names import CLASSES
 from skinclr.data.problems import DataError, Problems, listing, plural
-from skinclr.runtime import pixel_digest
+from skinclr.data.images import copy_hash
 from skinclr.data.problems import check_columns, check_ids, read_csv
 
 COLUMNS = ("image", "label", "lesion_id", "split")  # every split file's; `pixels` may follow
@@ -128,12 +128,13 @@ def split_fingerprint(split: pd.DataFrame) -> str:
 
 
 def save_split(split: pd.DataFrame, path, cache: ImageCache | None = None) -> Path:
-    """Write a split file (the module's one format); `cache` adds each image's pixel digest."""
+    """Write a split file (the module's one format); `cache` adds each image's copy hash (of the
+    square the model saw), by which evaluation finds the split's images under other names."""
     path = Path(path)
     out = split[list(COLUMNS)].copy()
     out["label"] = [CLASSES[i] for i in out["label"]]
     if cache is not None:
-        out["pixels"] = [pixel_digest(cache.images[row]) for row in cache.rows(out["image"])]
+        out["copy_hash"] = [copy_hash(cache.images[row]) for row in cache.rows(out["image"])]
     out.to_csv(path, index=False)
     return path
 

@@ -96,7 +96,10 @@ def _write(folder: Path, n: int, seed: int) -> None:
     images = folder / TRAINING_INPUT
     images.mkdir(parents=True)
     classes, views = _plan(rng, n)
-    names = [f"ISIC_{9_000_000 + i:07d}" for i in rng.permutation(n)]  # views of a lesion are not adjacent ids
+    # Views of a lesion are not adjacent ids; each seed names its images (and lesions) apart, so a
+    # set of another seed is other images under other ids, as a held-out set is.
+    base = 9_000_000 + 100_000 * seed
+    names = [f"ISIC_{base + i:07d}" for i in rng.permutation(n)]
     gt, groups, k = [], [], 0
     for lesion, (label, count) in enumerate(zip(classes, views)):
         lesion_rng = np.random.default_rng([seed, lesion])
@@ -104,7 +107,7 @@ def _write(folder: Path, n: int, seed: int) -> None:
         for img in _render_lesion(lesion_rng, CLASSES[label], count):
             Image.fromarray(img).save(images / f"{names[k]}.jpg", quality=90)
             gt.append((names[k], label))
-            groups.append((names[k], f"HAM_{9_000_000 + lesion:07d}", confirm))
+            groups.append((names[k], f"HAM_{base + lesion:07d}", confirm))
             k += 1
     order = np.argsort(names)
     rows = ["image," + ",".join(CLASSES)]

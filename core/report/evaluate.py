@@ -6,10 +6,11 @@ MLflow run, tagged with the model's URI and source run, so one model can be scor
 sets without touching the run that trained it.
 
 "Test" means unseen. The evaluated images are matched against the split the model's run
-logged (`split.csv`: image ids and a digest of each image's pixels, so a synthetic set of
-another seed, which reuses ids, is not mistaken for the training set). The model's training
-images are scored as `train_*`, its validation images as `val_*`, and only the others as
-`test_*`; a warning says how many overlap.
+logged (`split.csv`): an image id on it is seen, whatever its pixels now (a re-encoded copy is
+still the same image), and an image under another id whose copy hash comes within
+COPY_DISTANCE bits of one of the split's is that image copied. The model's training images are
+scored as `train_*`, its validation images as `val_*`, and only the others as `test_*`; a
+warning says how many overlap.
 """
 from __future__ import annotations
 
@@ -22,43 +23,46 @@ import pandas as pd
 
 from skinclr.train import figures, metrics as M
 from skinclr import names
-from skinclr.data.images import fit_square
+from skinclr.data.images import COPY_DISTANCE, copy_distances, copy_hash, decode_input, fit_square, load_rgb
 from skinclr.data.manifest import read_manifest
-from skinclr.data.images import decode_input, load_rgb
 from skinclr.serve.uris import load_predictor
 from skinclr.serve.predictor import Predictor
 from skinclr.data.problems import DataError
-from skinclr.runtime import pixel_digest
 from skinclr.track.tracking import RunLogger, ending
 
 ROLES = ("train", "val", "test")  # what an evaluated image was to the model; test: never seen
 
 
-def image_roles(predictor: Predictor, manifest, workdir: Path) -> tuple[np.ndarray, str]:
-    """Each image's role for this model, and how it was decided: `same data` (the folder the
-    model's run read), `pixels` (ids and pixel digests), `ids` (a run from before digests), or
-    `unknown` (no run split to compare with: all count as test)."""
+def image_roles(predictor: Predictor, manifest, workdir: Path) -> tuple[np.ndarray, str, int]:
+    """Each image's role for this model, how it was decided, and how many were found as copies:
+    `same data` (the folder the model's run read), `copies` (the split's ids, then copy hashes
+    for the rest), `ids` (a run from before copy hashes), or `unknown` (no run split to compare
+    with: all count as test)."""
     roles = np.full(len(manifest.frame), "test", dtype=object)
     if not predictor.run_id:
-        return roles, "unknown"
+        return roles, "unknown", 0
     source = RunLogger(predictor.run_id)
     path = source.download("split.csv", workdir)
     if path is None:
-        return roles, "unknown"
-    split = pd.read_csv(path, dtype={"image": str, "pixels": str})
+        return roles, "unknown", 0
+    split = pd.read_csv(path, dtype={"image": str, "copy_hash": str})
     seen = manifest.frame[["image", "path"]].merge(split, on="image", how="left")
-    hit = seen["split"].notna().to_numpy().copy()
+    hit = seen["split"].notna().to_numpy()
+    roles[hit] = seen.loc[hit, "split"].to_numpy()  # an id the model knows is seen, whatever its pixels
     if source.run.data.tags.get(names.DATA_FINGERPRINT_TAG) == manifest.fingerprint:
-        how = "same data"
-    elif "pixels" in split:
-        how = "pixels"
-        size, aspect = predictor.meta["image_size"], predictor.meta["aspect"]
-        for i in np.flatnonzero(hit):  # only images whose id the model knows are read again
-            hit[i] = pixel_digest(fit_square(load_rgb(seen.at[i, "path"]), size, aspect)) == seen.at[i, "pixels"]
-    else:
-        how = "ids"
-    roles[hit] = seen.loc[hit, "split"].to_numpy()
-    return roles, how
+        return roles, "same data", 0
+    if "copy_hash" not in split:
+        return roles, "ids", 0
+    rest = np.flatnonzero(~hit)  # only these are read again
+    if not len(rest):
+        return roles, "copies", 0
+    size, aspect = predictor.meta["image_size"], predictor.meta["aspect"]
+    hashes = [copy_hash(fit_square(load_rgb(seen.at[i, "path"]), size, aspect)) for i in rest]
+    distances = copy_distances(hashes, split["copy_hash"].tolist())
+    nearest = distances.argmin(axis=1)
+    copied = distances[np.arange(len(rest)), nearest] <= COPY_DISTANCE
+    roles[rest[copied]] = split["split"].to_numpy()[nearest[copied]]
+    return roles, "copies", int(copied.sum())
 
 
 def _tags(model_uri: str, predictor: Predictor, manifest, role: str, counts: dict[str, int]) -> dict[str, str]:
@@ -114,7 +118,8 @@ def _write_artifacts(report: dict, result: dict, out: Path, title: str) -> list[
                               names.CLASSIFICATION_REPORT_CSV, "classification_report.txt", "metrics.json")]
 
 
-def _warnings(counts: dict[str, int], how: str, run_id: str | None, root: Path, missing: list[str]) -> list[str]:
+def _warnings(counts: dict[str, int], how: str, copies: int, run_id: str | None, root: Path,
+              missing: list[str]) -> list[str]:
     seen, total = counts["train"] + counts["val"], sum(counts.values())
     out = []
     if seen:
@@ -123,8 +128,9 @@ def _warnings(counts: dict[str, int], how: str, run_id: str | None, root: Path, 
                 "ISIC2018_Task3_Test_Input, or a folder its run's split.csv does not list")
         out.append(f"{seen} of {total} images in {root} were seen by the model in run {run_id} "
                    f"({counts['train']} training, {counts['val']} validation images"
-                   f"{', matched by image id' if how == 'ids' else ''}): they are reported as train_*/val_* "
-                   f"metrics, not as test; {rest}")
+                   f"{', matched by image id' if how == 'ids' else ''}"
+                   f"{f', {copies} of them copies under other ids' if copies else ''}): they are reported as "
+                   f"train_*/val_* metrics, not as test; {rest}")
     if how == "unknown":
         out.append("the model comes without the split it was trained on (no MLflow run with a split.csv): "
                    "its test_* numbers are test numbers only if these images were never used to train it")
@@ -149,7 +155,7 @@ def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr
     labels = manifest.frame["label"].to_numpy()
     report = M.classification_metrics(labels, probs)
     with tempfile.TemporaryDirectory() as tmp:
-        roles, how = image_roles(predictor, manifest, Path(tmp))
+        roles, how, copies = image_roles(predictor, manifest, Path(tmp))
     counts = {r: int((roles == r).sum()) for r in ROLES}
     parts = {r: M.classification_metrics(labels[roles == r], probs[roles == r]) for r in ROLES if counts[r]}
     role = "unknown" if how == "unknown" else next(iter(parts)) if len(parts) == 1 else "mixed"
@@ -160,7 +166,8 @@ def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr
               "data_dir": str(manifest.root), "data_fingerprint": manifest.fingerprint,
               "num_images": len(manifest.frame), "run_id": logger.run_id, "data_role": role,
               "images_by_role": counts, "matched_by": how, "parts": parts,
-              "warnings": _warnings(counts, how, predictor.run_id, manifest.root, missing_classes(report))}
+              "copies_found": copies,
+              "warnings": _warnings(counts, how, copies, predictor.run_id, manifest.root, missing_classes(report))}
     if missing_classes(report):  # never under the metric's own name
         result.update(balanced_accuracy=None, balanced_accuracy_present_classes=report["balanced_accuracy"],
                       missing_classes=missing_classes(report))

@@ -63,3 +63,31 @@ def test_a_missing_path_without_an_extension_is_named_as_a_missing_file(tmp_path
     buffer = io.BytesIO()
     Image.new("RGB", (20, 20), (120, 80, 60)).save(buffer, format="PNG")
     assert decode_input(base64.b64encode(buffer.getvalue()).decode()).shape == (20, 20, 3)
+
+
+def test_a_copy_hash_finds_an_image_again_after_re_encoding_and_tells_others_apart(real_data_dir):
+    """The threshold's premise on real images: a JPEG re-encoding stays within COPY_DISTANCE bits
+    of its original, while every other image of the sample lies beyond it."""
+    import io
+
+    from skinclr.data.images import COPY_DISTANCE, copy_distances, copy_hash, fit_square
+
+    paths = sorted((real_data_dir / "ISIC2018_Task3_Training_Input").glob("*.jpg"))[:40]
+    squares = [fit_square(load_rgb(p), 64) for p in paths]
+    originals = [copy_hash(s) for s in squares]
+    copies = []
+    for path in paths:
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=70)
+        copies.append(copy_hash(fit_square(load_rgb_bytes(buffer.getvalue()), 64)))
+    d = copy_distances(copies, originals)
+    assert d.shape == (40, 40) and len(originals[0]) == 64  # 256 bits as hex
+    assert (d.diagonal() <= COPY_DISTANCE).all()
+    off = d[~np.eye(40, dtype=bool)]
+    assert (off > COPY_DISTANCE).all() and copy_distances(originals[:1], originals[:1])[0, 0] == 0
+
+
+def load_rgb_bytes(data: bytes) -> np.ndarray:
+    from skinclr.data.images import decode_input
+
+    return decode_input(data)

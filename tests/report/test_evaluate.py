@@ -135,25 +135,36 @@ def test_the_models_own_images_are_scored_as_train_and_val_never_as_test(synth_d
     assert len(own["warnings"]) == 1 and f"{len(split)} of {len(split)} images" in own["warnings"][0]
     assert evaluation_runs([run]) == {}  # the report lists no test number for it
 
-    # another synthetic set reuses the same image ids with other pixels: all unseen, all test
+    # another synthetic set, other images under other ids: all unseen, all test, no image taken for a copy
     held = make_synthetic(tmp_path / "held", n=40, seed=1)
     unseen = evaluate(uri, held, progress=False)
-    assert unseen["data_role"] == "test" and unseen["matched_by"] == "pixels" and unseen["warnings"] == []
+    assert unseen["data_role"] == "test" and unseen["matched_by"] == "copies" and unseen["copies_found"] == 0
+    assert unseen["warnings"] == []
     assert c.get_run(unseen["run_id"]).data.metrics["test_balanced_accuracy"] == unseen["balanced_accuracy"]
     assert evaluation_runs([run])[run].info.run_id == unseen["run_id"]
 
-    # some training images copied among held-out ones, in a folder of its own: found by their pixels
-    taken = split.loc[split["image"] > "ISIC_9000040", ["image", "split"]].head(12)
+    # the model's own images among held-out ones: re-saved at JPEG quality 70 under their own ids,
+    # or copied under new ids; seen either way, never test
+    from PIL import Image
+
+    from skinclr.data.layouts import GROUPINGS, TRAINING_GT, TRAINING_INPUT
+
+    taken = split[["image", "split"]].head(12)
     mixed = _subset(synth_dir, taken["image"].tolist(), tmp_path / "mixed")
-    fresh = _subset(held, [f"ISIC_{9_000_000 + i:07d}" for i in range(40)], tmp_path / "fresh")
-    for table in ("ISIC2018_Task3_Training_GroundTruth.csv", "ISIC2018_Task3_Training_LesionGroupings.csv"):
-        both = pd.concat([pd.read_csv(mixed / table), pd.read_csv(fresh / table)])
+    renamed = {old: f"ISIC_{8_000_000 + k:07d}" for k, old in enumerate(taken["image"].tail(6))}
+    for old in taken["image"]:
+        jpg = mixed / TRAINING_INPUT / f"{old}.jpg"
+        Image.open(jpg).convert("RGB").save(mixed / TRAINING_INPUT / f"{renamed.get(old, old)}.jpg", quality=70)
+        if old in renamed:
+            jpg.unlink()
+    for table in (TRAINING_GT, GROUPINGS):
+        both = pd.concat([pd.read_csv(mixed / table).replace({"image": renamed}), pd.read_csv(held / table)])
         both.to_csv(mixed / table, index=False)
-    for jpg in (fresh / "ISIC2018_Task3_Training_Input").glob("*.jpg"):
-        shutil.copy(jpg, mixed / "ISIC2018_Task3_Training_Input")
+    for jpg in (held / TRAINING_INPUT).glob("*.jpg"):
+        shutil.copy(jpg, mixed / TRAINING_INPUT)
     part = evaluate(uri, mixed, progress=False)
     expected = taken["split"].value_counts()
-    assert part["matched_by"] == "pixels" and part["data_role"] == "mixed"
+    assert part["matched_by"] == "copies" and part["data_role"] == "mixed" and part["copies_found"] == 6
     assert part["images_by_role"] == {"train": expected.get("train", 0), "val": expected.get("val", 0), "test": 40}
     assert part["parts"]["test"]["num_samples"] == 40
     assert c.get_run(part["run_id"]).data.tags["skinclr.data_role"] == "mixed"
