@@ -41,7 +41,7 @@ def report_db(synth_dir, tmp_path_factory) -> tuple[Path, dict[str, str]]:
                "pretrain": pretrain}
         from skinclr.data.synth import make_synthetic
 
-        held_out = make_synthetic(root / "held-out", n=70, seed=1)  # same ids as synth_dir, other images
+        held_out = make_synthetic(root / "held-out", n=70, seed=1)  # other images under other ids
         for key in ("scratch0", "scratch1"):
             evaluate(f"runs:/{ids[key]}/model", held_out, progress=False)
         evaluate(f"runs:/{ids['scratch0']}/model", synth_dir, progress=False)  # newer, but on its own training data
