@@ -20,6 +20,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 from skinclr.config import ConfigError
+from skinclr.disk import no_space, out_of_space
 
 
 def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
@@ -102,11 +103,18 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with interrupts_deferred():
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except Exception as err:
+            tmp.unlink(missing_ok=True)  # a half-written file would keep the disk full
+            if out_of_space(err, path.parent):
+                raise no_space(path.parent, f"saving {path.name}", "free space there (or set SKINCLR_CHECKPOINTS "
+                               "to a folder with room) and run the same command: the run resumes") from None
+            raise
     return path
 
 

@@ -25,8 +25,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 
-# A new store announces its schema set-up at INFO on first use, in every process that opens it.
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+from skinclr.disk import no_space, out_of_space
+
+# A new store announces its schema set-up at INFO on first use, in every process that opens it,
+# and a failed statement is logged with its traceback before MLflow raises it: skinclr says what
+# failed, in one line, from the error it raises.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 SQLITE = "sqlite:///"  # the scheme of a local store: sqlite:///PATH/mlflow.db
 
@@ -263,6 +267,10 @@ def retrying(what: str, call: Callable[[], Any]) -> Any:
         try:
             return call()
         except Exception as err:
+            db = sqlite_path()
+            if out_of_space(err, db.parent if db is not None else None):  # waiting frees no space
+                raise no_space(db.parent if db is not None else Path(shown_uri(tracking_uri())), what,
+                               "free space there and run the same command again to resume") from None
             if not transient(err):
                 raise
             now, budget = time.monotonic(), retry_seconds()

@@ -24,6 +24,7 @@ import sqlparse.lexer
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from skinclr import names
+from skinclr.disk import no_space, out_of_space
 from skinclr.track.store import StoreError, artifact_root, retrying, sqlite_path, tracking_uri
 
 # MLflow parses search filters with sqlparse, whose lexer builds itself on first use, once per
@@ -41,7 +42,13 @@ def client() -> MlflowClient:
     if (db := sqlite_path(uri)) is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    try:
+        return MlflowClient(tracking_uri=uri)  # a new SQLite store writes its schema here
+    except Exception as err:
+        if db is not None and out_of_space(err, db.parent):
+            raise no_space(db.parent, "creating the tracking store", "free space there or point "
+                           "MLFLOW_TRACKING_URI at a disk with room") from None
+        raise
 
 
 KIND = "custom_model_development"  # a model-training experiment, not a GenAI one

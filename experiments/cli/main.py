@@ -158,8 +158,9 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [FileNotFoundError, UsageError]
     for module, name in (("skinclr.config", "ConfigError"), ("skinclr.data.problems", "DataError"), ("skinclr.train.models", "ModelError"),
                          ("skinclr.track.store", "StoreError"), ("skinclr.runtime", "BusyError"),
+                         ("skinclr.disk", "NoSpaceError"),
                          ("skinclr.serve.uris", "ModelNotFound"), ("skinclr.track.candidates", "PromotionError"), ("skinclr.report.paper", "ReportError"),
-                         ("skinclr.data.download", "DownloadError")):
+                         ("skinclr.data.fetch", "DownloadError")):
         if module in sys.modules and hasattr(sys.modules[module], name):
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
@@ -189,6 +190,20 @@ def _interrupted(command: str) -> str:
     return f"{name} before any run was opened; nothing to resume"
 
 
+def _disk_full(err: BaseException) -> str | None:
+    """A full disk met anywhere (MLflow's own writes included): one line, never a traceback."""
+    from skinclr.disk import out_of_space
+
+    if not out_of_space(err):
+        return None
+    from skinclr.track.store import first_line, root_cause, sqlite_path, tracking_uri
+
+    db = sqlite_path(tracking_uri())
+    where = f"{db.parent} (the tracking store)" if db is not None else "a disk this command writes to"
+    return (f"{where}: no space left on device ({first_line(root_cause(err))}); free space there and run the "
+            "same command again to resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     own_sigterm = threading.current_thread() is threading.main_thread() and \
@@ -204,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, expected_errors()):
             for line in getattr(err, "problems", None) or str(err).splitlines() or [repr(err)]:
                 print(f"error: {line}", file=sys.stderr)
+            return 1
+        full = _disk_full(err)
+        if full:
+            print(f"error: {full}", file=sys.stderr)
             return 1
         raise
     finally:

@@ -297,3 +297,55 @@ def test_a_model_uri_that_names_nothing_answers_before_torch_loads(command, uri,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert uri in one_error(done.stderr) and done.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem (tmpfs) of the size asked for, unmounted after the test."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk-{size}"
+        folder.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_checkpoint_disk_is_one_line_and_leaves_no_temporary_file(synth_dir, small_disk, capsys, monkeypatch):
+    tiny = small_disk("512k")  # smaller than any checkpoint
+    monkeypatch.setenv("SKINCLR_CHECKPOINTS", str(tiny))
+    argv = ["finetune", "--config", str(REPO / "experiments" / "paper" / "baseline_scratch.yaml"),
+            "--set", f"data.root={synth_dir}", *TINY, "train.epochs=1", "tracking.experiment=full-disk"]
+    assert main(argv) == 1
+    line = one_error(capsys.readouterr().err)
+    assert "no space left on device" in line and str(tiny) in line and "resumes" in line
+    assert not [p for p in tiny.rglob("*") if p.name.endswith(".tmp")]
+    [run] = runs_of("full-disk")
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("when", ["new store", "store that filled up"])
+def test_a_full_store_disk_is_one_line_never_retried_as_an_outage(synth_dir, small_disk, tmp_path, when):
+    """The tracking store's own disk is full: said at once, not taken for a server gone away."""
+    disk = small_disk("512k" if when == "new store" else "8m")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{disk}/mlflow.db", "SKINCLR_TRACKING_RETRY_S": "600",
+           "SKINCLR_CHECKPOINTS": str(tmp_path / "checkpoints")}
+    if when == "store that filled up":
+        subprocess.run([sys.executable, "-c", "from skinclr.track import tracking; tracking.client().search_experiments()"],
+                       env=env, check=True, timeout=120)
+        subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=64k"], capture_output=True)
+    argv = ["finetune", "--config", str(REPO / "experiments" / "paper" / "baseline_scratch.yaml"),
+            "--set", f"data.root={synth_dir}", *TINY, "train.epochs=1", "tracking.experiment=full-store"]
+    done = subprocess.run([sys.executable, "-m", "skinclr.cli", *argv], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # a retried outage would wait 600 s
+    assert done.returncode == 1
+    line = one_error(done.stderr)
+    assert "no space left on device" in line and str(disk) in line
+    assert "unreachable" not in done.stderr and "retrying" not in done.stderr
