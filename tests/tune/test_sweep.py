@@ -72,6 +72,7 @@ def asha_sweep(synth_dir, tmp_path_factory):
     return {"code": code, "client": MlflowClient(uri), "cache": tmp / "cache", "folder": tmp / "ray" / "asha"}
 
 
+@pytest.mark.slow  # starts Ray
 def test_sweep_logs_one_parent_and_one_closed_child_per_trial(asha_sweep):
     client = asha_sweep["client"]
     assert asha_sweep["code"] == 0
@@ -93,6 +94,7 @@ def test_sweep_logs_one_parent_and_one_closed_child_per_trial(asha_sweep):
     assert len({c.data.params["simclr.temperature"] for c in children}) == 6
 
 
+@pytest.mark.slow  # starts Ray
 def test_asha_stopped_trials_are_finished_and_tagged_with_their_epoch(asha_sweep):
     client = asha_sweep["client"]
     _, children = runs_of(client, "sweep-asha")
@@ -108,6 +110,7 @@ def test_asha_stopped_trials_are_finished_and_tagged_with_their_epoch(asha_sweep
             assert knn_steps(client, child.info.run_id) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # starts Ray
 def test_parent_holds_trials_table_figure_and_best_trial(asha_sweep, tmp_path):
     client = asha_sweep["client"]
     (parent,), children = runs_of(client, "sweep-asha")
@@ -134,6 +137,7 @@ def test_parent_holds_trials_table_figure_and_best_trial(asha_sweep, tmp_path):
         table["best_knn_balanced_accuracy"].max())
 
 
+@pytest.mark.slow  # starts Ray
 def test_images_are_decoded_once_by_the_driver(asha_sweep):
     client = asha_sweep["client"]
     (parent,), children = runs_of(client, "sweep-asha")
@@ -145,6 +149,7 @@ def test_images_are_decoded_once_by_the_driver(asha_sweep):
     assert {c.data.params["data.split_file"] for c in children} == {str(split)}
 
 
+@pytest.mark.slow  # starts Ray
 def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
     """SIGKILL the driver's process group once a trial has ended and another has checkpointed;
     `--resume` must finish the sweep in the same MLflow runs without rerunning finished work."""
@@ -191,6 +196,7 @@ def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
     assert "resuming" in resumed.stdout
 
 
+@pytest.mark.slow  # starts Ray
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signalled_driver_leaves_the_sweep_killed_and_resumable(synth_dir, tmp_path, sig):
     """Ctrl-C or SIGTERM to the driver alone, mid-sweep: it exits with the signal's code and the
@@ -274,6 +280,7 @@ def rank_scratch_stores() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("skinclr-rank*"))
 
 
+@pytest.mark.slow  # starts Ray
 def test_pipeline_fine_tunes_best_data_parallel_pretrain_trial_under_one_run(synth_dir, tmp_path):
     """Pretrain sweep (one trial of two gloo workers through Ray Train) -> fine-tune sweep from
     its best trial -> evaluation of the best fine-tuned model: every run nested under one."""
