@@ -62,6 +62,12 @@ def has_model(client: MlflowClient, run_id: str) -> bool:
     return any(a.path == f"{names.MODEL_ARTIFACT}/MLmodel" for a in client.list_artifacts(run_id, names.MODEL_ARTIFACT))
 
 
+def trained_nothing(run) -> bool:
+    """A run whose last epoch made no optimizer step (0 images/s): runs made before the engine
+    failed such epochs finished with an untrained model, and are never promoted."""
+    return run.data.metrics.get("images_per_second") == 0.0
+
+
 def _experiment_id(client: MlflowClient, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -83,6 +89,9 @@ def select_candidate(client: MlflowClient, experiment: str, metric: str, run_id:
             raise PromotionError(f"--run {run_id}: no such run in {store.tracking_uri()}") from None
         if run.info.status != "FINISHED":
             raise PromotionError(f"--run {run_id} is {run.info.status}, not FINISHED; only finished runs are promoted")
+        if trained_nothing(run):
+            raise PromotionError(f"--run {run_id} trained nothing (its epochs made no optimizer step: 0 images/s); "
+                                 "retrain it with a train.batch_size no larger than its train side")
         scored = run_score(client, run, metric)
         if scored is None:
             raise PromotionError(f"--run {run_id} has no metric '{metric}' (nor best_{metric}); pick another --metric")
@@ -92,6 +101,7 @@ def select_candidate(client: MlflowClient, experiment: str, metric: str, run_id:
 
     exp_id = _experiment_id(client, experiment)
     runs = mlflow.search_runs([exp_id], filter_string="attributes.status = 'FINISHED'", output_format="list")
+    runs = [run for run in runs if not trained_nothing(run)]
     scored = [(s, run) for run in runs if (s := run_score(client, run, metric)) is not None]
     scored.sort(key=lambda item: item[0][0], reverse=not lower_is_better(metric))
     models = [(s, run) for s, run in scored if has_model(client, run.info.run_id)]

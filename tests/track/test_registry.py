@@ -349,3 +349,16 @@ def test_the_champion_alias_loads_in_skinclr_predict(runs, real_data_dir, tmp_pa
 
     direct = load_predictor(f"runs:/{runs['b']}/model").predict_proba([str(p) for p in images])
     assert got[classes].to_numpy() == pytest.approx(direct, abs=1e-4)
+
+
+def test_a_run_that_trained_nothing_is_never_promoted(runs):
+    """A finished run whose epochs made no optimizer step (as runs made before the engine's guard
+    could be) is refused by --run and passed over by the experiment's pick."""
+    c = tracking.client()
+    best = max(("a", "b", "c"), key=lambda k: score(runs[k]))
+    c.log_metric(runs[best], "images_per_second", 0.0, step=99)  # its last epoch trained nothing
+    with pytest.raises(candidates.PromotionError, match="trained nothing"):
+        candidates.select_candidate(c, EXPERIMENT, "val_balanced_accuracy", run_id=runs[best])
+    split = c.get_run(runs["a"]).data.tags["split_fingerprint"]
+    picked = candidates.select_candidate(c, EXPERIMENT, "val_balanced_accuracy", split=split)
+    assert picked.run_id != runs[best]
