@@ -145,3 +145,21 @@ def test_tests_mirror_the_package(path):
     stem = path.stem[len("test_"):]
     assert any(stem == n or stem.startswith(n + "_") for n in names), \
         f"{path.relative_to(REPO)} names no module of {package} ({sorted(names)})"
+
+
+def test_a_plain_install_ships_one_package_with_its_configs(tmp_path):
+    """`pip install .` (as a wheel): everything under `skinclr/`, the shipped configs and search
+    spaces as package data, nothing installed as `core`, `experiments` or `search_spaces`."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
+    [wheel] = tmp_path.glob("skinclr-*.whl")
+    files = zipfile.ZipFile(wheel).namelist()
+    tops = {f.split("/")[0] for f in files if not f.split("/")[0].endswith(".dist-info")}
+    assert tops == {"skinclr"}
+    shipped = {f.removeprefix("skinclr/") for f in files}
+    for path in (REPO / "experiments").rglob("*.yaml"):
+        assert f"configs/{path.relative_to(REPO / 'experiments')}" in shipped, path
+    assert {f"search_spaces/{p.name}" for p in (REPO / "search_spaces").glob("*.yaml")} <= shipped
+    assert {"cli/main.py", "tune/sweep.py", "train/engine.py", "data/manifest.py"} <= shipped
