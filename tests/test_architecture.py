@@ -152,7 +152,7 @@ def test_a_plain_install_ships_one_package_with_its_configs(tmp_path):
     spaces as package data, nothing installed as `core`, `experiments` or `search_spaces`."""
     import zipfile
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                     str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
     [wheel] = tmp_path.glob("skinclr-*.whl")
     files = zipfile.ZipFile(wheel).namelist()
