@@ -170,6 +170,8 @@ class Finetuning(Task):
         report = classification_metrics(self.inputs.val_labels, probs)
         metrics.update(val_loss=val_loss, val_accuracy=report["accuracy"],
                        val_balanced_accuracy=report["balanced_accuracy"])
+        metrics.update({f"val_{what}_{name}": m[what] for name, m in report["per_class"].items()  # e.g. MEL's
+                        for what in ("recall", "precision") if m[what] is not None})  # sensitivity, epoch by epoch
         self.history.append({"epoch": epoch, **metrics})
         watched = float(np.mean([h[ft.select_metric] for h in self.history[-ft.select_smoothing:]]))
         metrics["monitor_value"] = watched

@@ -136,6 +136,7 @@ def report_frame(metrics: dict) -> pd.DataFrame:
     frame.loc["macro avg"] = [*macro[["precision", "recall", "f1"]], total, macro["roc_auc"]]
     frame.loc["weighted avg"] = [*weighted[["precision", "recall", "f1"]], total, weighted["roc_auc"]]
     frame["support"] = frame["support"].astype(int)
+    frame.index.name = "class"  # a named first column: the MLflow UI's table preview shows it
     frame.attrs["balanced_accuracy"] = metrics["balanced_accuracy"]
     frame.attrs["accuracy"] = metrics["accuracy"]
     return frame

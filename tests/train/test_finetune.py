@@ -44,6 +44,9 @@ def test_finetune_from_simclr_run_then_evaluate_and_predict(synth_dir, simclr_ru
     assert run.data.tags["skinclr.pretrain_run_id"] == simclr_run
     for key in ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr"):
         assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    for name in ("MEL", "NV", "VASC"):  # per class, every epoch: a class's sensitivity over time
+        assert [m.step for m in c.get_metric_history(run.info.run_id, f"val_recall_{name}")] == [1, 2], name
+        assert [m.step for m in c.get_metric_history(run.info.run_id, f"val_precision_{name}")] == [1, 2], name
     report = {f.path for f in c.list_artifacts(run.info.run_id, "report")}
     for name in ("loss_curves.png", "accuracy_curves.png", "confusion_matrix.png", "confusion_matrix.csv",
                  "classification_report.csv", "classification_report.txt"):

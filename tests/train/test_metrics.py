@@ -138,3 +138,10 @@ def test_mean_std():
     assert mean == pytest.approx(0.7) and std == pytest.approx(0.1)  # ddof=1: sqrt(0.02 / 2)
     with pytest.raises(ValueError, match="at least one"):
         mean_std([])
+
+
+def test_the_classification_report_csv_names_its_class_column(hand, tmp_path):
+    """Its first column has a header, so a table preview (the MLflow UI's) shows which row is which class."""
+    report_frame(hand).to_csv(tmp_path / "report.csv")
+    back = pd.read_csv(tmp_path / "report.csv")
+    assert back.columns[0] == "class" and list(back["class"][:7]) == list(CLASSES)
