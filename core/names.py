@@ -16,6 +16,7 @@ KIND_TAG = "mlflow.experimentKind"  # custom_model_development: the UI's model-t
 
 # --- every run ---------------------------------------------------------------------------------
 STAGE_TAG = "skinclr.stage"  # pretrain | finetune | evaluate | report | pipeline | the sweep's stage
+COMMAND_TAG = "skinclr.command"  # the command line that made the run (a trial: its sweep's)
 RUN_KEY_TAG = "skinclr.run_key"  # hash of the resolved config: finds a run to resume
 DEVICE_TAG = "skinclr.device"
 EPOCHS_RUN_TAG = "skinclr.epochs_run"

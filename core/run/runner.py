@@ -73,6 +73,16 @@ def prepare(cfg: Config) -> None:
         store.set_retry_seconds(cfg.tracking.retry_seconds)
 
 
+def run_name(cfg: Config) -> str:
+    """A run's name when the config gives none, saying what it is: stage, method or init, seed."""
+    if cfg.stage == "pretrain":
+        return f"pretrain {cfg.pretrain.method} seed {cfg.train.seed}"
+    init = cfg.finetune.init
+    start = init if init in ("scratch", "imagenet") else f"from {Path(init.removeprefix('runs:/')).name[:12]}"
+    probe = " probe" if cfg.finetune.linear_probe else ""
+    return f"finetune{probe} {start} seed {cfg.train.seed}"
+
+
 def check_batches(cfg: Config, inputs: Inputs) -> None:
     """Refuse, before a run opens, a config that would train nothing: every epoch drops its last
     incomplete batch, so a train side smaller than one batch makes no optimizer step."""
@@ -134,9 +144,9 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
                 except BusyError as err:
                     raise BusyError(f"{err}; or set tracking.resume=false to start a separate run") from None
             else:  # born with the caller's tags: a trial's run is found by its trial id from the start
-                run_id = RunLogger.create(cfg.experiment, cfg.tracking.run_name, parent_run_id=parent_run_id,
-                                          tags={names.RUN_KEY_TAG: key, names.STAGE_TAG: cfg.stage,
-                                                **(tags or {})}).run_id
+                run_id = RunLogger.create(cfg.experiment, cfg.tracking.run_name or run_name(cfg),
+                                          parent_run_id=parent_run_id,
+                                          tags={names.RUN_KEY_TAG: key, names.STAGE_TAG: cfg.stage, **(tags or {})}).run_id
                 created = True
                 _claim(run_id)
     logger, state = RunLogger(run_id), None

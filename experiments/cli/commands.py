@@ -83,10 +83,13 @@ def _writable(path: Path | None, flag: str, folder: bool = False) -> None:
 def cmd_train(args) -> int:
     cfg = _load_config(args, args.command)
     INTERRUPT["resumable"] = cfg.tracking.resume
+    import shlex
+
+    from skinclr import names
     from skinclr.run.runner import run_finetune, run_pretrain
 
     run = run_pretrain if args.command == "pretrain" else run_finetune
-    result = run(cfg)
+    result = run(cfg, tags={names.COMMAND_TAG: shlex.join(["skinclr", *args.argv])})
     shown = {k: round(v, 4) for k, v in result.last.items() if not k.endswith("seconds")}
     print(f"{args.command} run {result.run_id} {result.status} after {result.epochs} epochs: {shown}")
     print(f"experiment '{cfg.experiment}' in {_store()}")

@@ -349,3 +349,14 @@ def test_a_full_store_disk_is_one_line_never_retried_as_an_outage(synth_dir, sma
     line = one_error(done.stderr)
     assert "no space left on device" in line and str(disk) in line
     assert "unreachable" not in done.stderr and "retrying" not in done.stderr
+
+
+def test_a_run_says_what_it_is_and_the_command_that_made_it(synth_dir):
+    argv = ["finetune", "--config", str(REPO / "experiments" / "paper" / "baseline_scratch.yaml"),
+            "--set", f"data.root={synth_dir}", *TINY, "train.epochs=1", "tracking.run_name=", "train.seed=3",
+            "tracking.experiment=named"]
+    assert main(argv) == 0
+    [run] = runs_of("named")
+    assert run.info.run_name == "finetune scratch seed 3"
+    assert run.data.tags["skinclr.command"].startswith("skinclr finetune --config ")
+    assert run.data.tags["skinclr.command"].endswith("train.seed=3 tracking.experiment=named")

@@ -110,7 +110,7 @@ def cluster_yaml(folder: Path, key: Path, server_url: str, storage: Path) -> Pat
     src = folder / "src"  # the slim copy, made as docker/cluster-local.yaml says
     src.mkdir()
     subprocess.run(f"git -C {REPO} archive HEAD | tar -x -C {src}", shell=True, check=True)
-    cfg["file_mounts"] = {"~/skinclr": str(src)}
+    cfg["file_mounts"] = dict.fromkeys(cfg["file_mounts"], str(src))  # where the shipped file syncs to
     env = {"PATH": f"{BIN}:$PATH", "MLFLOW_TRACKING_URI": server_url, "SKINCLR_SWEEP_STORAGE": str(storage),
            "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_TMPDIR": str(folder / "ray"), "SKINCLR_CACHE": str(folder / "cache")}
     lines = "".join(f"export {k}={v}\\n" for k, v in env.items())
