@@ -196,7 +196,6 @@ def drive(cfg: Config, loop, run: Run, on_epoch: OnEpoch | None,
                                  if k in ("train_loss", "knn_balanced_accuracy", "val_balanced_accuracy")})
                 if record.is_best:
                     best = record.metrics.get("knn_balanced_accuracy", record.metrics.get("monitor_value"))
-            bar.close()
             logger.set_tags({names.EPOCHS_RUN_TAG: epoch})
     except BaseException:
         _release(logger.run_id)
