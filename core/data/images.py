@@ -78,11 +78,11 @@ def decode_input(item: Any, index: int = 0) -> np.ndarray:
         try:
             data = base64.b64decode(item, validate=False)
         except binascii.Error as err:
-            if _path_like(item):
+            if _path_like(item):  # not base64 after all: the path it looks like
                 return load_rgb(item)  # "file does not exist", naming it
             raise DataError(f"image {index}: {item[:40]!r}... is neither an existing file nor valid base64 "
                             f"({err})") from None
-        if not data.startswith(IMAGE_MAGIC) and _path_like(item):  # holds no image: meant as a path
+        if not data.startswith(IMAGE_MAGIC) and _path_like(item) and "/" in item:  # a folder/name, no image
             return load_rgb(item)
         return _decode_bytes(data, f"image {index} (base64, {len(item)} characters)")
     if isinstance(item, (bytes, bytearray)):
@@ -99,8 +99,9 @@ def _exists(text: str) -> bool:
 
 
 def _path_like(text: str) -> bool:
-    """Text that is both base64 and a path (`photos/lesion1`) is taken for a path when it is short
-    and unpadded: an encoded image is longer, or ends in `=` padding."""
+    """Text that could be base64 or a path is taken for a path when it is short and unpadded (an
+    encoded image is longer, or ends in `=` padding): when it does not decode, or when it names a
+    folder (`photos/lesion1`) and decodes to no image."""
     return len(text) <= 255 and not text.rstrip().endswith("=")
 
 
