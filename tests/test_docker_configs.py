@@ -133,9 +133,10 @@ def test_the_local_cluster_syncs_a_slim_copy_and_puts_its_venv_on_path():
     provider = cfg["provider"]
     assert provider["type"] == "local" and provider["head_ip"] not in provider["worker_ips"]
     assert urlparse(run_env(cfg)["MLFLOW_TRACKING_URI"]).hostname == provider["head_ip"]
-    assert cfg["file_mounts"] == {"~/skinclr": "build/cluster-src"}, "never sync the checkout itself (.venv)"
+    # a slim copy, never the checkout itself (.venv); not into ~/skinclr, which would shadow the package
+    assert cfg["file_mounts"] == {"~/skinclr-src": "build/cluster-src"}
     setup = " && ".join(cfg["setup_commands"])
-    assert "-c ~/skinclr/constraints.txt" in setup and "skinclr[tune,server]" in setup
+    assert "-c ~/skinclr-src/constraints.txt" in setup and "skinclr-src[tune,server]" in setup
     assert "export PATH=%s:$PATH" in setup and ". ~/.skinclr-env' >> ~/.bashrc" in setup
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "--node-ip-address=$(echo $SSH_CONNECTION" in cfg[key][-1]
