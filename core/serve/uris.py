@@ -3,20 +3,20 @@ folder, or a classifier .pt file beside its meta.json (or the run's config.yaml)
 
 A URI that names nothing loadable fails with ModelNotFound saying what does exist there: the
 run's artifacts, or the registry's models with their versions and aliases. `locate_model` says so
-before torch loads (commands call it first), so a wrong URI answers in a second or two.
+before torch loads (commands call it first); in a local SQLite store it reads MLflow's tables
+directly, before MLflow itself loads, so a run or model that is not there answers in well under a second.
 """
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 import tempfile
 from pathlib import Path
 
-import mlflow
-from mlflow.exceptions import MlflowException
-
 from skinclr import names
 from skinclr.config import load_config
-from skinclr.track import store, tracking
+from skinclr.track import store
 
 
 class ModelNotFound(ValueError):
@@ -27,6 +27,9 @@ def locate_model(uri: str | Path) -> tuple[str, str | None, Path | None]:
     """Where a model URI points, checked without loading anything heavy: (artifact URI, its run
     id, None) for `runs:/` and `models:/`, ("", None, path) for a file or folder."""
     uri = str(uri)
+    absent = _absent_from_sqlite(uri)
+    if absent:
+        raise ModelNotFound(absent)
     if uri.startswith("runs:/"):
         run_id, artifact = _parse_runs_uri(uri)
         return f"runs:/{run_id}/{artifact}", run_id, None
@@ -53,7 +56,70 @@ def load_predictor(uri: str | Path):
     return Predictor(_state_dict_from_file(path), _meta_beside(path), None, str(uri))
 
 
+def _absent_from_sqlite(uri: str) -> str:
+    """Why a `runs:/` or `models:/` URI names nothing in the local SQLite store, read with plain
+    SQL (no MLflow import); "" when it may exist or this cannot tell (a server, an unreadable
+    file, a stage name): MLflow then decides."""
+    db = store.sqlite_path()
+    if db is None:
+        return ""
+    where = store.tracking_uri()
+    if uri.startswith("runs:/"):
+        run_id = uri[len("runs:/"):].strip("/").partition("/")[0]
+        runs = _query(db, "select run_uuid from runs where run_uuid = ?", (run_id,))
+        if runs == []:
+            return f"model '{uri}': no run {run_id!r} in the tracking store {where}; check the run id and MLFLOW_TRACKING_URI"
+        return ""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", uri)
+    if match is None:
+        return ""
+    name, alias, version = match.groups()
+    models = _query(db, "select name from registered_models order by name")
+    versions = _query(db, "select name, version from model_versions")
+    aliases = _query(db, "select name, alias, version from registered_model_aliases")
+    if models is None or versions is None or aliases is None:
+        return ""
+    models = [row[0] for row in models]
+    if name not in models:
+        why = f"Registered Model with name={name} not found"
+    elif alias is not None and alias not in {a for n, a, _ in aliases if n == name}:
+        why = f"Registered model alias {alias} not found."
+    elif version is not None and (name, int(version)) not in {(n, int(v)) for n, v in versions}:
+        why = f"Model Version (name={name}, version={version}) not found"
+    else:
+        return ""
+    return f"model '{uri}' not found in the registry at {where} ({why}); registered: {_listing(models, versions, aliases)}"
+
+
+def _query(db: Path, sql: str, args: tuple = ()) -> list[tuple] | None:
+    """Rows of a read-only query on an MLflow SQLite store: [] when the file does not exist yet,
+    None when it cannot be read as one."""
+    if not db.is_file():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return list(con.execute(sql, args))
+    except sqlite3.Error:
+        return None
+
+
+def _listing(models: list[str], versions: list[tuple], aliases: list[tuple]) -> str:
+    """Registered names with their versions and aliases, as `_registered` writes them."""
+    if not models:
+        return "none (register one with `skinclr promote`)"
+    parts = []
+    for name in models:
+        numbers = sorted(int(v) for n, v in versions if n == name)
+        named = ", ".join(f"@{a}->v{v}" for n, a, v in sorted(aliases) if n == name)
+        parts.append(f"{name} (versions {', '.join(map(str, numbers)) or 'none'}{'; aliases ' + named if named else ''})")
+    return "; ".join(parts)
+
+
 def _parse_runs_uri(uri: str) -> tuple[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    from skinclr.track import tracking
+
     run_id, _, artifact = uri[len("runs:/"):].strip("/").partition("/")
     artifact = artifact or names.MODEL_ARTIFACT
     try:
@@ -68,7 +134,10 @@ def _parse_runs_uri(uri: str) -> tuple[str, str]:
 
 
 def _model_version(uri: str):
+    from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    from skinclr.track import tracking
 
     c = tracking.client()
     try:
@@ -82,18 +151,14 @@ def _model_version(uri: str):
 def _registered(c) -> str:
     """Registered names with their versions and aliases, for error messages."""
     models = c.search_registered_models()
-    if not models:
-        return "none (register one with `skinclr promote`)"
-    parts = []
-    for m in models:
-        versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{m.name}'"))
-        aliases = ", ".join(f"@{a}->v{v}" for a, v in sorted(m.aliases.items()))
-        parts.append(f"{m.name} (versions {', '.join(map(str, versions)) or 'none'}"
-                     f"{'; aliases ' + aliases if aliases else ''})")
-    return "; ".join(parts)
+    versions = [(m.name, v.version) for m in models for v in c.search_model_versions(f"name='{m.name}'")]
+    aliases = [(m.name, alias, version) for m in models for alias, version in m.aliases.items()]
+    return _listing(sorted(m.name for m in models), versions, aliases)
 
 
 def _download(uri: str, dst: str) -> Path:
+    import mlflow
+
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst,
                                                     tracking_uri=store.tracking_uri()))
 

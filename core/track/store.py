@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-import mlflow
-
 from skinclr.disk import no_space, out_of_space
 
 # A new store announces its schema set-up at INFO on first use, in every process that opens it,
@@ -164,6 +162,7 @@ def _within_timeout(uri: str, check: Callable[[str], None]) -> None:
 
 
 def _check_server(uri: str) -> None:
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
@@ -171,7 +170,7 @@ def _check_server(uri: str) -> None:
         response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
                                 max_retries=0, backoff_factor=0, timeout=CHECK_TIMEOUT_S - 1,
                                 raise_on_status=False, json={"max_results": 1})
-    except mlflow.exceptions.MlflowException as err:
+    except MlflowException as err:
         cause = root_cause(err)
         why = "connection refused" if isinstance(cause, ConnectionRefusedError) else first_line(cause)
         raise StoreError(f"{_where(uri)}: nothing answers there ({why}); start the server (`skinclr server`) "
@@ -226,6 +225,7 @@ _GONE = ("locked", "unable to open", "disk i/o", "connect", "closed", "timeout",
 
 def transient(err: BaseException) -> bool:
     """An error that means 'the store is not there right now' (retry), not 'the request is wrong'."""
+    import mlflow
     import requests
     import sqlalchemy.exc
 

@@ -291,7 +291,7 @@ def test_a_port_out_of_range_is_one_usage_line(port):
 def test_a_model_uri_that_names_nothing_answers_before_torch_loads(command, uri, synth_dir, tmp_path):
     """A wrong run id or alias is one line, found with the store alone: no torch import to wait for."""
     probe = ("import sys; from skinclr.cli.main import main; code = main(sys.argv[1:]); "
-             "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules)); sys.exit(code)")
+             "print(sorted(m for m in ('torch', 'torchvision', 'sklearn', 'mlflow') if m in sys.modules)); sys.exit(code)")
     target = ["--data", str(synth_dir)] if command == "evaluate" else [str(next(synth_dir.rglob("*.jpg")))]
     done = subprocess.run([sys.executable, "-c", probe, command, "--model", uri, *target], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

@@ -205,6 +205,33 @@ def test_unknown_models_raise_model_not_found_naming_what_exists(trained_state, 
         load_predictor(tmp_path)
 
 
+def test_a_local_store_answers_a_missing_model_without_mlflow_as_mlflow_would(trained_state, monkeypatch):
+    """The SQLite fast path (plain SQL, no MLflow import) says what MLflow's own lookup says."""
+    from skinclr.serve import uris
+
+    _, uri = log_trained(trained_state)
+    name = "skinclr-fast-path"
+    mlflow.register_model(uri, name)
+    tracking.client().set_registered_model_alias(name, "candidate", "1")
+    wrong = [f"models:/{name}@champion", f"models:/{name}/9", "models:/no-such-model@champion",
+             "runs:/0123456789abcdef0123456789abcdef/model"]
+
+    def answers() -> list[str]:
+        out = []
+        for bad in wrong:
+            with pytest.raises(ModelNotFound) as err:
+                uris.locate_model(bad)
+            out.append(str(err.value))
+        return out
+
+    fast = answers()
+    assert all(uris._absent_from_sqlite(bad) for bad in wrong)
+    assert f"{name} (versions 1; aliases @candidate->v1)" in fast[0]
+    monkeypatch.setattr(uris, "_absent_from_sqlite", lambda uri: "")
+    assert answers() == fast
+    assert uris.locate_model(f"models:/{name}@candidate")[1] == uris.locate_model(f"models:/{name}/1")[1]
+
+
 def test_unreadable_inputs_raise_one_data_error_naming_each_culprit(trained_state, labelled_dir, tmp_path):
     predictor = load_predictor(save_pyfunc(tmp_path / "model", trained_state, "resnet18", SIZE, "center_crop"))
     good = image_paths(labelled_dir)[0]
