@@ -48,11 +48,18 @@ def _renamed(key: str) -> str:
     return RENAMED.get(key, key)
 
 
+# Keys added since runs were first logged, with the value that means "as before": a config that
+# leaves one there hashes as it did before the key existed.
+ADDED = {"data.test_fraction": 0.0, "data.test_seed": 0}
+
+
 def hash_items(cfg: Config) -> dict[str, Any]:
-    """`cfg.flat()` as a config's run key hashes it: renamed keys under their old names, so a config
-    that sets the same things keeps its key, and the runs and sweep folder it names, across a rename."""
+    """`cfg.flat()` as a config's run key hashes it: renamed keys under their old names and added
+    keys left at their old meaning omitted, so a config that sets the same things keeps its key,
+    and the runs and sweep folder it names, across a rename or an addition."""
     former = {new: old for old, new in RENAMED.items()}
-    return {former.get(key, key): value for key, value in cfg.flat().items()}
+    return {former.get(key, key): value for key, value in cfg.flat().items()
+            if not (key in ADDED and value == ADDED[key])}
 
 
 def _coerce(key: str, current: Any, value: Any) -> Any:
@@ -223,6 +230,9 @@ def validate(cfg: Config) -> None:
         (0.0 < cfg.data.label_fraction <= 1.0, "data.label_fraction", "must lie in (0, 1]"),
         (cfg.data.label_seed >= -1, "data.label_seed", "must be -1 (follow train.seed) or a seed >= 0"),
         (cfg.data.split_seed >= 0, "data.split_seed", "must be 0 or more"),
+        (0.0 <= cfg.data.test_fraction <= 0.5, "data.test_fraction",
+         "must lie in [0, 0.5] (0: no test split; 0.2 holds out a fifth of the lesions)"),
+        (cfg.data.test_seed >= 0, "data.test_seed", "must be 0 or more"),
         (cfg.data.workers >= 0, "data.workers", "must be 0 (load in the training process) or more"),
         (cfg.augment.color_strength >= 0, "augment.color_strength", "must be 0 or more"),
         (0.0 <= cfg.augment.blur_prob <= 1.0, "augment.blur_prob", "must lie in [0, 1]"),

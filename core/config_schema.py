@@ -23,6 +23,8 @@ class DataConfig:
     image_size: int = 64  # side of the square network input (and of the cached arrays)
     aspect: str = "center_crop"  # how a 4:3 image becomes square: center_crop | pad | stretch
     val_fraction: float = 0.15
+    test_fraction: float = 0.0  # held-out test share, drawn first (lesion-grouped, stratified); no choice reads it
+    test_seed: int = 0  # which test share: fixed while split seeds, folds and label subsets vary inside the rest
     split_seed: int = 0
     split_file: str = ""  # reuse a saved split CSV so that several runs share one split
     folds: int = 0  # >=2: k-fold lesion-grouped cross-validation, fold `fold` is val (0: val_fraction)

@@ -26,6 +26,9 @@ LABEL_FINGERPRINT_TAG = "label_fingerprint"  # the labelled subset of the train 
 DATA_ROOT_TAG = "data_root"
 DATA_LAYOUT_TAG = "data_layout"
 TRAIN_IMAGES_TAG = "skinclr.train_images"
+TEST_FINGERPRINT_TAG = "skinclr.test_fingerprint"  # the held-out test side (data.test_fraction > 0)
+TEST_IMAGES_TAG = "skinclr.test_images"
+TEST_ARTIFACTS = "test"  # a fine-tune's test report: its saved model on the held-out test side, scored once
 MISSING_CLASSES_TAG = "skinclr.missing_classes"
 
 # --- fine-tuning -------------------------------------------------------------------------------
@@ -91,6 +94,7 @@ BACKBONE_LAST = "backbone_last.pt"  # the last epoch's backbone
 CONFUSION_CSV = "confusion_matrix.csv"
 CONFUSION_NORMALIZED_CSV = "confusion_matrix_normalized.csv"
 CLASSIFICATION_REPORT_CSV = "classification_report.csv"
+CLASSIFICATION_REPORT_TXT = "classification_report.txt"
 
 # --- state files on disk -----------------------------------------------------------------------
 SWEEP_STATE_FILE = "skinclr_sweep.json"  # in a sweep's folder: what --resume needs

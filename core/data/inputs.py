@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from skinclr.config import Config, ConfigError
 from skinclr.data.manifest import Manifest, read_manifest
 from skinclr.data.problems import DataError
 from skinclr.data.split import (check_split, label_fingerprint, label_subset, load_split, save_split,
-                                split_by_lesion, split_fingerprint)
+                                split_by_lesion, split_fingerprint, test_fingerprint)
 from skinclr import names
 
 INPUTS_VERSION = 1  # bump when the resolved-inputs file changes shape
@@ -36,6 +36,11 @@ class Inputs:
     train_rows: np.ndarray  # cache rows of the train split (its labelled subset, when there is one)
     val_rows: np.ndarray
     missing_classes: tuple[str, ...] = ()  # classes with no image at all (data.min_per_class 0)
+    test_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # data.test_fraction's
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.cache.labels[self.test_rows]
 
     @property
     def split_fingerprint(self) -> str:
@@ -59,6 +64,9 @@ class Inputs:
         if "labelled" in self.split:
             tags[names.LABEL_FINGERPRINT_TAG] = self.label_fingerprint
             tags[names.TRAIN_IMAGES_TAG] = str(len(self.train_rows))
+        if len(self.test_rows):
+            tags[names.TEST_FINGERPRINT_TAG] = test_fingerprint(self.split)
+            tags[names.TEST_IMAGES_TAG] = str(len(self.test_rows))
         if self.missing_classes:
             tags[names.MISSING_CLASSES_TAG] = ",".join(self.missing_classes)
         return tags
@@ -81,8 +89,13 @@ def split_of(cfg: Config, manifest: Manifest) -> pd.DataFrame:
         raise DataError(f"data.split_file {d.split_file} is a folder, not a split file; name a CSV file "
                         "(written by the first run that uses it)")
     if d.split_file and Path(d.split_file).is_file():
-        return load_split(d.split_file, manifest)
-    split = split_by_lesion(manifest, d.val_fraction, d.split_seed, d.folds, d.fold)
+        split = load_split(d.split_file, manifest)
+        if d.test_fraction and not (split["split"] == "test").any():
+            raise DataError(f"data.split_file {d.split_file} holds no test images but data.test_fraction is "
+                            f"{d.test_fraction}: remove the file to draw a split with a test side, or set "
+                            "data.test_fraction=0 to use it as it is")
+        return split
+    split = split_by_lesion(manifest, d.val_fraction, d.split_seed, d.folds, d.fold, d.test_fraction, d.test_seed)
     if d.split_file:
         Path(d.split_file).parent.mkdir(parents=True, exist_ok=True)
         save_split(split, d.split_file)
@@ -99,7 +112,8 @@ def assemble(cfg: Config, manifest: Manifest, split: pd.DataFrame, progress: boo
     train = (split["split"] == "train") & split.get("labelled", True)
     train_rows = cache.rows(split.loc[train, "image"].tolist())
     val_rows = cache.rows(split.loc[split["split"] == "val", "image"].tolist())
-    return Inputs(manifest, split, cache, train_rows, val_rows, missing)
+    test_rows = cache.rows(split.loc[split["split"] == "test", "image"].tolist())
+    return Inputs(manifest, split, cache, train_rows, val_rows, missing, test_rows)
 
 
 # ---------------------------------------------------------------------------------------------

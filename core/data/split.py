@@ -4,9 +4,10 @@ No lesion has images on both sides of a split: two photographs of one lesion, on
 one in val, would let validation reward memorising the lesion.
 
 A split is written in one format, a CSV that reads on its own: `image,label,lesion_id,split`
-(label as the class name), and `pixels` when it is written with the run's cache: a digest of
-each image as the model saw it, by which evaluation tells a model's own images from others filed
-under the same id. A labelled subset is not part of the split: each run draws its own from the
+(label as the class name; split train, val or test), and `copy_hash` when it is written with the
+run's cache: a perceptual hash of each image as the model saw it, by which evaluation finds the
+model's own images under other names. A test side is held out before anything else is drawn and
+no choice reads it: only the saved model is scored on it, once. A labelled subset is not part of the split: each run draws its own from the
 split, named by its label fingerprint.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from skinclr.data.problems import DataError, Problems, listing, plural
 from skinclr.data.images import copy_hash
 from skinclr.data.problems import check_columns, check_ids, read_csv
 
-COLUMNS = ("image", "label", "lesion_id", "split")  # every split file's; `pixels` may follow
+COLUMNS = ("image", "label", "lesion_id", "split")  # every split file's; `copy_hash` may follow
+PARTS = ("train", "val", "test")  # the values of "split": test only under data.test_fraction
 
 
 def lesion_groups(frame: pd.DataFrame) -> np.ndarray:
@@ -33,26 +35,43 @@ def lesion_groups(frame: pd.DataFrame) -> np.ndarray:
 
 
 def split_by_lesion(manifest: Manifest, val_fraction: float = 0.15, seed: int = 0, folds: int = 0,
-                    fold: int = 0) -> pd.DataFrame:
-    """manifest.frame + column "split": no lesion on both sides, class proportions kept.
+                    fold: int = 0, test_fraction: float = 0.0, test_seed: int = 0) -> pd.DataFrame:
+    """manifest.frame + column "split": no lesion on two sides, class proportions kept.
 
-    The data is cut into lesion-grouped, class-stratified folds and one fold is val: fold `fold`
+    With `test_fraction`, a lesion-grouped, class-stratified test share is held out first (fold
+    0 of round(1 / test_fraction), drawn with `test_seed` alone), and everything below happens
+    inside the rest: one test set for every split seed, fold and label subset.
+    The rest is cut into lesion-grouped, class-stratified folds and one fold is val: fold `fold`
     of `folds` for cross-validation, else fold 0 of round(1 / val_fraction) (so `folds=7, fold=0`
     is the default 0.15 split, and the folds of one seed are disjoint and cover every image).
-    `val_fraction` lies in (0, 0.5]: config validation checks data.val_fraction before any work."""
-    import warnings
-
-    from sklearn.model_selection import StratifiedGroupKFold
-
+    The fractions lie in (0, 0.5]: config validation checks them before any work."""
     n_folds = folds or round(1 / val_fraction)
     if not 0 <= fold < n_folds:
         raise DataError(f"fold {fold} does not exist: folds are numbered 0..{n_folds - 1}")
     frame = manifest.frame.copy()
+    split = np.full(len(frame), "train", dtype=object)
+    rest = np.arange(len(frame))
+    if test_fraction:
+        test = _fold(frame, manifest.root, round(1 / test_fraction), 0, test_seed,
+                     f"a {test_fraction:.0%} test split", "data.test_fraction")
+        split[test] = "test"
+        rest = np.setdiff1d(rest, test)
+    what = f"{n_folds} folds" if folds else f"a {val_fraction:.0%} validation split"
+    val = _fold(frame.iloc[rest], manifest.root, n_folds, fold, seed, what, "data.val_fraction (or use fewer data.folds)")
+    split[rest[val]] = "val"
+    frame["split"] = split
+    return frame
+
+
+def _fold(frame: pd.DataFrame, root, n_folds: int, fold: int, seed: int, what: str, knob: str) -> np.ndarray:
+    """Positions (in `frame`) of fold `fold` of `n_folds` lesion-grouped, class-stratified folds."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
     groups = lesion_groups(frame)
     if len(set(groups)) < n_folds:
-        what = f"{n_folds} folds" if folds else f"a {val_fraction:.0%} validation split"
-        raise DataError(f"{manifest.root}: only {len(set(groups))} lesions, too few for {what}; "
-                        "add images, or use fewer folds / a larger data.val_fraction")
+        raise DataError(f"{root}: only {len(set(groups))} lesions, too few for {what}; add images, or change {knob}")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # rare classes with fewer lesions than folds are fine here
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
@@ -60,16 +79,11 @@ def split_by_lesion(manifest: Manifest, val_fraction: float = 0.15, seed: int = 
         try:
             for _ in range(fold):
                 next(parts)
-            _, val = next(parts)
+            return next(parts)[1]
         except ValueError:  # scikit-learn: every class has fewer members than folds
             largest = int(np.bincount(frame["label"]).max())
-            raise DataError(f"{manifest.root}: every class has fewer images than the {n_folds} folds of the split "
-                            f"(largest class: {largest}); add images, raise data.val_fraction or use fewer "
-                            "data.folds") from None
-    split = np.full(len(frame), "train", dtype=object)
-    split[val] = "val"
-    frame["split"] = split
-    return frame
+            raise DataError(f"{root}: every class has fewer images than the {n_folds} folds of {what} (largest "
+                            f"class: {largest}); add images, or change {knob}") from None
 
 
 def check_split(split: pd.DataFrame, min_per_class: int = 1) -> list[str]:
@@ -77,17 +91,20 @@ def check_split(split: pd.DataFrame, min_per_class: int = 1) -> list[str]:
     from the data altogether (allowed only with min_per_class 0, for a run to tag).
 
     Balanced accuracy averages recall over the classes present in val: a val side with 2 of 7
-    classes yields a number, but not the official metric, and it would compete with real ones."""
+    classes yields a number, but not the official metric, and it would compete with real ones.
+    A test side, when there is one, is held to the same rule."""
+    parts = ("train", "val", "test") if (split["split"] == "test").any() else ("train", "val")
     counts = {part: np.bincount(split.loc[split["split"] == part, "label"].to_numpy(dtype=int),
-                                minlength=len(CLASSES)) for part in ("train", "val")}
-    short = [f"{name} has {counts['train'][i]} train / {counts['val'][i]} val images"
-             for i, name in enumerate(CLASSES) if min(counts["train"][i], counts["val"][i]) < min_per_class]
+                                minlength=len(CLASSES)) for part in parts}
+    short = [f"{name} has {' / '.join(f'{counts[p][i]} {p}' for p in parts)} images"
+             for i, name in enumerate(CLASSES) if min(counts[p][i] for p in parts) < min_per_class]
     if short:
         raise DataError(f"split cannot measure balanced accuracy: {'; '.join(short)}, fewer than "
                         f"data.min_per_class={min_per_class} on a side; add images of "
                         f"{'that class' if len(short) == 1 else 'those classes'}, raise data.val_fraction "
-                        "(or use fewer data.folds), or set data.min_per_class=0 to accept it")
-    return [name for i, name in enumerate(CLASSES) if counts["train"][i] + counts["val"][i] == 0]
+                        f"{'or data.test_fraction ' if 'test' in parts else ''}(or use fewer data.folds), "
+                        "or set data.min_per_class=0 to accept it")
+    return [name for i, name in enumerate(CLASSES) if sum(counts[p][i] for p in parts) == 0]
 
 
 def label_subset(split: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
@@ -120,7 +137,14 @@ def label_fingerprint(split: pd.DataFrame) -> str:
     return hashlib.sha256(",".join(sorted(train["image"])).encode()).hexdigest()[:16]
 
 
+def test_fingerprint(split: pd.DataFrame) -> str:
+    """Names the held-out test images ("" without a test split): runs that share it can be compared on it."""
+    test = sorted(split.loc[split["split"] == "test", "image"])
+    return hashlib.sha256(f"test:{','.join(test)}".encode()).hexdigest()[:16] if test else ""
+
+
 def split_fingerprint(split: pd.DataFrame) -> str:
+    """Names which images were train and which val (a test side is named apart, by test_fingerprint)."""
     h = hashlib.sha256()
     for part in ("train", "val"):
         h.update(f"{part}:{','.join(sorted(split.loc[split['split'] == part, 'image']))}\n".encode())
@@ -152,8 +176,9 @@ def load_split(path, manifest: Manifest) -> pd.DataFrame:
         check_ids(path, table, "image", problems)
         frame = manifest.frame.set_index("image")
         for line, image, part, label in zip(table["line"], table["image"], table["split"], table["label"]):
-            if part not in ("train", "val"):
-                problems.add("bad values", f"{path.name} line {line} ({image}): split {part!r} must be train or val")
+            if part not in PARTS:
+                problems.add("bad values", f"{path.name} line {line} ({image}): split {part!r} must be train, val "
+                                           "or test")
             if image and image not in frame.index:
                 problems.add("unknown images", f"{path.name} line {line}: image {image} is not in the dataset at "
                                                f"{manifest.root}; the split was made for other data: remake it")
@@ -169,8 +194,10 @@ def load_split(path, manifest: Manifest) -> pd.DataFrame:
     split = manifest.frame.copy()
     split["split"] = split["image"].map(table.set_index("image")["split"])
     groups = lesion_groups(split)
-    shared = sorted(set(groups[split["split"] == "train"]) & set(groups[split["split"] == "val"]))
-    if shared:
-        raise DataError(f"{path.name}: lesions {listing(shared)} have images in both train and val; "
-                        "remake the split with split_by_lesion")
+    for i, one in enumerate(PARTS):
+        for other in PARTS[i + 1:]:
+            shared = sorted(set(groups[split["split"] == one]) & set(groups[split["split"] == other]))
+            if shared:
+                raise DataError(f"{path.name}: lesions {listing(shared)} have images in both {one} and {other}; "
+                                "remake the split with split_by_lesion")
     return split

@@ -108,14 +108,8 @@ def _run_metrics(report: dict, role: str) -> dict[str, float | None]:
 
 
 def _write_artifacts(report: dict, result: dict, out: Path, title: str) -> list[Path]:
-    figures.plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=title)
-    M.write_confusion_csv(report, out / names.CONFUSION_CSV, normalized=False)
-    M.write_confusion_csv(report, out / names.CONFUSION_NORMALIZED_CSV, normalized=True)
-    M.report_frame(report).to_csv(out / names.CLASSIFICATION_REPORT_CSV)
-    (out / "classification_report.txt").write_text(M.report_text(report))
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    return [out / n for n in (names.CONFUSION_PNG, names.CONFUSION_CSV, names.CONFUSION_NORMALIZED_CSV,
-                              names.CLASSIFICATION_REPORT_CSV, "classification_report.txt", "metrics.json")]
+    return [*figures.write_report(report, out, title), out / "metrics.json"]
 
 
 def _warnings(counts: dict[str, int], how: str, copies: int, run_id: str | None, root: Path,

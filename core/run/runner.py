@@ -12,7 +12,6 @@ same loop with `rank` set: it resumes from rank 0's checkpoint and records nothi
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from skinclr.runtime import BusyError, lock
 from skinclr.runtime import check_devices, describe_device, load_checkpoint, pick_device, save_atomic
 from skinclr.data.split import save_split
 from skinclr.track.tracking import RunLogger
+from skinclr.run.records import log_report, log_test
 from skinclr import names
 
 OnEpoch = Callable[[EpochRecord, str], None]  # (record, run id), called once the epoch's checkpoint is on disk
@@ -172,8 +172,10 @@ def follow_run(run_id: str | None) -> Run:
 
 
 def drive(cfg: Config, loop, run: Run, on_epoch: OnEpoch | None,
-          on_record: Callable[[EpochRecord, dict, Path], None] | None, progress: bool) -> RunResult:
-    """Iterate a loop generator, logging and checkpointing each epoch; mark the run's end."""
+          on_record: Callable[[EpochRecord, dict, Path], None] | None, progress: bool,
+          finish: Callable[[], None] | None = None) -> RunResult:
+    """Iterate a loop generator, logging and checkpointing each epoch; `finish` records what
+    comes after the last epoch; then mark the run's end."""
     logger = run.logger
     start = run.state["epoch"] if run.state else 0
     bar = tqdm(total=cfg.train.epochs, initial=start, desc=f"{cfg.stage} {logger.run_id[:8]}", unit="epoch",
@@ -196,6 +198,8 @@ def drive(cfg: Config, loop, run: Run, on_epoch: OnEpoch | None,
                                  if k in ("train_loss", "knn_balanced_accuracy", "val_balanced_accuracy")})
                 if record.is_best:
                     best = record.metrics.get("knn_balanced_accuracy", record.metrics.get("monitor_value"))
+            if finish:
+                finish()
             logger.set_tags({names.EPOCHS_RUN_TAG: epoch})
     except BaseException:
         _release(logger.run_id)
@@ -234,36 +238,6 @@ def run_pretrain(cfg: Config, *, resolved: str | Path | None = None, run_id: str
     return drive(cfg, loop, run, on_epoch, on_record, progress)
 
 
-def log_report(cfg: Config, logger: RunLogger, record: EpochRecord, out: Path) -> None:
-    """A fine-tune epoch's curves, and the best model with its figures whenever the monitor
-    improves, so a trial stopped early by a scheduler still leaves a complete run."""
-    from skinclr.train import figures, metrics as M
-    from skinclr.serve.pyfunc import log_model
-
-    out.mkdir(parents=True, exist_ok=True)
-    history = record.history
-    figures.plot_loss_curves(history, out / "loss_curves.png")
-    figures.plot_accuracy_curves(history, out / "accuracy_curves.png")
-    (out / "history.json").write_text(json.dumps(history, indent=1))
-    files = [out / "loss_curves.png", out / "accuracy_curves.png", out / "history.json"]
-    if record.is_best:
-        report = record.report
-        figures.plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=f"val, epoch {record.epoch}")
-        M.write_confusion_csv(report, out / names.CONFUSION_CSV, normalized=False)
-        M.write_confusion_csv(report, out / names.CONFUSION_NORMALIZED_CSV, normalized=True)
-        M.report_frame(report).to_csv(out / names.CLASSIFICATION_REPORT_CSV)
-        (out / "classification_report.txt").write_text(M.report_text(report))
-        (out / "val_metrics.json").write_text(json.dumps(report, indent=1))
-        files += [out / n for n in (names.CONFUSION_PNG, names.CONFUSION_CSV, names.CONFUSION_NORMALIZED_CSV,
-                                    names.CLASSIFICATION_REPORT_CSV, "classification_report.txt", "val_metrics.json")]
-        log_model(logger, record.best_model, cfg.model.backbone, cfg.data.image_size, cfg.data.aspect)
-        logger.log_metrics({"best_val_balanced_accuracy": report["balanced_accuracy"],
-                            "best_val_accuracy": report["accuracy"]}, step=record.epoch)
-        logger.set_tags({names.BEST_EPOCH_TAG: record.epoch})
-    for f in files:
-        logger.log_artifact(f, "report")
-
-
 def run_finetune(cfg: Config, *, resolved: str | Path | None = None, run_id: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  on_epoch: OnEpoch | None = None, progress: bool = True) -> RunResult:
@@ -275,8 +249,17 @@ def run_finetune(cfg: Config, *, resolved: str | Path | None = None, run_id: str
         check_batches(cfg, inputs)
         run = open_run(cfg, inputs, run_id, parent_run_id, {**init_tags, **(tags or {})})
         loop = finetune(cfg, inputs, resume=run.state, pretrain_checkpoint=checkpoint, progress=progress)
-        result = drive(cfg, loop, run, on_epoch,
-                       lambda record, _state, folder: log_report(cfg, run.logger, record, folder / "report"), progress)
+        saved = {"model": (run.state or {}).get("best_model")}  # the model the run saves, as it stands
+
+        def on_record(record: EpochRecord, _state: dict, folder: Path) -> None:
+            saved["model"] = record.best_model
+            log_report(cfg, run.logger, record, folder / "report")
+
+        def finish() -> None:  # the held-out test side, scored once, for the saved model only
+            if len(inputs.test_rows) and run.leader:
+                log_test(cfg, run.logger, inputs, saved["model"], Path(work) / "test")
+
+        result = drive(cfg, loop, run, on_epoch, on_record, progress, finish)
     if result.epochs < cfg.train.epochs:
         RunLogger(result.run_id).set_tags({names.EARLY_STOPPED_TAG: result.epochs})
     return result

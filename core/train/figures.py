@@ -15,6 +15,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from skinclr import names
+
 
 def _save(fig: Figure, path) -> Path:
     path = Path(path)
@@ -45,6 +47,22 @@ def plot_confusion_matrix(metrics: dict, path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def write_report(report: dict, out: Path, title: str) -> list[Path]:
+    """A classification report as files: its confusion matrix (figure, counts and row-normalised
+    CSVs) and its per-class table (CSV and text); what every scored set of images leaves."""
+    from skinclr.train import metrics as M
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(report, out / names.CONFUSION_PNG, title=title)
+    M.write_confusion_csv(report, out / names.CONFUSION_CSV, normalized=False)
+    M.write_confusion_csv(report, out / names.CONFUSION_NORMALIZED_CSV, normalized=True)
+    M.report_frame(report).to_csv(out / names.CLASSIFICATION_REPORT_CSV)
+    (out / names.CLASSIFICATION_REPORT_TXT).write_text(M.report_text(report))
+    return [out / n for n in (names.CONFUSION_PNG, names.CONFUSION_CSV, names.CONFUSION_NORMALIZED_CSV,
+                              names.CLASSIFICATION_REPORT_CSV, names.CLASSIFICATION_REPORT_TXT)]
 
 
 def _plot_curves(history: list[dict], series: list[tuple[str, str, str]], path, ylabel: str,

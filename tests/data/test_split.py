@@ -169,3 +169,43 @@ def test_split_of_a_handful_of_images_is_one_clear_error(tmp_path):
     root = make_training(tmp_path / "d", n=14)  # 2 images a class, fewer than 7 folds
     with pytest.raises(DataError, match="every class has fewer images than the 7 folds"):
         split_by_lesion(read_manifest(root), val_fraction=0.15, seed=0)
+
+
+@pytest.mark.real_data
+def test_a_test_split_is_held_out_first_and_every_other_draw_lives_in_the_rest(real_manifest, tmp_path):
+    """One test side per (test_fraction, test_seed): disjoint by lesion from train and val under
+    every split seed and fold, untouched by label subsets, class-stratified, with its own fingerprint;
+    and test_fraction 0 draws today's split exactly."""
+    from skinclr.data.split import test_fingerprint
+
+    assert split_fingerprint(split_by_lesion(real_manifest, seed=2, test_fraction=0.0)) == \
+        split_fingerprint(split_by_lesion(real_manifest, seed=2))
+    splits = [split_by_lesion(real_manifest, val_fraction=0.15, seed=s, test_fraction=0.2) for s in (0, 1)]
+    splits += [split_by_lesion(real_manifest, seed=0, folds=5, fold=f, test_fraction=0.2) for f in (0, 4)]
+    tests = {test_fingerprint(s) for s in splits}
+    assert len(tests) == 1 and "" not in tests
+    test = splits[0][splits[0]["split"] == "test"]
+    assert 0.17 < len(test) / len(real_manifest.frame) < 0.23
+    whole = np.bincount(real_manifest.frame["label"], minlength=7) / len(real_manifest.frame)
+    assert np.abs(np.bincount(test["label"], minlength=7) / len(test) - whole).max() < 0.02
+    for split in splits:
+        test_lesions = set(split.loc[split["split"] == "test", "lesion_id"])
+        assert not test_lesions & set(split.loc[split["split"] != "test", "lesion_id"])
+        subset = label_subset(split, 0.1, seed=3)
+        assert not subset.loc[subset["split"] == "test", "labelled"].any()
+    assert len({split_fingerprint(s) for s in splits}) == 4  # the train/val draws still differ
+    assert test_fingerprint(split_by_lesion(real_manifest, test_fraction=0.2, test_seed=1)) not in tests
+    loaded = load_split(save_split(splits[0], tmp_path / "split.csv"), real_manifest)
+    assert test_fingerprint(loaded) == test_fingerprint(splits[0])
+    assert check_split(splits[0]) == []
+
+
+def test_a_split_file_whose_test_side_shares_a_lesion_is_refused(synth_dir, tmp_path):
+    m = read_manifest(synth_dir)
+    split = split_by_lesion(m, val_fraction=0.2, seed=0, test_fraction=0.2)
+    test = split[split["split"] == "test"]
+    lesion = test["lesion_id"].value_counts().idxmax()  # a lesion photographed more than once
+    assert (test["lesion_id"] == lesion).sum() >= 2
+    split.loc[test.index[test["lesion_id"] == lesion][0], "split"] = "val"
+    with pytest.raises(DataError, match=r"have images in both val and test"):
+        load_split(save_split(split, tmp_path / "split.csv"), m)

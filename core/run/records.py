@@ -1,0 +1,62 @@
+"""What a fine-tune leaves beside its epoch metrics: curves, the saved model with its figures,
+and its score on the held-out test side.
+
+The test side (`data.test_fraction`) is read once, here, after the last epoch, for the model the
+run saved: no epoch pick, lr plateau, early stop, trial or promotion ever sees a test number.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from skinclr import names
+from skinclr.config import Config
+from skinclr.data.inputs import Inputs
+from skinclr.track.tracking import RunLogger
+from skinclr.train.engine import EpochRecord
+
+
+def log_report(cfg: Config, logger: RunLogger, record: EpochRecord, out: Path) -> None:
+    """A fine-tune epoch's curves, and the best model with its figures whenever the monitor
+    improves, so a trial stopped early by a scheduler still leaves a complete run."""
+    from skinclr.serve.pyfunc import log_model
+    from skinclr.train import figures
+
+    out.mkdir(parents=True, exist_ok=True)
+    history = record.history
+    figures.plot_loss_curves(history, out / "loss_curves.png")
+    figures.plot_accuracy_curves(history, out / "accuracy_curves.png")
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    files = [out / "loss_curves.png", out / "accuracy_curves.png", out / "history.json"]
+    if record.is_best:
+        report = record.report
+        files += figures.write_report(report, out, f"val, epoch {record.epoch}")
+        (out / "val_metrics.json").write_text(json.dumps(report, indent=1))
+        files.append(out / "val_metrics.json")
+        log_model(logger, record.best_model, cfg.model.backbone, cfg.data.image_size, cfg.data.aspect)
+        logger.log_metrics({"best_val_balanced_accuracy": report["balanced_accuracy"],
+                            "best_val_accuracy": report["accuracy"]}, step=record.epoch)
+        logger.set_tags({names.BEST_EPOCH_TAG: record.epoch})
+    for f in files:
+        logger.log_artifact(f, "report")
+
+
+def log_test(cfg: Config, logger: RunLogger, inputs: Inputs, saved_model: dict | None, out: Path) -> dict | None:
+    """The saved model on the test side: `test_*` metrics, logged once, and the report's files
+    under `test/`. None when no model was saved (no epoch finished)."""
+    from skinclr.train import figures
+    from skinclr.train.finetune import score_saved
+
+    if saved_model is None:
+        return None
+    report, loss = score_saved(cfg, inputs, saved_model, inputs.test_rows)
+    metrics = {"test_balanced_accuracy": report["balanced_accuracy"], "test_accuracy": report["accuracy"],
+               "test_loss": loss, "test_macro_f1": report["macro_f1"]}
+    metrics.update({f"test_recall_{name}": m["recall"] for name, m in report["per_class"].items()},
+                   test_roc_auc_macro=report["roc_auc_macro"])
+    logger.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
+    files = figures.write_report(report, out, f"test ({len(inputs.test_rows)} held-out images), saved model")
+    (out / "test_metrics.json").write_text(json.dumps(report, indent=1))
+    for f in [*files, out / "test_metrics.json"]:
+        logger.log_artifact(f, names.TEST_ARTIFACTS)
+    return report

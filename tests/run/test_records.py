@@ -1,0 +1,55 @@
+"""A fine-tune's held-out test side: scored once, after the last epoch, for the saved model only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from skinclr import names
+from skinclr.config import load_config
+from skinclr.run.runner import run_finetune
+from skinclr.track import store
+from skinclr.train import finetune as F
+
+PAPER = Path(__file__).resolve().parents[2] / "experiments" / "paper"
+
+
+def test_the_test_side_is_scored_once_for_the_saved_model_and_never_trained_or_chosen_on(synth_dir, monkeypatch,
+                                                                                        tmp_path):
+    cfg = load_config(PAPER / "baseline_scratch.yaml",
+                      [f"data.root={synth_dir}", "data.image_size=32", "data.workers=0", "data.test_fraction=0.2",
+                       "data.val_fraction=0.25",
+                       "train.epochs=3", "train.batch_size=16", "train.max_steps_per_epoch=3"], stage="finetune")
+    scored, loaded = [], []
+    real_predict, real_loader = F.predict, F.make_loader
+    monkeypatch.setattr(F, "predict", lambda model, inputs, rows, *a, **k: (
+        scored.append(set(rows.tolist())), real_predict(model, inputs, rows, *a, **k))[1])
+    monkeypatch.setattr(F, "make_loader", lambda cache, rows, *a, **k: (
+        loaded.append(set(rows.tolist())), real_loader(cache, rows, *a, **k))[1])
+    spied = {}
+    real_assemble = F.Inputs.__init__
+
+    def keep(self, *a, **k):
+        real_assemble(self, *a, **k)
+        spied["inputs"] = self
+    monkeypatch.setattr(F.Inputs, "__init__", keep)
+
+    result = run_finetune(cfg, progress=False)
+    inputs = spied["inputs"]
+    test, val = set(inputs.test_rows.tolist()), set(inputs.val_rows.tolist())
+    assert len(test) >= 40 and not test & val and not test & set(inputs.train_rows.tolist())
+    assert scored == [val] * result.epochs + [test]  # every epoch's choice on val; test once, at the end
+    assert loaded and not any(rows & test for rows in loaded)  # never trained on
+
+    c = MlflowClient(store.tracking_uri())
+    run = c.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[names.TEST_IMAGES_TAG] == str(len(test)) and run.data.tags[names.TEST_FINGERPRINT_TAG]
+    for key in ("test_balanced_accuracy", "test_accuracy", "test_loss", "test_recall_MEL"):
+        assert len(c.get_metric_history(result.run_id, key)) == 1, key
+    accuracy = run.data.metrics["test_accuracy"]
+    matrix = pd.read_csv(c.download_artifacts(result.run_id, f"{names.TEST_ARTIFACTS}/{names.CONFUSION_CSV}",
+                                              str(tmp_path)), index_col=0).to_numpy()
+    assert matrix.sum() == len(test) and np.isclose(np.trace(matrix) / matrix.sum(), accuracy)
