@@ -19,7 +19,7 @@ from skinclr.config_schema import (ASPECTS, PRETRAIN_METHODS, STAGE_DEFAULTS, Au
                                    DataConfig, FinetuneConfig, MethodConfig, ModelConfig, MoCoV2Config, MonitorConfig,
                                    PretrainConfig, SimCLRConfig, TrackingConfig, TrainConfig)
 
-__all__ = ["ConfigError", "RENAMED", "hash_items", "load_config", "load_yaml", "set_value", "parse_override",
+__all__ = ["ConfigError", "RENAMED", "ADDED", "hash_items", "load_config", "load_yaml", "set_value", "parse_override",
            "validate", "require",
            "Config",
            "DataConfig", "AugmentConfig", "ModelConfig", "PretrainConfig", "MethodConfig", "SimCLRConfig",

@@ -179,11 +179,26 @@ def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr
     return result
 
 
-def predict(model_uri: str, images: list[str], out_csv=None) -> pd.DataFrame:
-    """One row per image: its path, the seven class probabilities and the most likely class.
+def isic_ids(images: list[str]) -> list[str]:
+    """The ISIC submission's image column: each file's id, without folder or extension; an id
+    given twice would make two rows the scorer cannot tell apart, so it is refused."""
+    ids = [Path(image).stem for image in images]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise DataError(f"--format isic: image id(s) {', '.join(twice[:5])} given more than once (from different "
+                        "folders or extensions); an ISIC submission has one row per image id: pass each image once")
+    return ids
+
+
+def predict(model_uri: str, images: list[str], out_csv=None, fmt: str = "skinclr") -> pd.DataFrame:
+    """One row per image: its path, the seven class probabilities and the most likely class; in
+    the ISIC challenge's format (`fmt="isic"`), the image id and the seven probabilities alone,
+    which the official scorer reads.
 
     An image that cannot be read does not cost the others: its row has no probabilities and an
-    `error` column (present only then) says why."""
+    `error` column (present only then) says why. An ISIC submission must cover every image, so
+    then it is not written."""
+    ids = isic_ids([str(i) for i in images]) if fmt == "isic" else None
     predictor = load_predictor(model_uri)
     images = [str(i) for i in images]
     errors: dict[int, str] = {}
@@ -200,11 +215,13 @@ def predict(model_uri: str, images: list[str], out_csv=None) -> pd.DataFrame:
         if good:
             probs[good] = predictor.predict_proba([images[i] for i in good])
     frame = pd.DataFrame(probs, columns=list(names.CLASSES))
-    frame.insert(0, "image", images)
-    frame["predicted"] = [None if i in errors else names.CLASSES[k] for i, k in enumerate(np.nan_to_num(probs).argmax(1))]
+    frame.insert(0, "image", ids or images)
+    if ids is None:
+        frame["predicted"] = [None if i in errors else names.CLASSES[k]
+                              for i, k in enumerate(np.nan_to_num(probs).argmax(1))]
     if errors:
         frame["error"] = [errors.get(i) for i in range(len(images))]
-    if out_csv:
+    if out_csv and not (errors and ids is not None):
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(out_csv, index=False)
     return frame

@@ -24,6 +24,8 @@ from skinclr.track import store, tracking
 
 FRACTION = "data.label_fraction"
 SCORES = {"best_val_balanced_accuracy": "val balanced accuracy", "best_val_accuracy": "val accuracy"}
+# The saved model on the held-out test side (data.test_fraction): shown beside val, never chosen on.
+TEST_SCORES = {"test_balanced_accuracy": "test balanced accuracy", "test_accuracy": "test accuracy"}
 COLOURS = {"scratch": "tab:gray", "ImageNet": "tab:blue", "SimCLR": "tab:red"}
 OTHER_COLOURS = ("tab:purple", "tab:orange", "tab:green", "tab:brown")  # further methods, in report order
 
@@ -92,9 +94,10 @@ def study_frame(parent: Run) -> pd.DataFrame:
     rows = [{"run_id": r.info.run_id, "init": init_group(r), "label_fraction": float(r.data.params.get(FRACTION, 1.0)),
              "seed": int(r.data.params.get("train.seed", 0)), "train_images": r.data.tags.get(names.TRAIN_IMAGES_TAG, ""),
              "pretrain_run": r.data.tags.get(names.PRETRAIN_RUN_TAG, ""),
-             **{k: r.data.metrics.get(k, np.nan) for k in SCORES}}
+             **{k: r.data.metrics.get(k, np.nan) for k in (*SCORES, *TEST_SCORES)}}
             for r in children]
-    frame = pd.DataFrame(rows, columns=["run_id", "init", "label_fraction", "seed", "train_images", "pretrain_run", *SCORES])
+    frame = pd.DataFrame(rows, columns=["run_id", "init", "label_fraction", "seed", "train_images", "pretrain_run",
+                                        *SCORES, *TEST_SCORES])
     frame = frame.dropna(subset=list(SCORES))
     if frame.empty:
         raise StudyError(f"study {parent.info.run_id} has no finished child run with best-epoch metrics yet; "
@@ -127,6 +130,11 @@ def study_table(frame: pd.DataFrame) -> pd.DataFrame:
         for key, name in SCORES.items():
             mean, std = M.mean_std(group[key])
             row[name] = f"{mean:.4f} ± {std:.4f}" if len(group) > 1 else f"{mean:.4f}"
+        for key, name in TEST_SCORES.items() if frame[list(TEST_SCORES)].notna().any().any() else ():
+            scored = group[key].dropna()
+            mean, std = M.mean_std(scored) if len(scored) else (np.nan, np.nan)
+            row[name] = ("—" if not len(scored) else f"{mean:.4f} ± {std:.4f}" if len(scored) > 1 else f"{mean:.4f}") + \
+                (f" ({len(scored)} of {len(group)} runs)" if 0 < len(scored) < len(group) else "")
         pretrained = [run_id for run_id in dict.fromkeys(group["pretrain_run"]) if run_id]
         for run_id in pretrained:
             if run_id not in summaries:

@@ -60,7 +60,8 @@ NOTES = {
                 "`--set finetune.init=runs:/RUN_ID`.",
     "finetune": "Fine-tuned classifiers, each logging its model under `model`. Filled by `skinclr finetune --config F "
                 "--set tracking.experiment={name}` (one run each) and by `skinclr sweep` of a fine-tune config (a "
-                "parent run, one child run per trial). `skinclr promote --experiment {name}` registers the best.",
+                "parent run, one child run per trial). `skinclr promote --experiment {name}` registers the best. With "
+                "`data.test_fraction`, test_* metrics score each run's saved model once on its held-out test side.",
     "evaluate": "Evaluations of a model on a labelled folder, one run each, filled by `skinclr evaluate --model URI "
                 "--data DIR --experiment {name}`. test_* metrics cover images the model never saw; its own "
                 "training and validation images are scored as train_* and val_*.",

@@ -115,6 +115,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     _writable(args.out, "--out")
+    if args.format == "isic":
+        from skinclr.report.evaluate import isic_ids
+
+        isic_ids([str(p) for p in args.images])  # before the model loads
     if args.model.startswith(("models:/", "runs:/")):
         _check_store()
     from skinclr.serve.uris import locate_model
@@ -122,11 +126,15 @@ def cmd_predict(args) -> int:
     locate_model(args.model)  # a wrong URI answers before torch loads
     from skinclr.report.evaluate import predict
 
-    frame = predict(args.model, [str(p) for p in args.images], out_csv=args.out)
+    frame = predict(args.model, [str(p) for p in args.images], out_csv=args.out, fmt=args.format)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     failed = [error for error in frame["error"] if isinstance(error, str)] if "error" in frame.columns else []
     for error in failed:
         print(f"error: {error}", file=sys.stderr)
+    if len(failed) and args.format == "isic":
+        print(f"{len(failed)} of {len(frame)} images could not be read; an ISIC submission needs every image, so "
+              f"{args.out or 'no file'} was not written: fix or drop those images and predict again", file=sys.stderr)
+        return 1
     if len(failed):
         print(f"{len(failed)} of {len(frame)} images could not be read; the others were predicted"
               + (f" and written to {args.out}" if args.out else ""), file=sys.stderr)

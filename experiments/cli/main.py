@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, runs:/RUN_ID/model or a path (required)")
     p.add_argument("images", nargs="+", type=Path, help="image files (JPEG or PNG)")
     p.add_argument("--out", type=Path, default=None, help="CSV file for the probabilities (default: print only)")
+    p.add_argument("--format", choices=("skinclr", "isic"), default="skinclr",
+                   help="skinclr: path, probabilities, predicted class; isic: the ISIC 2018 submission (image id "
+                        "and the seven probabilities, no other column), which isic-challenge-scoring reads")
 
     p = _parser(sub, "sweep", "a Ray Tune sweep (ASHA + Optuna): one MLflow parent run, one child run per trial")
     _config_args(p)

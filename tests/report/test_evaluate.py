@@ -92,6 +92,42 @@ def test_predict_writes_one_row_per_image(trained_state, labelled_dir, tmp_path)
     np.testing.assert_allclose(probs, load_predictor(model).predict_proba(paths), atol=1e-9)
 
 
+def test_predict_in_the_isic_format_is_read_by_the_official_scorer_with_the_same_balanced_accuracy(
+        trained_state, labelled_dir, tmp_path, capsys, monkeypatch):
+    """`--format isic` writes the challenge's submission CSV: the official scorer reads it (it
+    refuses any extra column) and finds the balanced accuracy skinclr's own metric finds."""
+    from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+
+    # isic-challenge-scoring 5.6 calls DataFrame.applymap, which pandas 3 renamed to DataFrame.map
+    monkeypatch.setattr(pd.DataFrame, "applymap", pd.DataFrame.map, raising=False)
+
+    from skinclr.cli.main import main
+
+    model = save_pyfunc(tmp_path / "model", trained_state, "resnet18", 32, "center_crop")
+    manifest = read_manifest(labelled_dir)
+    out = tmp_path / "submission.csv"
+    assert main(["predict", "--model", str(model), "--format", "isic", "--out", str(out),
+                 *manifest.frame["path"]]) == 0
+    written = pd.read_csv(out)
+    assert list(written.columns) == ["image", *CLASSES]
+    assert written["image"].tolist() == manifest.frame["image"].tolist()  # ids: no folder, no extension
+    truth = pd.read_csv(labelled_dir / "ISIC2018_Task3_Validation_GroundTruth.csv")  # the official truth format
+    truth[truth["image"].isin(written["image"])].to_csv(tmp_path / "truth.csv", index=False)
+    official = ClassificationScore.from_file(tmp_path / "truth.csv", out, ClassificationMetric.BALANCED_ACCURACY)
+    ours = classification_metrics(manifest.frame["label"].to_numpy(), written[list(CLASSES)].to_numpy())
+    assert official.validation == pytest.approx(ours["balanced_accuracy"], abs=1e-9)
+
+    capsys.readouterr()
+    twice = [manifest.frame["path"][0], str(shutil.copy(manifest.frame["path"][0], tmp_path))]
+    assert main(["predict", "--model", str(model), "--format", "isic", "--out", str(tmp_path / "b.csv"), *twice]) == 1
+    assert "given more than once" in capsys.readouterr().err and not (tmp_path / "b.csv").exists()
+    broken = tmp_path / "ISIC_9999999.jpg"
+    broken.write_bytes(b"not an image")
+    assert main(["predict", "--model", str(model), "--format", "isic", "--out", str(tmp_path / "c.csv"),
+                 manifest.frame["path"][1], str(broken)]) == 1
+    assert "ISIC submission needs every image" in capsys.readouterr().err and not (tmp_path / "c.csv").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # "test" means unseen
 

@@ -103,10 +103,12 @@ def test_a_second_process_on_the_same_run_is_refused_naming_the_run(setup):
     assert open_run(cfg, inputs, None, None, None).logger.run_id != run_id
 
 
-def test_a_run_logged_before_a_key_was_renamed_is_still_the_one_resumed(setup):
+def test_a_run_logged_before_a_key_was_renamed_or_added_is_still_the_one_resumed(setup):
+    from skinclr.config import ADDED
+
     cfg, inputs = setup
     before = {{"finetune.select_metric": "finetune.monitor", "finetune.select_smoothing": "finetune.monitor_smoothing"}
-              .get(k, k): v for k, v in cfg.flat().items()}
+              .get(k, k): v for k, v in cfg.flat().items() if k not in ADDED}  # as its config was then
     killed = RunLogger.create(cfg.experiment, tags={RUN_KEY_TAG: tracking.run_key(before), STAGE_TAG: cfg.stage})
     killed.end("KILLED")
     assert open_run(cfg, inputs, None, None, None).logger.run_id == killed.run_id
