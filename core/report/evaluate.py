@@ -136,14 +136,15 @@ def _warnings(counts: dict[str, int], how: str, copies: int, run_id: str | None,
 
 
 def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr-evaluate",
-             progress: bool = True) -> dict:
+             progress: bool = True, tta: str | None = None) -> dict:
     """Score a model on a labelled folder, log a new MLflow run, return (and optionally write) the result.
 
     The result's top-level numbers cover the whole folder; `data_role` says what the folder is
     to the model (test when no image was seen in training), and `parts` holds the numbers of
     each role present. The run is created only once every image has been predicted: a broken
-    file raises DataError naming it, and leaves no half-logged run behind."""
-    predictor = load_predictor(model_uri)
+    file raises DataError naming it, and leaves no half-logged run behind. `tta` overrides the
+    model's own test-time augmentation (logged as the `model_tta` param)."""
+    predictor = load_predictor(model_uri, tta)
     manifest = read_manifest(data_dir)
     probs = predictor.predict_proba(manifest.frame["path"].tolist(), progress=progress)
     labels = manifest.frame["label"].to_numpy()
@@ -160,7 +161,7 @@ def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr
               "data_dir": str(manifest.root), "data_fingerprint": manifest.fingerprint,
               "num_images": len(manifest.frame), "run_id": logger.run_id, "data_role": role,
               "images_by_role": counts, "matched_by": how, "parts": parts,
-              "copies_found": copies,
+              "copies_found": copies, "tta": predictor.tta,
               "warnings": _warnings(counts, how, copies, predictor.run_id, manifest.root, missing_classes(report))}
     if missing_classes(report):  # never under the metric's own name
         result.update(balanced_accuracy=None, balanced_accuracy_present_classes=report["balanced_accuracy"],
@@ -190,7 +191,8 @@ def isic_ids(images: list[str]) -> list[str]:
     return ids
 
 
-def predict(model_uri: str, images: list[str], out_csv=None, fmt: str = "skinclr") -> pd.DataFrame:
+def predict(model_uri: str, images: list[str], out_csv=None, fmt: str = "skinclr", tta: str | None = None
+            ) -> pd.DataFrame:
     """One row per image: its path, the seven class probabilities and the most likely class; in
     the ISIC challenge's format (`fmt="isic"`), the image id and the seven probabilities alone,
     which the official scorer reads.
@@ -199,7 +201,7 @@ def predict(model_uri: str, images: list[str], out_csv=None, fmt: str = "skinclr
     `error` column (present only then) says why. An ISIC submission must cover every image, so
     then it is not written."""
     ids = isic_ids([str(i) for i in images]) if fmt == "isic" else None
-    predictor = load_predictor(model_uri)
+    predictor = load_predictor(model_uri, tta)
     images = [str(i) for i in images]
     errors: dict[int, str] = {}
     try:

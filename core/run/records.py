@@ -33,7 +33,8 @@ def log_report(cfg: Config, logger: RunLogger, record: EpochRecord, out: Path) -
         files += figures.write_report(report, out, f"val, epoch {record.epoch}")
         (out / "val_metrics.json").write_text(json.dumps(report, indent=1))
         files.append(out / "val_metrics.json")
-        log_model(logger, record.best_model, cfg.model.backbone, cfg.data.image_size, cfg.data.aspect)
+        log_model(logger, record.best_model, cfg.model.backbone, cfg.data.image_size, cfg.data.aspect,
+                  cfg.finetune.tta)
         logger.log_metrics({"best_val_balanced_accuracy": report["balanced_accuracy"],
                             "best_val_accuracy": report["accuracy"]}, step=record.epoch)
         logger.set_tags({names.BEST_EPOCH_TAG: record.epoch})

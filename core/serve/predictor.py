@@ -18,7 +18,7 @@ import torch
 from skinclr import __version__, names
 from skinclr.data.images import aspect_problem, fit_square
 from skinclr.train.augment import eval_transform
-from skinclr.train.engine import infer
+from skinclr.train.engine import TTA_VIEWS, infer
 from skinclr.data.images import decode_input
 from skinclr.train.models import BACKBONES, ModelError, build_classifier
 from skinclr.data.problems import DataError
@@ -47,8 +47,9 @@ def _as_items(images: Any) -> list:
 class Predictor:
     """A classifier with its preprocessing: what evaluation, prediction and the pyfunc all call."""
 
-    def __init__(self, state_dict: dict, meta: dict, run_id: str | None = None, uri: str = ""):
-        self.meta = check_meta(meta, uri or "the given meta")
+    def __init__(self, state_dict: dict, meta: dict, run_id: str | None = None, uri: str = "", tta: str | None = None):
+        """`tta` overrides the test-time augmentation the model was saved with (its meta's)."""
+        self.meta = check_meta({**meta, "tta": tta} if tta else meta, uri or "the given meta")
         self.run_id = run_id
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = build_classifier(self.meta["backbone"], num_classes=len(self.meta["classes"]))
@@ -62,8 +63,13 @@ class Predictor:
         self.transform = eval_transform(self.size)
 
     @classmethod
-    def from_files(cls, weights: str | Path, meta: str | Path, run_id: str | None = None, uri: str = "") -> Predictor:
-        return cls(load_weights(Path(weights)), json.loads(Path(meta).read_text()), run_id, uri or str(weights))
+    def from_files(cls, weights: str | Path, meta: str | Path, run_id: str | None = None, uri: str = "",
+                   tta: str | None = None) -> Predictor:
+        return cls(load_weights(Path(weights)), json.loads(Path(meta).read_text()), run_id, uri or str(weights), tta)
+
+    @property
+    def tta(self) -> str:
+        return self.meta["tta"]
 
     @property
     def classes(self) -> list[str]:
@@ -74,7 +80,7 @@ class Predictor:
         return self.transform(fit_square(rgb, self.size, self.meta["aspect"]))
 
     def _forward(self, batch: list[torch.Tensor]) -> np.ndarray:
-        return infer(self.model, [torch.stack(batch)], self.device).double().softmax(1).numpy()
+        return infer(self.model, [torch.stack(batch)], self.device, self.tta).double().softmax(1).numpy()
 
     def predict_proba(self, images: Any, batch_size: int = BATCH_SIZE, progress: bool = False) -> np.ndarray:
         """(N, 7) class probabilities in `classes` order; rows sum to 1.
@@ -111,16 +117,18 @@ def check_meta(meta: dict, where: str) -> dict:
         raise ModelError(f"{where}: unknown backbone {meta['backbone']!r}; known: {', '.join(BACKBONES)}")
     if problem := aspect_problem(meta["aspect"]):
         raise ModelError(f"{where}: {problem}")
+    if meta.get("tta", "none") not in TTA_VIEWS:
+        raise ModelError(f"{where}: test-time augmentation {meta['tta']!r} is not one of {', '.join(TTA_VIEWS)}")
     if tuple(meta["classes"]) != names.CLASSES:
         raise ModelError(f"{where}: classes {meta['classes']} differ from {list(names.CLASSES)}; skinclr evaluates the "
                          "seven ISIC 2018 classes in that order")
-    return {**meta, "image_size": int(meta["image_size"])}
+    return {**meta, "image_size": int(meta["image_size"]), "tta": meta.get("tta", "none")}  # saved before tta: none
 
 
-def model_meta(backbone: str, image_size: int, aspect: str) -> dict:
-    """The meta skinclr writes beside a model's weights."""
+def model_meta(backbone: str, image_size: int, aspect: str, tta: str = "none") -> dict:
+    """The meta skinclr writes beside a model's weights; `tta` is how it predicts by default."""
     return {"backbone": backbone, "image_size": int(image_size), "aspect": aspect, "classes": list(names.CLASSES),
-            "skinclr_version": __version__}
+            "tta": tta, "skinclr_version": __version__}
 
 
 def load_weights(path: Path) -> Any:

@@ -42,18 +42,19 @@ def locate_model(uri: str | Path) -> tuple[str, str | None, Path | None]:
                         "runs:/RUN_ID/model, a pyfunc folder or a classifier .pt file")
 
 
-def load_predictor(uri: str | Path):
+def load_predictor(uri: str | Path, tta: str | None = None):
     """A Predictor from `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/model]`, a
-    pyfunc folder, or a classifier .pt file beside its meta.json (or the run's config.yaml)."""
+    pyfunc folder, or a classifier .pt file beside its meta.json (or the run's config.yaml).
+    `tta` overrides the test-time augmentation the model was saved with."""
     from skinclr.serve.predictor import Predictor
 
     artifact, run_id, path = locate_model(uri)
     if artifact:
         with tempfile.TemporaryDirectory() as tmp:
-            return _from_folder(_download(artifact, tmp), run_id, str(uri))
+            return _from_folder(_download(artifact, tmp), run_id, str(uri), tta)
     if path.is_dir():
-        return _from_folder(path, None, str(uri))
-    return Predictor(_state_dict_from_file(path), _meta_beside(path), None, str(uri))
+        return _from_folder(path, None, str(uri), tta)
+    return Predictor(_state_dict_from_file(path), _meta_beside(path), None, str(uri), tta)
 
 
 def _absent_from_sqlite(uri: str) -> str:
@@ -163,13 +164,13 @@ def _download(uri: str, dst: str) -> Path:
                                                     tracking_uri=store.tracking_uri()))
 
 
-def _from_folder(folder: Path, run_id: str | None, uri: str):
+def _from_folder(folder: Path, run_id: str | None, uri: str, tta: str | None = None):
     """A pyfunc folder (weights in artifacts/) or a folder holding the two files themselves."""
     from skinclr.serve.predictor import Predictor
 
     for sub in (folder / "artifacts", folder):
         if (sub / names.WEIGHTS_FILE).is_file() and (sub / names.META_FILE).is_file():
-            return Predictor.from_files(sub / names.WEIGHTS_FILE, sub / names.META_FILE, run_id, uri)
+            return Predictor.from_files(sub / names.WEIGHTS_FILE, sub / names.META_FILE, run_id, uri, tta)
     found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
     raise ModelNotFound(f"model '{uri}': {folder} is not a skinclr model folder (no {names.WEIGHTS_FILE} and {names.META_FILE}; "
                         f"it holds {found})")
@@ -200,7 +201,7 @@ def _meta_beside(path: Path) -> dict:
         from skinclr.serve.predictor import model_meta
 
         cfg = load_config(path.parent / names.CONFIG_ARTIFACT)
-        return model_meta(cfg.model.backbone, cfg.data.image_size, cfg.data.aspect)
+        return model_meta(cfg.model.backbone, cfg.data.image_size, cfg.data.aspect, cfg.finetune.tta)
     raise ModelNotFound(f"model '{path}': a weights file needs its {names.META_FILE} (or the run's config.yaml) in the same "
                         "folder to know its backbone, input size and aspect; download the run's 'model/artifacts/' "
                         "folder whole, or use runs:/RUN_ID/model")

@@ -141,19 +141,41 @@ def steps(loader: Iterable, epoch: int, progress: bool):
     return tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress)
 
 
+TTA_VIEWS = {"none": 1, "flip": 4, "d4": 8}  # test-time augmentation: views averaged per image
+
+
+def views(x: Tensor, tta: str = "none") -> list[Tensor]:
+    """The test-time views of a batch of squares (N, C, H, W). A dermoscopy image has no up:
+    `flip` adds its mirror images and half turn (4 views), `d4` every rotation and flip of the
+    square (8)."""
+    if tta == "none":
+        return [x]
+    flips = [x, x.flip(3), x.flip(2), x.flip(2, 3)]
+    if tta == "flip":
+        return flips
+    t = x.transpose(2, 3)
+    return flips + [t, t.flip(3), t.flip(2), t.flip(2, 3)]
+
+
 @torch.no_grad()
-def infer(model: nn.Module, batches: Iterable, device: torch.device) -> Tensor:
+def infer(model: nn.Module, batches: Iterable, device: torch.device, tta: str = "none") -> Tensor:
     """`model`'s outputs over batches of images (or (images, labels) pairs), in eval mode and
     under the training autocast, as float32 on the CPU: the one inference path of the kNN
-    monitor, validation and serving, so all three see a model the same way."""
+    monitor, validation and serving, so all three see a model the same way. With `tta`, the
+    output is the log of the class probabilities averaged over the views (so softmax of it is
+    that average, and cross-entropy scores it)."""
     was_training = model.training
     model.eval()
     outputs = []
     try:
         for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = to_device(batch[0] if isinstance(batch, (tuple, list)) else batch, device)
             with autocast(device):
-                outputs.append(model(to_device(x, device)).float().cpu())
+                if tta == "none":
+                    outputs.append(model(x).float().cpu())
+                else:
+                    probs = torch.stack([model(v).float().softmax(1) for v in views(x, tta)]).mean(0)
+                    outputs.append(probs.log().cpu())
     finally:
         model.train(was_training)
     return torch.cat(outputs)

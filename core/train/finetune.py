@@ -166,7 +166,7 @@ class Finetuning(Task):
     def evaluate(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
         ft = self.cfg.finetune
         probs, val_loss = predict(self.model, self.inputs, self.inputs.val_rows, self.cfg.data.image_size, self.device,
-                                  self.data)
+                                  self.data, self.cfg.finetune.tta)
         report = classification_metrics(self.inputs.val_labels, probs)
         metrics.update(val_loss=val_loss, val_accuracy=report["accuracy"],
                        val_balanced_accuracy=report["balanced_accuracy"])
@@ -190,10 +190,11 @@ class Finetuning(Task):
                 "best_model": self.best_model, "scheduler": self.scheduler.state_dict()}
 
 
-def predict(model, inputs: Inputs, rows: np.ndarray, size: int, device, data: DeviceImages | None = None
-            ) -> tuple[np.ndarray, float]:
-    """Class probabilities and mean cross-entropy (without smoothing) over cache rows."""
-    logits = infer(model, eval_batches(inputs, rows, size, data), device)
+def predict(model, inputs: Inputs, rows: np.ndarray, size: int, device, data: DeviceImages | None = None,
+            tta: str = "none") -> tuple[np.ndarray, float]:
+    """Class probabilities and mean cross-entropy (without smoothing) over cache rows, averaged
+    over the test-time views of each image with `tta`."""
+    logits = infer(model, eval_batches(inputs, rows, size, data), device, tta)
     labels = torch.as_tensor(inputs.cache.labels[rows])
     return logits.softmax(1).numpy(), F.cross_entropy(logits.double(), labels).item()
 
@@ -207,7 +208,7 @@ def score_saved(cfg: Config, inputs: Inputs, state_dict: dict, rows: np.ndarray)
     model = build_classifier(cfg.model.backbone, num_classes=len(CLASSES))
     model.load_state_dict(state_dict)
     probs, loss = predict(model.to(device, memory_format=torch.channels_last), inputs, rows, cfg.data.image_size,
-                          device)
+                          device, tta=cfg.finetune.tta)
     return classification_metrics(inputs.cache.labels[rows], probs), loss
 
 

@@ -105,7 +105,7 @@ def cmd_evaluate(args) -> int:
     locate_model(args.model)  # a wrong URI answers before torch loads
     from skinclr.report.evaluate import evaluate, format_summary
 
-    result = evaluate(args.model, args.data, json_out=args.json, experiment=args.experiment)
+    result = evaluate(args.model, args.data, json_out=args.json, experiment=args.experiment, tta=args.tta)
     for line in result["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
     print(format_summary(result))
@@ -126,7 +126,7 @@ def cmd_predict(args) -> int:
     locate_model(args.model)  # a wrong URI answers before torch loads
     from skinclr.report.evaluate import predict
 
-    frame = predict(args.model, [str(p) for p in args.images], out_csv=args.out, fmt=args.format)
+    frame = predict(args.model, [str(p) for p in args.images], out_csv=args.out, fmt=args.format, tta=args.tta)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     failed = [error for error in frame["error"] if isinstance(error, str)] if "error" in frame.columns else []
     for error in failed:

@@ -65,6 +65,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                         "default: none)")
 
 
+def _tta_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", choices=("none", "flip", "d4"), default=None,
+                   help="test-time augmentation: average the probabilities over none, flip (4 views) or d4 (8 views: "
+                        "every rotation and flip); default: the model's own (finetune.tta when it was trained)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skinclr", description="SimCLR pretraining and fine-tuning for "
                                      "ISIC 2018 Task 3, tracked in MLflow, swept with Ray Tune.")
@@ -97,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "model for test numbers (required)")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics here (default: none)")
     p.add_argument("--experiment", default="skinclr-evaluate", help="MLflow experiment of the evaluation run")
+    _tta_arg(p)
     p = _parser(sub, "predict", "class probabilities for images")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, runs:/RUN_ID/model or a path (required)")
     p.add_argument("images", nargs="+", type=Path, help="image files (JPEG or PNG)")
@@ -104,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("skinclr", "isic"), default="skinclr",
                    help="skinclr: path, probabilities, predicted class; isic: the ISIC 2018 submission (image id "
                         "and the seven probabilities, no other column), which isic-challenge-scoring reads")
+    _tta_arg(p)
 
     p = _parser(sub, "sweep", "a Ray Tune sweep (ASHA + Optuna): one MLflow parent run, one child run per trial")
     _config_args(p)

@@ -1,6 +1,7 @@
 """A fine-tune's held-out test side: scored once, after the last epoch, for the saved model only."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ def test_the_test_side_is_scored_once_for_the_saved_model_and_never_trained_or_c
                                                                                         tmp_path):
     cfg = load_config(PAPER / "baseline_scratch.yaml",
                       [f"data.root={synth_dir}", "data.image_size=32", "data.workers=0", "data.test_fraction=0.2",
-                       "data.val_fraction=0.25",
+                       "data.val_fraction=0.25", "finetune.tta=flip",
                        "train.epochs=3", "train.batch_size=16", "train.max_steps_per_epoch=3"], stage="finetune")
     scored, loaded = [], []
     real_predict, real_loader = F.predict, F.make_loader
@@ -53,3 +54,5 @@ def test_the_test_side_is_scored_once_for_the_saved_model_and_never_trained_or_c
     matrix = pd.read_csv(c.download_artifacts(result.run_id, f"{names.TEST_ARTIFACTS}/{names.CONFUSION_CSV}",
                                               str(tmp_path)), index_col=0).to_numpy()
     assert matrix.sum() == len(test) and np.isclose(np.trace(matrix) / matrix.sum(), accuracy)
+    meta = c.download_artifacts(result.run_id, f"{names.MODEL_ARTIFACT}/artifacts/{names.META_FILE}", str(tmp_path))
+    assert json.loads(Path(meta).read_text())["tta"] == "flip"  # validated with it, saved with it

@@ -232,6 +232,28 @@ def test_a_local_store_answers_a_missing_model_without_mlflow_as_mlflow_would(tr
     assert uris.locate_model(f"models:/{name}@candidate")[1] == uris.locate_model(f"models:/{name}/1")[1]
 
 
+def test_a_model_saved_with_tta_predicts_and_serves_with_it_unless_told_otherwise(trained_state, labelled_dir,
+                                                                                 tmp_path):
+    """TTA is a model property: the pyfunc (what the REST server runs) averages over the views it was
+    saved with; `tta=` overrides it; a model saved before TTA existed predicts with none."""
+    from skinclr.serve.predictor import Predictor
+
+    paths = image_paths(labelled_dir)[:6]
+    folder = save_pyfunc(tmp_path / "d4", trained_state, "resnet18", SIZE, "center_crop", tta="d4")
+    assert json.loads((folder / "artifacts" / "meta.json").read_text())["tta"] == "d4"
+    served = mlflow.pyfunc.load_model(str(folder)).predict(pd.DataFrame({"image": paths}))[list(CLASSES)].to_numpy()
+    d4, none = load_predictor(folder), load_predictor(folder, tta="none")
+    assert d4.tta == "d4" and none.tta == "none"
+    np.testing.assert_allclose(served, d4.predict_proba(paths), atol=1e-9)
+    assert np.abs(served - none.predict_proba(paths)).max() > 1e-4
+
+    meta = json.loads((folder / "artifacts" / "meta.json").read_text())
+    before = {k: v for k, v in meta.items() if k != "tta"}
+    assert Predictor(trained_state, before).tta == "none"
+    with pytest.raises(ModelError, match="test-time augmentation 'd16'"):
+        Predictor(trained_state, {**meta, "tta": "d16"})
+
+
 def test_unreadable_inputs_raise_one_data_error_naming_each_culprit(trained_state, labelled_dir, tmp_path):
     predictor = load_predictor(save_pyfunc(tmp_path / "model", trained_state, "resnet18", SIZE, "center_crop"))
     good = image_paths(labelled_dir)[0]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinclr.config import TrainConfig
-from skinclr.train.engine import Task, infer, run
+from skinclr.train.engine import TTA_VIEWS, Task, infer, run, views
 
 W = torch.tensor([1.0, -2.0, 0.5])
 
@@ -137,3 +137,31 @@ def test_an_epoch_without_an_optimizer_step_fails_the_run():
 
     with pytest.raises(ConfigError, match="made no optimizer step"):
         list(run(NoBatches(), train(2)))
+
+
+def test_tta_views_are_the_rotations_and_flips_of_the_square():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)  # no symmetry at all
+    d4 = views(x, "d4")
+    rotations = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+    expected = rotations + [r.flip(3) for r in rotations]
+    as_keys = lambda ts: sorted(t.numpy().tobytes() for t in ts)  # noqa: E731
+    assert len(d4) == TTA_VIEWS["d4"] == 8 and as_keys(d4) == as_keys(expected)  # the dihedral group, each once
+    flips = views(x, "flip")
+    assert len(flips) == TTA_VIEWS["flip"] == 4 and set(as_keys(flips)) <= set(as_keys(d4))
+    assert torch.equal(views(x, "none")[0], x) and torch.equal(flips[0], x)
+
+
+def test_tta_of_a_model_that_cannot_tell_the_views_apart_equals_no_tta():
+    """A model invariant under the square's symmetries (here: global pooling, then a linear head)
+    gives the same probabilities with every TTA; an ordinary one does not."""
+    torch.manual_seed(0)
+    symmetric = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 7))
+    ordinary = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 7))
+    x = torch.rand(6, 3, 8, 8)
+    cpu = torch.device("cpu")
+    plain = infer(symmetric, [x], cpu).softmax(1)
+    for tta in ("flip", "d4"):
+        torch.testing.assert_close(infer(symmetric, [x], cpu, tta).softmax(1), plain, rtol=0, atol=1e-6)
+        averaged = torch.stack([ordinary(v).softmax(1) for v in views(x, tta)]).mean(0)
+        torch.testing.assert_close(infer(ordinary, [x], cpu, tta).softmax(1), averaged, rtol=0, atol=1e-6)
+        assert not torch.allclose(infer(ordinary, [x], cpu, tta).softmax(1), infer(ordinary, [x], cpu).softmax(1))
