@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from skinclr import names
 from skinclr.config_schema import (ASPECTS, PRETRAIN_METHODS, STAGE_DEFAULTS, AugmentConfig, BYOLConfig, Config,
                                    DataConfig, FinetuneConfig, MethodConfig, ModelConfig, MoCoV2Config, MonitorConfig,
                                    PretrainConfig, SimCLRConfig, TrackingConfig, TrainConfig)
@@ -267,7 +268,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.finetune.label_smoothing < 1.0, "finetune.label_smoothing", "must lie in [0, 1)"),
         (cfg.finetune.select_metric in ("val_balanced_accuracy", "val_accuracy", "val_loss"),
          "finetune.select_metric", "must be val_balanced_accuracy, val_accuracy or val_loss"),
-        (cfg.finetune.tta in ("none", "flip", "d4"), "finetune.tta", "must be none, flip (4 views) or d4 (8 views)"),
+        (cfg.finetune.tta in names.TTA_MODES, "finetune.tta", "must be none, flip (4 views) or d4 (8 views)"),
         (cfg.finetune.select_smoothing >= 1, "finetune.select_smoothing", "must be at least 1"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
         (not (cfg.finetune.linear_probe and cfg.finetune.init == "scratch"), "finetune.linear_probe",

@@ -28,6 +28,7 @@ DATA_LAYOUT_TAG = "data_layout"
 TRAIN_IMAGES_TAG = "skinclr.train_images"
 TEST_FINGERPRINT_TAG = "skinclr.test_fingerprint"  # the held-out test side (data.test_fraction > 0)
 TEST_IMAGES_TAG = "skinclr.test_images"
+TTA_MODES = ("none", "flip", "d4")  # test-time augmentation: 1, 4 or 8 views of each square
 TEST_ARTIFACTS = "test"  # a fine-tune's test report: its saved model on the held-out test side, scored once
 MISSING_CLASSES_TAG = "skinclr.missing_classes"
 

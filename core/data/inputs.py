@@ -39,10 +39,6 @@ class Inputs:
     test_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # data.test_fraction's
 
     @property
-    def test_labels(self) -> np.ndarray:
-        return self.cache.labels[self.test_rows]
-
-    @property
     def split_fingerprint(self) -> str:
         return split_fingerprint(self.split)
 

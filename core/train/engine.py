@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from skinclr import names
 from skinclr.config import ConfigError, TrainConfig
 from skinclr.runtime import pick_device, rng_state, seed_everything, set_rng_state, set_threads
 
@@ -141,7 +142,7 @@ def steps(loader: Iterable, epoch: int, progress: bool):
     return tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress)
 
 
-TTA_VIEWS = {"none": 1, "flip": 4, "d4": 8}  # test-time augmentation: views averaged per image
+TTA_VIEWS = dict(zip(names.TTA_MODES, (1, 4, 8)))  # test-time augmentation: views averaged per image
 
 
 def views(x: Tensor, tta: str = "none") -> list[Tensor]:

@@ -66,7 +66,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tta_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tta", choices=("none", "flip", "d4"), default=None,
+    from skinclr.names import TTA_MODES
+
+    p.add_argument("--tta", choices=TTA_MODES, default=None,
                    help="test-time augmentation: average the probabilities over none, flip (4 views) or d4 (8 views: "
                         "every rotation and flip); default: the model's own (finetune.tta when it was trained)")
 
