@@ -13,3 +13,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 __version__ = "0.1.0"
+
+# The pretraining methods' registry (torch-free): it gives the config schema each method's section,
+# so every Config, however this package is entered, knows every method.
+import skinclr.train.methods  # noqa: E402,F401

@@ -16,16 +16,15 @@ from typing import Any
 import yaml
 
 from skinclr import names
-from skinclr.config_schema import (ASPECTS, PRETRAIN_METHODS, STAGE_DEFAULTS, AugmentConfig, BYOLConfig, Config,
-                                   DataConfig, FinetuneConfig, MethodConfig, ModelConfig, MoCoV2Config, MonitorConfig,
-                                   PretrainConfig, SimCLRConfig, TrackingConfig, TrainConfig)
+from skinclr.config_schema import (ASPECTS, METHOD_SECTIONS, STAGE_DEFAULTS, AugmentConfig, Config, DataConfig,
+                                   FinetuneConfig, MethodConfig, ModelConfig, MonitorConfig, PretrainConfig,
+                                   TrackingConfig, TrainConfig)
 
 __all__ = ["ConfigError", "RENAMED", "ADDED", "hash_items", "load_config", "load_yaml", "set_value", "parse_override",
            "validate", "require",
            "Config",
-           "DataConfig", "AugmentConfig", "ModelConfig", "PretrainConfig", "MethodConfig", "SimCLRConfig",
-           "MoCoV2Config", "BYOLConfig", "MonitorConfig", "FinetuneConfig", "TrainConfig", "TrackingConfig",
-           "PRETRAIN_METHODS", "STAGE_DEFAULTS"]
+           "DataConfig", "AugmentConfig", "ModelConfig", "PretrainConfig", "MethodConfig", "MonitorConfig",
+           "FinetuneConfig", "TrainConfig", "TrackingConfig", "METHOD_SECTIONS", "STAGE_DEFAULTS"]
 
 
 class ConfigError(ValueError):
@@ -101,7 +100,7 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
     parts = key.split(".")
     target: Any = cfg
     for i, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(target)]
+        names = list(target.sections()) if isinstance(target, Config) else [f.name for f in dataclasses.fields(target)]
         if part not in names:
             where = ".".join(parts[:i]) or "the top level"
             hint = difflib.get_close_matches(part, names, n=1)
@@ -247,12 +246,9 @@ def validate(cfg: Config) -> None:
         (cfg.augment.device in ("auto", "cpu", "cuda"), "augment.device", "must be auto, cpu or cuda"),
         (cfg.data.aspect in ASPECTS, "data.aspect", "must be center_crop, pad or stretch"),
         (0.0 < cfg.augment.crop_min <= 1.0, "augment.crop_min", "must lie in (0, 1]"),
-        (cfg.simclr.temperature > 0, "simclr.temperature", "must be positive"),
-        (cfg.pretrain.method in PRETRAIN_METHODS, "pretrain.method", f"must be one of {', '.join(PRETRAIN_METHODS)}"),
-        (cfg.moco_v2.temperature > 0, "moco_v2.temperature", "must be positive"),
-        (cfg.moco_v2.queue_size >= 1, "moco_v2.queue_size", "must be at least 1"),
-        (0.0 <= cfg.moco_v2.momentum < 1.0, "moco_v2.momentum", "must lie in [0, 1)"),
-        (0.0 <= cfg.byol.momentum < 1.0, "byol.momentum", "must lie in [0, 1)"),
+        (cfg.pretrain.method in cfg.method_sections, "pretrain.method",
+         f"must be one of {', '.join(cfg.method_sections)}"),
+        *((ok, f"{name}.{key}", what) for name, section in cfg.method_sections.items() for ok, key, what in section.checks()),
         (cfg.train.epochs >= 1, "train.epochs", "must be at least 1"),
         (cfg.train.batch_size >= 2, "train.batch_size", "must be at least 2"),
         (cfg.train.lr > 0, "train.lr", "must be positive"),

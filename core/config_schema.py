@@ -7,6 +7,7 @@ and every run's resolved config keeps both.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,29 +56,22 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    method: str = "simclr"  # simclr | moco_v2 | byol: the config section of that name holds its settings
+    method: str = "simclr"  # a registered method (skinclr.train.methods.METHODS): its section holds its settings
 
 
 @dataclass
 class MethodConfig:
-    """A pretraining method's settings: the section's name is the method's name in `pretrain.method`."""
+    """A pretraining method's settings: its config section, named like the method in
+    `pretrain.method`. A method module declares one (skinclr/train/methods/)."""
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        """(ok, key within the section, what a good value is): what validation refuses early."""
+        return []
 
 
-@dataclass
-class SimCLRConfig(MethodConfig):
-    temperature: float = 0.5
-
-
-@dataclass
-class MoCoV2Config(MethodConfig):
-    temperature: float = 0.2  # MoCo v2's
-    queue_size: int = 4096  # negatives kept from earlier batches (MoCo: 65,536 for ImageNet's 1.28M images)
-    momentum: float = 0.99  # key encoder EMA per step (MoCo: 0.999 over ~500k steps; short runs need it faster)
-
-
-@dataclass
-class BYOLConfig(MethodConfig):
-    momentum: float = 0.99  # the target's EMA rate at step 0, raised to 1 along a cosine over the run (BYOL: 0.996)
+# The pretraining methods' sections by name, in registry order: filled by the method registry
+# (skinclr/train/methods/__init__.py, loaded with the package), read by every Config made after.
+METHOD_SECTIONS: dict[str, type[MethodConfig]] = {}
 
 
 @dataclass
@@ -132,9 +126,9 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    moco_v2: MoCoV2Config = field(default_factory=MoCoV2Config)
-    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    # each registered method's section (`simclr:`, `moco_v2:`, ...), read as `cfg.simclr`; written after `pretrain:`
+    method_sections: dict[str, MethodConfig] = field(
+        default_factory=lambda: {name: section() for name, section in METHOD_SECTIONS.items()}, repr=False)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -142,8 +136,25 @@ class Config:
     # The sweep layer's section, carried as data: core loads, saves and logs it, never reads it.
     sweep: Any = field(default_factory=dict)
 
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the method sections
+        sections = self.__dict__.get("method_sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!s} has no section or attribute {name!r}")
+
+    def sections(self) -> dict[str, Any]:
+        """Every section (and top-level key) by name, in file order, method sections after `pretrain`."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "method_sections":
+                out.update(self.method_sections)
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else copy.deepcopy(v)
+                for name, v in self.sections().items()}
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, the form MLflow params and `--set` use (a dict-valued key such
@@ -167,11 +178,6 @@ class Config:
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or f"skinclr-{self.stage}"
-
-
-# Pretraining methods, named by their config sections (adding a method adds its section).
-PRETRAIN_METHODS = tuple(f.name for f in dataclasses.fields(Config)
-                         if isinstance(f.default_factory, type) and issubclass(f.default_factory, MethodConfig))
 
 
 # The paper's per-stage settings: a fine-tune config file need not repeat them.

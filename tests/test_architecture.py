@@ -85,11 +85,21 @@ def test_no_wing_imports_a_wing_above_it():
     known = modules()
     upward = {}
     for name, path in known.items():
+        if name == "skinclr":
+            continue  # the package root is no wing; what it may load is checked below
         rank = WINGS.index(wing(name))
         bad = sorted(m for m in own_imports(path, known) if WINGS.index(wing(m)) > rank)
         if bad:
             upward[name] = bad
     assert not upward, f"imports of a higher wing: {upward}"
+
+
+def test_the_package_root_loads_the_method_registry_and_nothing_heavy(tmp_path):
+    """`import skinclr` loads the (torch-free) method registry, so every Config has every method's section."""
+    assert own_imports(FOLDERS["skinclr"] / "__init__.py", modules()) == {"skinclr.train.methods"}
+    code = "import sys, skinclr; print(sorted(m for m in ('torch', 'mlflow', 'ray', 'albumentations') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_ray_is_imported_in_tune_alone():

@@ -20,6 +20,8 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from skinclr.cli.commands import HANDLERS, INTERRUPT, UsageError  # noqa: E402 - after the env
+from skinclr.names import TTA_MODES  # noqa: E402
+from skinclr.train.methods import METHODS  # noqa: E402 - the registry alone: no torch
 
 EXAMPLES = {
     "data check": "skinclr data check ../shared/data/isic2018-task3-200x150",
@@ -66,8 +68,6 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tta_arg(p: argparse.ArgumentParser) -> None:
-    from skinclr.names import TTA_MODES
-
     p.add_argument("--tta", choices=TTA_MODES, default=None,
                    help="test-time augmentation: average the probabilities over none, flip (4 views) or d4 (8 views: "
                         "every rotation and flip); default: the model's own (finetune.tta when it was trained)")
@@ -94,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None, help="mirror serving the official file names "
                    "(default: the ISIC challenge's own host)")
 
-    p = _parser(sub, "pretrain", "SimCLR pretraining: one MLflow run (resumes an unfinished run of the same config)")
+    p = _parser(sub, "pretrain", f"self-supervised pretraining ({' | '.join(METHODS)}: pretrain.method): one MLflow "
+                "run (resumes an unfinished run of the same config)")
     _config_args(p)
-    p = _parser(sub, "finetune", "fine-tune or linear-probe a classifier from scratch, ImageNet or a SimCLR run")
+    p = _parser(sub, "finetune", "fine-tune or linear-probe a classifier from scratch, ImageNet or a pretraining run")
     _config_args(p)
 
     p = _parser(sub, "evaluate", "metrics of a model on a labelled folder, logged to MLflow")

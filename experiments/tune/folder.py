@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -56,7 +55,7 @@ def trial_base(cfg: SweepRunConfig, split_file: Path | None, cache_dir: Path) ->
     return base
 
 
-def start(cfg: SweepRunConfig, folder: Path, uri: str, space_file: Path | None, space: dict,
+def start(cfg: SweepRunConfig, folder: Path, uri: str, drawn_from: dict, space: dict,
           parent_of: str | None) -> tuple[TrialSetup, dict[str, Any]]:
     """A new sweep: decode once, pin the split, open the parent run, write the resume state (and
     return it, with what every trial starts from)."""
@@ -74,10 +73,7 @@ def start(cfg: SweepRunConfig, folder: Path, uri: str, space_file: Path | None, 
     parent.log_params(cfg.flat())
     with tempfile.TemporaryDirectory() as tmp:
         parent.log_artifact(cfg.save(Path(tmp) / "sweep_config.yaml"), "sweep")
-        if space_file is not None:
-            shutil.copyfile(space_file, Path(tmp) / "search_space.yaml")
-        else:  # a grid study: the grid is the space
-            (Path(tmp) / "search_space.yaml").write_text(yaml.safe_dump(cfg.sweep.grid, sort_keys=False))
+        (Path(tmp) / "search_space.yaml").write_text(yaml.safe_dump(drawn_from, sort_keys=False))
         (Path(tmp) / "search_space_narrowed.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
         for name in ("search_space.yaml", "search_space_narrowed.yaml"):
             parent.log_artifact(Path(tmp) / name, "sweep")

@@ -21,7 +21,7 @@ PIPELINE_KEYS = ("finetune_config", "eval_data")  # sweep.* keys only a pipeline
 class SweepConfig:
     """The `sweep:` section: what the trials draw from, how many run and how, and where they live."""
     stage: str = "pretrain"  # pretrain | finetune | pipeline
-    space: str = ""  # search-space YAML; empty: search_spaces/<stage>.yaml
+    space: str = ""  # search-space YAML; empty: search_spaces/finetune.yaml, or the method's ranges + pretrain.yaml; "methods": every method's
     narrow: dict = field(default_factory=dict)  # key -> fixed value or {low, high} / [choices]
     num_samples: int = 8  # trials (a grid study runs each combination of sweep.grid once instead)
     max_concurrent: int = 2
@@ -71,10 +71,10 @@ def load_sweep_config(path: str | Path | None,
 
 @dataclass
 class StagePlan:
-    """One stage's sweep, resolved once: its config, the narrowed space its trials draw from
-    (and the file it came from; None for a grid), its folder, and whether it continues."""
+    """One stage's sweep, resolved once: its config, the space as declared (a grid study: its
+    grid) and narrowed (what its trials draw from), its folder, and whether it continues."""
     cfg: SweepRunConfig
-    space_file: Path | None
+    drawn_from: dict[str, Any]
     space: dict[str, Any]
     folder: Path
     resume: bool = False

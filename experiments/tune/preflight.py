@@ -17,7 +17,9 @@ from skinclr.config import ConfigError, load_yaml
 from skinclr.train.finetune import init_run
 from skinclr.tune.folder import check_resume, sweep_folder
 from skinclr.tune.plan import StagePlan, SweepPlan, SweepRunConfig, load_sweep_config, pipeline_keys
-from skinclr.tune.spaces import check_keys, grid_space, load_space, narrow, project_path, space_path
+from skinclr.train.methods import METHODS
+from skinclr.tune.spaces import (METHODS_SPACE, check_keys, grid_space, load_space, narrow, pretrain_space, project_path,
+                                 space_path)
 from skinclr.tune.trainables import METRICS
 
 
@@ -50,19 +52,23 @@ def check_sweep(cfg: SweepRunConfig) -> None:
             raise ConfigError(f"config key '{key}' {what}")
 
 
-def search_space(cfg: SweepRunConfig) -> tuple[Path | None, dict[str, Any]]:
-    """Check a stage sweep's settings and resolve its narrowed search space (a grid study's
-    space is its grid; it has no file)."""
+def search_space(cfg: SweepRunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check a stage sweep's settings and resolve what its trials draw from: (the space as
+    declared, the space after `sweep.narrow`). A grid study's space is its grid; a pretraining
+    sweep's, unless `sweep.space` names a file, is its method's ranges and the shared ones
+    (`sweep.space: methods`: every registered method's, choosing the method too)."""
     check_sweep(cfg)
     if cfg.sweep.search == "grid":
-        space_file, space = None, grid_space(cfg.sweep.grid)
+        full = grid_space(cfg.sweep.grid)
+        space = full
     else:
-        # a pretraining method other than SimCLR searches its own knobs unless sweep.space names a file
-        own = cfg.stage == "pretrain" and cfg.pretrain.method != "simclr"
-        space_file = space_path(f"pretrain_{cfg.pretrain.method}" if own else cfg.stage, cfg.sweep.space)
-        space = narrow(load_space(space_file), cfg.sweep.narrow)
+        if cfg.stage == "pretrain" and cfg.sweep.space in ("", METHODS_SPACE):
+            full = pretrain_space(list(METHODS) if cfg.sweep.space == METHODS_SPACE else [cfg.pretrain.method])
+        else:
+            full = load_space(space_path(cfg.stage, cfg.sweep.space))
+        space = narrow(full, cfg.sweep.narrow)
     check_keys(space, cfg)
-    return space_file, space
+    return full, space
 
 
 def check_inits(cfg: SweepRunConfig, space: dict[str, Any]) -> None:
@@ -75,8 +81,8 @@ def check_inits(cfg: SweepRunConfig, space: dict[str, Any]) -> None:
 
 def stage_plan(cfg: SweepRunConfig, resume: bool = False, folder: Path | None = None) -> StagePlan:
     """One stage's sweep: its settings checked, its space narrowed, its folder found."""
-    space_file, space = search_space(cfg)
-    return StagePlan(cfg, space_file, space, folder or sweep_folder(cfg), resume)
+    drawn_from, space = search_space(cfg)
+    return StagePlan(cfg, drawn_from, space, folder or sweep_folder(cfg), resume)
 
 
 def pipeline_plan(cfg: SweepRunConfig, extra: dict[str, str], folder: Path, resume: bool) -> SweepPlan:

@@ -42,6 +42,23 @@ def project_path(path: str | Path) -> Path:
     return shipped if shipped.exists() else path
 
 
+METHODS_SPACE = "methods"  # `sweep.space: methods`: a pretraining sweep that also chooses the method
+
+
+def pretrain_space(methods: list[str]) -> dict[str, dict[str, Any]]:
+    """A pretraining sweep's space: each method's own ranges (declared in its module), then the
+    shared ones of search_spaces/pretrain.yaml; with several methods, `pretrain.method` is a choice
+    among them (a trial samples every key; the sections of methods it did not draw are unused)."""
+    from skinclr.train.methods import METHODS
+
+    space = {"pretrain.method": {"type": "choice", "values": list(methods)}} if len(methods) > 1 else {}
+    for name in methods:
+        for key, spec in METHODS[name].space.items():
+            _check_spec(f"method {name}'s SPACE, key '{key}'", spec)
+            space[key] = spec
+    return {**space, **load_space(SPACES / "pretrain.yaml")}
+
+
 def space_path(stage: str, space: str = "") -> Path:
     """`sweep.space`, or the stage's own file in search_spaces/."""
     path = project_path(space) if space else SPACES / f"{stage}.yaml"

@@ -82,7 +82,7 @@ def run_sweep(plan: StagePlan, parent_of: str | None = None) -> SweepOutcome:
         print(f"[sweep] resuming {folder} (MLflow parent run {setup.parent_run_id})", flush=True)
         tuner = tune.Tuner.restore(str(folder), make_trainable(setup), resume_unfinished=True, resume_errored=True)
     else:
-        setup, state = start(cfg, folder, uri, plan.space_file, space, parent_of)
+        setup, state = start(cfg, folder, uri, plan.drawn_from, space, parent_of)
         s = cfg.sweep
         grid = s.search == "grid"
         how = (f"grid of {math.prod(len(v) for v in s.grid.values())}, no early stops" if grid else

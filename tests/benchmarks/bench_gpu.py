@@ -33,14 +33,14 @@ from skinclr.config import load_config  # noqa: E402
 from skinclr.train.engine import adam, autocast, compiled, run  # noqa: E402
 from skinclr.data.inputs import resolve_inputs  # noqa: E402
 from skinclr.train.losses import nt_xent  # noqa: E402
-from skinclr.train.methods.simclr import SimCLR  # noqa: E402
+from skinclr.train.methods.base import Pretraining  # noqa: E402
 from skinclr.train.models import build_simclr  # noqa: E402
 
 CONFIG = REPO / "experiments" / "paper" / "simclr_pretrain.yaml"
 PAPER_TRAIN_IMAGES, PAPER_EPOCHS = 8584, 100
 
 
-class OnDevice(SimCLR):
+class OnDevice(Pretraining):
     """SimCLR with the tensor path whatever the device (on a CPU, `augment.device` cannot choose it)."""
 
     def setup(self, device, resume):
@@ -81,7 +81,7 @@ def model_alone(backbone: str, size: int, batch: int, steps: int, device: torch.
 
 
 def full_step(cfg, inputs, on_device: bool) -> float:
-    task = OnDevice(cfg, inputs) if on_device else SimCLR(cfg, inputs)
+    task = OnDevice(cfg, inputs) if on_device else Pretraining(cfg, inputs)
     records = list(run(task, cfg.train))
     return records[-1].metrics["images_per_second"]
 

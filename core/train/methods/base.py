@@ -1,6 +1,7 @@
 """What every pretraining method shares: two-view batches of this process's shard, the kNN
 monitor, the best-epoch pick, and the online backbone in every checkpoint (what fine-tuning
-starts from). A method subclasses `Pretraining` and supplies its model and its loss.
+starts from). `Pretraining` runs the method named by `pretrain.method`: its module's `build`
+and `loss` (and `after_step`) hooks supply the model and the loss.
 """
 from __future__ import annotations
 
@@ -21,21 +22,35 @@ from skinclr.train.metrics import knn_balanced_accuracy
 
 
 class Pretraining(Task):
-    """A self-supervised method on the engine. The model it builds has a `backbone` (the online
-    encoder's, the one monitored and exported); `online_parts` name the modules that get
-    gradients, in forward order (data-parallel runs wrap them in DistributedDataParallel)."""
+    """A self-supervised method on the engine. The model its module builds has a `backbone` (the
+    online encoder's, the one monitored and exported); the module's `ONLINE_PARTS` name the
+    modules that get gradients, in forward order (data-parallel runs wrap them in
+    DistributedDataParallel)."""
 
-    online_parts: tuple[str, ...] = ("backbone", "projector")
-    title: str  # how reports name the method and the fine-tunes that start from it
+    def __init__(self, cfg: Config, inputs: Inputs, distributed: bool = False, method=None):
+        from skinclr.train.methods import METHODS
 
-    def __init__(self, cfg: Config, inputs: Inputs, distributed: bool = False):
         self.cfg, self.inputs, self.distributed = cfg, inputs, distributed
+        self.method = method or METHODS[cfg.pretrain.method].module
+        self.online_parts = getattr(self.method, "ONLINE_PARTS", ("backbone", "projector"))
         self.rank, self.world = rank_world(distributed)
         self.rows = inputs.train_rows[self.rank::self.world]  # each process sees its own shard
         self.best = -1.0
 
     def build(self) -> nn.Module:
-        raise NotImplementedError
+        return self.method.build(self)
+
+    def loss(self, batch) -> tuple[Tensor, int]:
+        return self.method.loss(self, batch)
+
+    def after_step(self) -> None:
+        if hasattr(self.method, "after_step"):
+            self.method.after_step(self)
+
+    def views_to_device(self, batch) -> tuple[Tensor, int]:
+        """A two-view batch as one tensor on the device (both views in one forward pass), and its image count."""
+        (v1, v2), _ = batch
+        return to_device(torch.cat([v1, v2]), self.device), len(v1)
 
     def setup(self, device: torch.device, resume: dict | None) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -93,12 +108,6 @@ class Pretraining(Task):
         return {"best": self.best, "backbone": self.model.backbone.state_dict()}
 
 
-def views_to_device(batch, device: torch.device) -> tuple[Tensor, int]:
-    """A two-view batch as one tensor on the device (both views in one forward pass), and its image count."""
-    (v1, v2), _ = batch
-    return to_device(torch.cat([v1, v2]), device), len(v1)
-
-
 def momentum_copy(module: nn.Module) -> nn.Module:
     """A frozen copy that only an EMA moves (MoCo's key encoder, BYOL's target)."""
     return copy.deepcopy(module).requires_grad_(False)
@@ -109,6 +118,17 @@ def momentum_update(target: nn.Module, online: nn.Module, momentum: float) -> No
     """target <- momentum * target + (1 - momentum) * online, parameter by parameter."""
     t, o = list(target.parameters()), list(online.parameters())
     torch._foreach_lerp_(t, o, 1.0 - momentum)
+
+
+def gather(keys: Tensor) -> Tensor:
+    """Every process's keys in rank order, so all processes keep the same (MoCo) queue."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return keys
+    parts = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, keys.contiguous())
+    return torch.cat(parts)
 
 
 def monitor_bank(inputs: Inputs, cfg: Config) -> np.ndarray:

@@ -11,27 +11,23 @@ up the schedule where it stopped.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from skinclr.config_schema import MethodConfig
 
-from skinclr.train.losses import byol_loss
-from skinclr.train.methods.base import Pretraining, momentum_copy, momentum_update, views_to_device
-from skinclr.train.models import Projector, build_backbone
+TITLE = "BYOL"
+ONLINE_PARTS = ("backbone", "projector", "predictor")
 
 
-class BYOLNet(nn.Module):
-    def __init__(self, backbone: str, proj_hidden: int, proj_dim: int):
-        super().__init__()
-        self.backbone, dim = build_backbone(backbone)
-        self.projector = Projector(dim, proj_hidden, proj_dim, batch_norm=True)
-        self.predictor = Projector(proj_dim, proj_hidden, proj_dim, batch_norm=True)
-        self.target_backbone, self.target_projector = momentum_copy(self.backbone), momentum_copy(self.projector)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+@dataclass
+class Settings(MethodConfig):
+    momentum: float = 0.99  # the target's EMA rate at step 0, raised to 1 along a cosine over the run (BYOL: 0.996)
 
-    @torch.no_grad()
-    def targets(self, x: Tensor) -> Tensor:
-        return self.target_projector(self.target_backbone(x)).float()
+    def checks(self):
+        return [(0.0 <= self.momentum < 1.0, "momentum", "must lie in [0, 1)")]
+
+
+SPACE = {"byol.momentum": {"type": "uniform", "low": 0.9, "high": 0.999}}  # BYOL has no temperature, no negatives
 
 
 def cosine_momentum(base: float, step: int, total: int) -> float:
@@ -39,27 +35,49 @@ def cosine_momentum(base: float, step: int, total: int) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total) / max(total, 1)) + 1.0) / 2.0
 
 
-class BYOL(Pretraining):
-    title = "BYOL"
-    online_parts = ("backbone", "projector", "predictor")
-    step: int | None = None  # the model's step counter, mirrored here
+def build(task):
+    import torch
+    from torch import nn
 
-    def build(self) -> nn.Module:
-        m = self.cfg.model
-        return BYOLNet(m.backbone, m.proj_hidden, m.proj_dim)
+    from skinclr.train.methods.base import momentum_copy
+    from skinclr.train.models import Projector, build_backbone
 
-    def loss(self, batch) -> tuple[Tensor, int]:
-        x, n = views_to_device(batch, self.device)
-        p1, p2 = self.net(x).float().chunk(2)
-        z1, z2 = self.model.targets(x).chunk(2)
-        return byol_loss(p1, z2) + byol_loss(p2, z1), n
+    m = task.cfg.model
+    net = nn.Module()
+    net.backbone, dim = build_backbone(m.backbone)
+    net.projector = Projector(dim, m.proj_hidden, m.proj_dim, batch_norm=True)
+    net.predictor = Projector(m.proj_dim, m.proj_hidden, m.proj_dim, batch_norm=True)
+    net.target_backbone, net.target_projector = momentum_copy(net.backbone), momentum_copy(net.projector)
+    net.register_buffer("step", torch.zeros((), dtype=torch.long))
+    task.step = None  # the model's step counter, mirrored on the first step (a resumed model's)
+    return net
 
-    def after_step(self) -> None:
-        m = self.model
-        if self.step is None:  # read once (a resumed model's counter); a GPU sync per step would cost
-            self.step = int(m.step)
-        tau = cosine_momentum(self.cfg.byol.momentum, self.step, self.steps_per_epoch() * self.cfg.train.epochs)
-        momentum_update(m.target_backbone, m.backbone, tau)
-        momentum_update(m.target_projector, m.projector, tau)
-        self.step += 1
-        m.step += 1
+
+def targets(net, x):
+    """The target network's projections (no gradient): what the online network predicts."""
+    import torch
+
+    with torch.no_grad():
+        return net.target_projector(net.target_backbone(x)).float()
+
+
+def loss(task, batch):
+    from skinclr.train.losses import byol_loss
+
+    x, n = task.views_to_device(batch)
+    p1, p2 = task.net(x).float().chunk(2)
+    z1, z2 = targets(task.model, x).chunk(2)
+    return byol_loss(p1, z2) + byol_loss(p2, z1), n
+
+
+def after_step(task) -> None:
+    from skinclr.train.methods.base import momentum_update
+
+    m = task.model
+    if task.step is None:  # read once; a GPU sync per step would cost
+        task.step = int(m.step)
+    tau = cosine_momentum(task.cfg.byol.momentum, task.step, task.steps_per_epoch() * task.cfg.train.epochs)
+    momentum_update(m.target_backbone, m.backbone, tau)
+    momentum_update(m.target_projector, m.projector, tau)
+    task.step += 1
+    m.step += 1

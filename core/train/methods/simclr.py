@@ -2,22 +2,34 @@
 batch's other views are the negatives (the global batch's, across data-parallel processes)."""
 from __future__ import annotations
 
-from torch import Tensor, nn
+from dataclasses import dataclass
 
-from skinclr.train.losses import NTXentLoss
-from skinclr.train.methods.base import Pretraining, views_to_device
-from skinclr.train.models import build_simclr
+from skinclr.config_schema import MethodConfig
+
+TITLE = "SimCLR"
 
 
-class SimCLR(Pretraining):
-    title = "SimCLR"
+@dataclass
+class Settings(MethodConfig):
+    temperature: float = 0.5
 
-    def build(self) -> nn.Module:
-        m = self.cfg.model
-        self.loss_fn = NTXentLoss(self.cfg.simclr.temperature, gather=self.distributed)
-        return build_simclr(m.backbone, m.proj_hidden, m.proj_dim)
+    def checks(self):
+        return [(self.temperature > 0, "temperature", "must be positive")]
 
-    def loss(self, batch) -> tuple[Tensor, int]:
-        x, n = views_to_device(batch, self.device)
-        z1, z2 = self.net(x).float().chunk(2)
-        return self.loss_fn(z1, z2), n
+
+SPACE = {"simclr.temperature": {"type": "loguniform", "low": 0.05, "high": 1.0}}  # NT-Xent sharpness
+
+
+def build(task):
+    from skinclr.train.losses import NTXentLoss
+    from skinclr.train.models import build_simclr
+
+    m = task.cfg.model
+    task.loss_fn = NTXentLoss(task.cfg.simclr.temperature, gather=task.distributed)
+    return build_simclr(m.backbone, m.proj_hidden, m.proj_dim)
+
+
+def loss(task, batch):
+    x, n = task.views_to_device(batch)
+    z1, z2 = task.net(x).float().chunk(2)
+    return task.loss_fn(z1, z2), n

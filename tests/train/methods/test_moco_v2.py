@@ -5,19 +5,19 @@ import torch
 import torch.nn.functional as F
 
 from skinclr.train.losses import info_nce
-from skinclr.train.methods.moco_v2 import MoCoNet
+from skinclr.train.methods.moco_v2 import enqueue, keys, network
 
 
 def test_queue_is_a_ring_buffer_that_overwrites_the_oldest_keys():
-    net = MoCoNet("resnet18", 16, 4, queue_size=5)
+    net = network("resnet18", 16, 4, queue_size=5)
     keys = F.normalize(torch.arange(1.0, 33.0).reshape(8, 4), dim=1)
-    net.enqueue(keys[:3])
+    enqueue(net, keys[:3])
     torch.testing.assert_close(net.queue[:3], keys[:3])
-    net.enqueue(keys[3:6])  # wraps: slots 3, 4, then 0
+    enqueue(net, keys[3:6])  # wraps: slots 3, 4, then 0
     torch.testing.assert_close(net.queue[[3, 4, 0]], keys[3:6])
     torch.testing.assert_close(net.queue[[1, 2]], keys[1:3])
     assert int(net.queue_ptr) == 1
-    net.enqueue(keys)  # more keys than slots: the newest five, oldest first from the pointer on
+    enqueue(net, keys)  # more keys than slots: the newest five, oldest first from the pointer on
     torch.testing.assert_close(net.queue[[1, 2, 3, 4, 0]], keys[3:])
     assert int(net.queue_ptr) == 1
     assert {"queue", "queue_ptr"} <= set(net.state_dict())  # saved with the model, so resumes are exact
@@ -50,7 +50,7 @@ def test_loss_is_the_mean_of_both_directions(method_on_synth):
     loss, n = task.loss(batch)
     with torch.no_grad():
         q1, q2 = task.net(v1), task.net(v2)
-        k1, k2 = task.model.keys(v1), task.model.keys(v2)
+        k1, k2 = keys(task.model, v1), keys(task.model, v2)
     queue = task.model.queue
     expected = (info_nce(q1, k2, queue, 0.3) + info_nce(q2, k1, queue, 0.3)) / 2
     assert n == 8

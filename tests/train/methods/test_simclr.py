@@ -8,7 +8,8 @@ import torch.multiprocessing as mp
 
 from skinclr.data.inputs import resolve_inputs
 from skinclr.train.losses import nt_xent
-from skinclr.train.methods import SimCLR
+from skinclr.train.methods import METHODS
+from skinclr.train.methods.base import Pretraining
 from tests.train.methods.conftest import tiny_config
 
 
@@ -29,9 +30,9 @@ def _views(n=8):
     return torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)
 
 
-def _method(root, distributed: bool) -> SimCLR:
+def _method(root, distributed: bool) -> Pretraining:
     cfg = tiny_config(root, "simclr")
-    task = SimCLR(cfg, resolve_inputs(cfg, progress=False), distributed=distributed)
+    task = METHODS["simclr"](cfg, resolve_inputs(cfg, progress=False), distributed=distributed)
     torch.manual_seed(cfg.train.seed)
     task.setup(torch.device("cpu"), None)
     task.model.eval()  # per-image outputs: the global batch's loss must not depend on how it is split
