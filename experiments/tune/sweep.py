@@ -23,7 +23,7 @@ from skinclr.track.tracking import RunLogger
 from skinclr.tune.plan import StagePlan, SweepPlan, load_run_config
 from skinclr.tune.preflight import resolve_plan
 from skinclr.tune.ray_session import ray_session
-from skinclr.tune.summary import SweepOutcome
+from skinclr.tune.records import SweepOutcome
 from skinclr.tune.tuner import driver_tracking_uri, run_sweep
 
 

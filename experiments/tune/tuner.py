@@ -16,11 +16,10 @@ from ray import tune
 from skinclr.config import ConfigError
 from skinclr.track import store, tracking
 from skinclr.track.tracking import RunLogger
-from skinclr.tune.callbacks import ChildRuns, ProgressLines
 from skinclr.tune.folder import read_state, start
 from skinclr.tune.plan import StagePlan, SweepRunConfig
 from skinclr.tune.spaces import to_tune
-from skinclr.tune.summary import SweepOutcome, close_interrupted, finish
+from skinclr.tune.records import ChildRuns, ProgressLines, SweepOutcome, close_interrupted, finish
 from skinclr.tune.trainables import TrialSetup, make_trainable
 
 
