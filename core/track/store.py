@@ -110,8 +110,10 @@ def check_store(uri: str | None = None) -> str:
     if scheme == "sqlite":
         _check_sqlite(uri)
     elif scheme in ("http", "https"):
+        import mlflow.utils.rest_utils  # noqa: F401 - loaded before the clock starts: an import is no server delay
         _within_timeout(uri, _check_server)
     elif scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        import sqlalchemy  # noqa: F401 - likewise
         _within_timeout(uri, _check_database)
     _checked.add(uri)
     return uri
