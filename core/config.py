@@ -50,7 +50,7 @@ def _renamed(key: str) -> str:
 
 # Keys added since runs were first logged, with the value that means "as before": a config that
 # leaves one there hashes as it did before the key existed.
-ADDED = {"data.test_fraction": 0.0, "data.test_seed": 0, "finetune.tta": "none"}
+ADDED = {"data.test_fraction": 0.0, "data.test_seed": 0, "finetune.tta": "none", "finetune.decision_rule": "none"}
 
 
 def hash_items(cfg: Config) -> dict[str, Any]:
@@ -265,6 +265,8 @@ def validate(cfg: Config) -> None:
         (cfg.finetune.select_metric in ("val_balanced_accuracy", "val_accuracy", "val_loss"),
          "finetune.select_metric", "must be val_balanced_accuracy, val_accuracy or val_loss"),
         (cfg.finetune.tta in names.TTA_MODES, "finetune.tta", "must be none, flip (4 views) or d4 (8 views)"),
+        (cfg.finetune.decision_rule in ("none", "balanced"), "finetune.decision_rule",
+         "must be none (the argmax) or balanced (offsets fitted on val for balanced accuracy)"),
         (cfg.finetune.select_smoothing >= 1, "finetune.select_smoothing", "must be at least 1"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
         (not (cfg.finetune.linear_probe and cfg.finetune.init == "scratch"), "finetune.linear_probe",

@@ -2,7 +2,8 @@
 and its score on the held-out test side.
 
 The test side (`data.test_fraction`) is read once, here, after the last epoch, for the model the
-run saved: no epoch pick, lr plateau, early stop, trial or promotion ever sees a test number.
+run saved: no epoch pick, lr plateau, early stop, trial or promotion ever sees a test number. The
+decision rule (`finetune.decision_rule`) is fitted on val, never on test.
 """
 from __future__ import annotations
 
@@ -42,19 +43,48 @@ def log_report(cfg: Config, logger: RunLogger, record: EpochRecord, out: Path) -
         logger.log_artifact(f, "report")
 
 
-def log_test(cfg: Config, logger: RunLogger, inputs: Inputs, saved_model: dict | None, out: Path) -> dict | None:
-    """The saved model on the test side: `test_*` metrics, logged once, and the report's files
-    under `test/`. None when no model was saved (no epoch finished)."""
-    from skinclr.train import figures
-    from skinclr.train.finetune import score_saved
+def finish_model(cfg: Config, logger: RunLogger, inputs: Inputs, saved_model: dict | None, out: Path) -> None:
+    """After the last epoch, for the model the run saved (nothing when no epoch finished): its
+    decision rule, fitted on val (`finetune.decision_rule`), logged with it; then its score on
+    the held-out test side, with and without the rule."""
+    from skinclr.serve.pyfunc import log_model
+    from skinclr.train.finetune import saved_probs
+    from skinclr.train.metrics import apply_offsets, classification_metrics, fit_offsets
 
     if saved_model is None:
-        return None
-    report, loss = score_saved(cfg, inputs, saved_model, inputs.test_rows)
+        return
+    offsets = None
+    if cfg.finetune.decision_rule == "balanced":
+        probs, _ = saved_probs(cfg, inputs, saved_model, inputs.val_rows)
+        offsets = fit_offsets(inputs.cache.labels[inputs.val_rows], probs)
+        ruled = classification_metrics(inputs.cache.labels[inputs.val_rows], apply_offsets(probs, offsets))
+        log_model(logger, saved_model, cfg.model.backbone, cfg.data.image_size, cfg.data.aspect, cfg.finetune.tta,
+                  offsets)  # the saved model again, now with its rule
+        logger.log_metrics({"val_balanced_accuracy_with_rule": ruled["balanced_accuracy"]}, step=0)  # fitted there
+        out.mkdir(parents=True, exist_ok=True)
+        (out / names.DECISION_RULE_FILE).write_text(json.dumps(dict(zip(names.CLASSES, offsets.tolist())), indent=1))
+        logger.log_artifact(out / names.DECISION_RULE_FILE, "report")
+    if len(inputs.test_rows):
+        log_test(logger, inputs, *saved_probs(cfg, inputs, saved_model, inputs.test_rows), offsets, out / "test")
+
+
+def log_test(logger: RunLogger, inputs: Inputs, probs, loss: float, offsets, out: Path) -> dict:
+    """The saved model on the test side: `test_*` metrics of the model as saved (its decision
+    rule applied), logged once, `test_*_without_rule` beside them when it has one, and the
+    report's files under `test/`."""
+    from skinclr.train import figures
+    from skinclr.train.metrics import apply_offsets, classification_metrics
+
+    labels = inputs.cache.labels[inputs.test_rows]
+    report = classification_metrics(labels, probs if offsets is None else apply_offsets(probs, offsets))
     metrics = {"test_balanced_accuracy": report["balanced_accuracy"], "test_accuracy": report["accuracy"],
                "test_loss": loss, "test_macro_f1": report["macro_f1"]}
     metrics.update({f"test_recall_{name}": m["recall"] for name, m in report["per_class"].items()},
                    test_roc_auc_macro=report["roc_auc_macro"])
+    if offsets is not None:
+        plain = classification_metrics(labels, probs)
+        metrics.update(test_balanced_accuracy_without_rule=plain["balanced_accuracy"],
+                       test_accuracy_without_rule=plain["accuracy"])
     logger.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
     files = figures.write_report(report, out, f"test ({len(inputs.test_rows)} held-out images), saved model")
     (out / "test_metrics.json").write_text(json.dumps(report, indent=1))

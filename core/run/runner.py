@@ -31,7 +31,7 @@ from skinclr.runtime import BusyError, lock
 from skinclr.runtime import check_devices, describe_device, load_checkpoint, pick_device, save_atomic
 from skinclr.data.split import save_split
 from skinclr.track.tracking import RunLogger
-from skinclr.run.records import log_report, log_test
+from skinclr.run.records import finish_model, log_report
 from skinclr import names
 
 OnEpoch = Callable[[EpochRecord, str], None]  # (record, run id), called once the epoch's checkpoint is on disk
@@ -255,9 +255,9 @@ def run_finetune(cfg: Config, *, resolved: str | Path | None = None, run_id: str
             saved["model"] = record.best_model
             log_report(cfg, run.logger, record, folder / "report")
 
-        def finish() -> None:  # the held-out test side, scored once, for the saved model only
-            if len(inputs.test_rows) and run.leader:
-                log_test(cfg, run.logger, inputs, saved["model"], Path(work) / "test")
+        def finish() -> None:  # the saved model's decision rule and test score, once
+            if run.leader:
+                finish_model(cfg, run.logger, inputs, saved["model"], Path(work) / "final")
 
         result = drive(cfg, loop, run, on_epoch, on_record, progress, finish)
     if result.epochs < cfg.train.epochs:

@@ -19,6 +19,7 @@ from skinclr import __version__, names
 from skinclr.data.images import aspect_problem, fit_square
 from skinclr.train.augment import eval_transform
 from skinclr.train.engine import TTA_VIEWS, infer
+from skinclr.train.metrics import apply_offsets
 from skinclr.data.images import decode_input
 from skinclr.train.models import BACKBONES, ModelError, build_classifier
 from skinclr.data.problems import DataError
@@ -79,8 +80,14 @@ class Predictor:
         """Square it exactly as the training cache did, then the eval transform."""
         return self.transform(fit_square(rgb, self.size, self.meta["aspect"]))
 
+    @property
+    def offsets(self) -> list[float] | None:
+        """The decision rule's per-class logit offsets, when the model was saved with one."""
+        return self.meta.get("offsets")
+
     def _forward(self, batch: list[torch.Tensor]) -> np.ndarray:
-        return infer(self.model, [torch.stack(batch)], self.device, self.tta).double().softmax(1).numpy()
+        probs = infer(self.model, [torch.stack(batch)], self.device, self.tta).double().softmax(1).numpy()
+        return probs if self.offsets is None else apply_offsets(probs, self.offsets)
 
     def predict_proba(self, images: Any, batch_size: int = BATCH_SIZE, progress: bool = False) -> np.ndarray:
         """(N, 7) class probabilities in `classes` order; rows sum to 1.
@@ -117,6 +124,9 @@ def check_meta(meta: dict, where: str) -> dict:
         raise ModelError(f"{where}: unknown backbone {meta['backbone']!r}; known: {', '.join(BACKBONES)}")
     if problem := aspect_problem(meta["aspect"]):
         raise ModelError(f"{where}: {problem}")
+    offsets = meta.get("offsets")
+    if offsets is not None and not (len(offsets) == len(names.CLASSES) and np.isfinite(offsets).all()):
+        raise ModelError(f"{where}: decision-rule offsets {offsets!r} must be {len(names.CLASSES)} finite numbers")
     if meta.get("tta", "none") not in TTA_VIEWS:
         raise ModelError(f"{where}: test-time augmentation {meta['tta']!r} is not one of {', '.join(TTA_VIEWS)}")
     if tuple(meta["classes"]) != names.CLASSES:
@@ -125,10 +135,14 @@ def check_meta(meta: dict, where: str) -> dict:
     return {**meta, "image_size": int(meta["image_size"]), "tta": meta.get("tta", "none")}  # saved before tta: none
 
 
-def model_meta(backbone: str, image_size: int, aspect: str, tta: str = "none") -> dict:
-    """The meta skinclr writes beside a model's weights; `tta` is how it predicts by default."""
-    return {"backbone": backbone, "image_size": int(image_size), "aspect": aspect, "classes": list(names.CLASSES),
+def model_meta(backbone: str, image_size: int, aspect: str, tta: str = "none", offsets=None) -> dict:
+    """The meta skinclr writes beside a model's weights: how it squares an image, its test-time
+    augmentation, and its decision rule's per-class logit offsets (None: the plain argmax)."""
+    meta = {"backbone": backbone, "image_size": int(image_size), "aspect": aspect, "classes": list(names.CLASSES),
             "tta": tta, "skinclr_version": __version__}
+    if offsets is not None:
+        meta["offsets"] = [round(float(v), 6) for v in offsets]
+    return meta
 
 
 def load_weights(path: Path) -> Any:

@@ -53,9 +53,9 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
 
 
 def _write_weights(folder: Path, state_dict: dict, backbone: str, image_size: int, aspect: str,
-                   tta: str = "none") -> tuple[Path, Path]:
+                   tta: str = "none", offsets=None) -> tuple[Path, Path]:
     """classifier.pt and meta.json, after checking that the weights load into that classifier."""
-    meta = check_meta(model_meta(backbone, image_size, aspect, tta), "save_pyfunc")
+    meta = check_meta(model_meta(backbone, image_size, aspect, tta, offsets), "save_pyfunc")
     state = {k: v.detach().cpu() for k, v in state_dict.items()}
     try:
         build_classifier(backbone, num_classes=len(names.CLASSES)).load_state_dict(state)
@@ -85,10 +85,10 @@ def _requirements() -> list[str]:
 
 
 def save_pyfunc(path: str | Path, state_dict: dict, backbone: str, image_size: int, aspect: str,
-                tta: str = "none") -> Path:
+                tta: str = "none", offsets=None) -> Path:
     """Write the pyfunc folder (MLmodel, weights, meta, a copy of the library as `skinclr`, pinned
     requirements): the folder loads where skinclr is not installed. `tta` is the test-time
-    augmentation it predicts (and serves) with."""
+    augmentation it predicts (and serves) with, `offsets` its decision rule (None: the argmax)."""
     path = Path(path)
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
@@ -97,7 +97,7 @@ def save_pyfunc(path: str | Path, state_dict: dict, backbone: str, image_size: i
     pyfunc_log.setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            weights, meta = _write_weights(Path(tmp), state_dict, backbone, image_size, aspect, tta)
+            weights, meta = _write_weights(Path(tmp), state_dict, backbone, image_size, aspect, tta, offsets)
             library = shutil.copytree(LIBRARY, Path(tmp) / "skinclr",
                                       ignore=shutil.ignore_patterns("__pycache__", "tune", "cli"))
             mlflow.pyfunc.save_model(
@@ -110,10 +110,10 @@ def save_pyfunc(path: str | Path, state_dict: dict, backbone: str, image_size: i
 
 
 def log_model(logger: RunLogger, state_dict: dict, backbone: str, image_size: int, aspect: str,
-              tta: str = "none") -> str:
+              tta: str = "none", offsets=None) -> str:
     """Log the pyfunc under `model`; returns the model URI. Logging again (a better epoch)
     overwrites it in place."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_pyfunc(Path(tmp) / names.MODEL_ARTIFACT, state_dict, backbone, image_size, aspect, tta)
+        folder = save_pyfunc(Path(tmp) / names.MODEL_ARTIFACT, state_dict, backbone, image_size, aspect, tta, offsets)
         logger.log_artifact(folder, names.MODEL_ARTIFACT)
     return f"runs:/{logger.run_id}/{names.MODEL_ARTIFACT}"

@@ -199,17 +199,17 @@ def predict(model, inputs: Inputs, rows: np.ndarray, size: int, device, data: De
     return logits.softmax(1).numpy(), F.cross_entropy(logits.double(), labels).item()
 
 
-def score_saved(cfg: Config, inputs: Inputs, state_dict: dict, rows: np.ndarray) -> tuple[dict, float]:
-    """A saved classifier's report and loss on cache rows, outside training: how the held-out
-    test side is scored, once, after the last epoch."""
+def saved_probs(cfg: Config, inputs: Inputs, state_dict: dict, rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """A saved classifier's class probabilities (with the run's TTA) and loss on cache rows,
+    outside training: what the decision rule is fitted on and the test side scored with, once,
+    after the last epoch."""
     from skinclr.runtime import pick_device
 
     device = pick_device(cfg.train.device)
     model = build_classifier(cfg.model.backbone, num_classes=len(CLASSES))
     model.load_state_dict(state_dict)
-    probs, loss = predict(model.to(device, memory_format=torch.channels_last), inputs, rows, cfg.data.image_size,
-                          device, tta=cfg.finetune.tta)
-    return classification_metrics(inputs.cache.labels[rows], probs), loss
+    return predict(model.to(device, memory_format=torch.channels_last), inputs, rows, cfg.data.image_size, device,
+                   tta=cfg.finetune.tta)
 
 
 def finetune(cfg: Config, inputs: Inputs, resume: dict[str, Any] | None = None,

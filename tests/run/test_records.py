@@ -56,3 +56,31 @@ def test_the_test_side_is_scored_once_for_the_saved_model_and_never_trained_or_c
     assert matrix.sum() == len(test) and np.isclose(np.trace(matrix) / matrix.sum(), accuracy)
     meta = c.download_artifacts(result.run_id, f"{names.MODEL_ARTIFACT}/artifacts/{names.META_FILE}", str(tmp_path))
     assert json.loads(Path(meta).read_text())["tta"] == "flip"  # validated with it, saved with it
+
+
+def test_a_decision_rule_is_fitted_on_val_saved_with_the_model_and_scored_on_test_with_and_without(synth_dir,
+                                                                                                  tmp_path):
+    from skinclr.serve.uris import load_predictor
+    from skinclr.train.metrics import apply_offsets
+
+    cfg = load_config(PAPER / "baseline_scratch.yaml",
+                      [f"data.root={synth_dir}", "data.image_size=32", "data.workers=0", "data.test_fraction=0.2",
+                       "data.val_fraction=0.25", "finetune.decision_rule=balanced", "train.epochs=2",
+                       "train.batch_size=16", "train.max_steps_per_epoch=3"], stage="finetune")
+    result = run_finetune(cfg, progress=False)
+    c = MlflowClient(store.tracking_uri())
+    run = c.get_run(result.run_id)
+    offsets = json.loads(Path(c.download_artifacts(result.run_id, f"report/{names.DECISION_RULE_FILE}",
+                                                   str(tmp_path))).read_text())
+    assert list(offsets) == list(names.CLASSES)
+    for key in ("test_balanced_accuracy", "test_balanced_accuracy_without_rule", "val_balanced_accuracy_with_rule"):
+        assert len(c.get_metric_history(result.run_id, key)) == 1, key
+    assert run.data.metrics["val_balanced_accuracy_with_rule"] >= run.data.metrics["best_val_balanced_accuracy"] - 1e-9
+
+    ruled = load_predictor(f"runs:/{result.run_id}/model")  # the logged model carries its rule
+    assert ruled.offsets == [round(v, 6) for v in offsets.values()]
+    images = sorted((synth_dir / "ISIC2018_Task3_Training_Input").glob("*.jpg"))[:8]
+    plain = load_predictor(f"runs:/{result.run_id}/model")
+    plain.meta = {k: v for k, v in plain.meta.items() if k != "offsets"}
+    np.testing.assert_allclose(ruled.predict_proba(images), apply_offsets(plain.predict_proba(images), ruled.offsets),
+                               atol=1e-9)

@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import balanced_accuracy_score
 
-from skinclr.train.metrics import classification_metrics, mean_std, report_frame, report_text, write_confusion_csv
+from skinclr.train.metrics import (apply_offsets, classification_metrics, fit_offsets, mean_std, report_frame, report_text,
+                                   write_confusion_csv)
 from skinclr.names import CLASSES
 
 # Rows = true class, columns = predicted class, over all 7 classes. Only MEL, NV and BCC occur
@@ -145,3 +147,31 @@ def test_the_classification_report_csv_names_its_class_column(hand, tmp_path):
     report_frame(hand).to_csv(tmp_path / "report.csv")
     back = pd.read_csv(tmp_path / "report.csv")
     assert back.columns[0] == "class" and list(back["class"][:7]) == list(CLASSES)
+
+
+def test_offsets_fitted_on_a_shifted_prior_problem_raise_its_balanced_accuracy():
+    """A model that learnt HAM10000-like priors says the big class too often; offsets fitted on one
+    sample of its predictions raise balanced accuracy on another sample it was not fitted on, and
+    leave a model that needs no correction as it is."""
+    rng = np.random.default_rng(0)
+    prior = np.array([0.11, 0.67, 0.05, 0.03, 0.11, 0.01, 0.02])
+
+    def sample(n):
+        y = rng.integers(0, 7, n)  # every class equally often: what balanced accuracy weighs
+        evidence = rng.normal(0.0, 1.0, (n, 7)) + 1.5 * np.eye(7)[y]
+        logits = evidence + np.log(prior)  # the prior the model absorbed in training
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        return y, probs
+
+    y_fit, p_fit = sample(3000)
+    y_new, p_new = sample(3000)
+    offsets = fit_offsets(y_fit, p_fit)
+    before = balanced_accuracy_score(y_new, p_new.argmax(1))
+    after = balanced_accuracy_score(y_new, apply_offsets(p_new, offsets).argmax(1))
+    assert after > before + 0.1  # 0.1 points or more on data it never saw
+    assert offsets[1] < offsets[[0, 2, 3, 4, 5, 6]].min()  # NV, the class the prior favoured, pushed down most
+    np.testing.assert_allclose(apply_offsets(p_new, np.zeros(7)), p_new, atol=1e-12)
+    np.testing.assert_allclose(apply_offsets(p_new, offsets).sum(1), 1.0, atol=1e-12)
+
+    fair = np.eye(7)[y_new] * 0.9 + 0.1 / 7  # a perfect, unbiased model: nothing to correct
+    np.testing.assert_array_equal(fit_offsets(y_new, fair), np.zeros(7))
