@@ -85,34 +85,45 @@ class Predictor:
         """The decision rule's per-class logit offsets, when the model was saved with one."""
         return self.meta.get("offsets")
 
-    def _forward(self, batch: list[torch.Tensor]) -> np.ndarray:
-        probs = infer(self.model, [torch.stack(batch)], self.device, self.tta).double().softmax(1).numpy()
+    def raw_probs(self, rgbs: list[np.ndarray], tta: str) -> np.ndarray:
+        """Class probabilities of decoded images, averaged over `tta`'s views, before any decision rule."""
+        x = torch.stack([self.preprocess(rgb) for rgb in rgbs])
+        return infer(self.model, [x], self.device, tta).double().softmax(1).numpy()
+
+    def probs(self, rgbs: list[np.ndarray]) -> np.ndarray:
+        """As this model predicts: its own TTA, then its decision rule."""
+        probs = self.raw_probs(rgbs, self.tta)
         return probs if self.offsets is None else apply_offsets(probs, self.offsets)
 
     def predict_proba(self, images: Any, batch_size: int = BATCH_SIZE, progress: bool = False) -> np.ndarray:
-        """(N, 7) class probabilities in `classes` order; rows sum to 1.
+        """(N, 7) class probabilities in `classes` order; rows sum to 1."""
+        return predict_items(self.probs, images, batch_size, progress)
 
-        Every unreadable image is reported in one DataError, not just the first: decoding goes on
-        after a failure (without the forward pass) so a folder with several broken files costs
-        one round trip."""
-        from tqdm.auto import tqdm
 
-        items = _as_items(images)
-        if not items:
-            raise DataError("no images given")
-        out, problems = [], []
-        for start in tqdm(range(0, len(items), batch_size), desc="predicting", unit="batch", disable=not progress):
-            batch = []
-            for i, item in enumerate(items[start:start + batch_size], start):
-                try:
-                    batch.append(self.preprocess(decode_input(item, i)))
-                except DataError as err:
-                    problems += err.problems
-            if not problems:
-                out.append(self._forward(batch))
-        if problems:
-            raise DataError(problems)
-        return np.concatenate(out)
+def predict_items(probs, images: Any, batch_size: int = BATCH_SIZE, progress: bool = False) -> np.ndarray:
+    """`probs` (decoded images -> (n, 7) probabilities) over every form of input, a batch at a time.
+
+    Each image is decoded once, whatever reads it. Every unreadable image is reported in one
+    DataError, not just the first: decoding goes on after a failure (without the forward pass)
+    so a folder with several broken files costs one round trip."""
+    from tqdm.auto import tqdm
+
+    items = _as_items(images)
+    if not items:
+        raise DataError("no images given")
+    out, problems = [], []
+    for start in tqdm(range(0, len(items), batch_size), desc="predicting", unit="batch", disable=not progress):
+        batch = []
+        for i, item in enumerate(items[start:start + batch_size], start):
+            try:
+                batch.append(decode_input(item, i))
+            except DataError as err:
+                problems += err.problems
+        if not problems:
+            out.append(probs(batch))
+    if problems:
+        raise DataError(problems)
+    return np.concatenate(out)
 
 
 def check_meta(meta: dict, where: str) -> dict:

@@ -46,7 +46,12 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
     uint8 arrays -> DataFrame of the seven class probabilities."""
 
     def load_context(self, context) -> None:
-        self.predictor = Predictor.from_files(context.artifacts["weights"], context.artifacts["meta"])
+        if "ensemble" in context.artifacts:  # several members (skinclr/serve/ensemble.py)
+            from skinclr.serve.ensemble import load_ensemble
+
+            self.predictor = load_ensemble(Path(context.artifacts["ensemble"]))
+        else:
+            self.predictor = Predictor.from_files(context.artifacts["weights"], context.artifacts["meta"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return pd.DataFrame(self.predictor.predict_proba(model_input), columns=self.predictor.classes)
@@ -89,7 +94,17 @@ def save_pyfunc(path: str | Path, state_dict: dict, backbone: str, image_size: i
     """Write the pyfunc folder (MLmodel, weights, meta, a copy of the library as `skinclr`, pinned
     requirements): the folder loads where skinclr is not installed. `tta` is the test-time
     augmentation it predicts (and serves) with, `offsets` its decision rule (None: the argmax)."""
-    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, meta = _write_weights(Path(tmp), state_dict, backbone, image_size, aspect, tta, offsets)
+        return _save(Path(path), {"weights": str(weights), "meta": str(meta)})
+
+
+def save_ensemble_pyfunc(path: str | Path, ensemble_folder: Path) -> Path:
+    """The pyfunc folder of an ensemble (skinclr/serve/ensemble.py): its folder is the one artifact."""
+    return _save(Path(path), {"ensemble": str(ensemble_folder)})
+
+
+def _save(path: Path, artifacts: dict[str, str]) -> Path:
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
     # MLflow warns that a Python object is pickled (this one holds no state: the weights are plain
@@ -97,13 +112,11 @@ def save_pyfunc(path: str | Path, state_dict: dict, backbone: str, image_size: i
     pyfunc_log.setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            weights, meta = _write_weights(Path(tmp), state_dict, backbone, image_size, aspect, tta, offsets)
             library = shutil.copytree(LIBRARY, Path(tmp) / "skinclr",
                                       ignore=shutil.ignore_patterns("__pycache__", "tune", "cli"))
-            mlflow.pyfunc.save_model(
-                str(path), python_model=SkinLesionClassifier(), artifacts={"weights": str(weights), "meta": str(meta)},
-                code_paths=[str(library)], signature=signature(),
-                input_example=_input_example(), pip_requirements=_requirements())
+            mlflow.pyfunc.save_model(str(path), python_model=SkinLesionClassifier(), artifacts=artifacts,
+                                     code_paths=[str(library)], signature=signature(),
+                                     input_example=_input_example(), pip_requirements=_requirements())
     finally:
         pyfunc_log.setLevel(level)
     return path

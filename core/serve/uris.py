@@ -165,12 +165,17 @@ def _download(uri: str, dst: str) -> Path:
 
 
 def _from_folder(folder: Path, run_id: str | None, uri: str, tta: str | None = None):
-    """A pyfunc folder (weights in artifacts/) or a folder holding the two files themselves."""
+    """A pyfunc folder (weights in artifacts/, or an ensemble's folder there) or a folder holding
+    the two files (or an ensemble's) itself."""
     from skinclr.serve.predictor import Predictor
 
-    for sub in (folder / "artifacts", folder):
+    from skinclr.serve.ensemble import is_ensemble, load_ensemble
+
+    for sub in (folder / "artifacts", folder, folder / "artifacts" / "ensemble"):
         if (sub / names.WEIGHTS_FILE).is_file() and (sub / names.META_FILE).is_file():
             return Predictor.from_files(sub / names.WEIGHTS_FILE, sub / names.META_FILE, run_id, uri, tta)
+        if is_ensemble(sub):
+            return load_ensemble(sub, run_id, uri, tta)
     found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
     raise ModelNotFound(f"model '{uri}': {folder} is not a skinclr model folder (no {names.WEIGHTS_FILE} and {names.META_FILE}; "
                         f"it holds {found})")

@@ -163,6 +163,20 @@ def cmd_promote(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    _check_store()
+    from skinclr.report.combine import build_ensemble, member_runs
+
+    members = member_runs(args.runs, args.parent, args.top, args.experiment)
+    result = build_ensemble(members, experiment=args.into, tta=args.tta or "none", rule=args.decision_rule,
+                            run_name=args.name)
+    print(f"ensemble of {len(members)} runs: {', '.join(result['members'])}")
+    for key, value in result["scores"].items():
+        print(f"{key:<40} {value:.4f}")
+    _show("the ensemble", run=result["run_id"])
+    return 0
+
+
 def cmd_report(args) -> int:
     _writable(args.out, "--out", folder=True)
     _check_store()
@@ -216,5 +230,5 @@ def _store() -> str:
 
 
 HANDLERS = {"data": cmd_data, "pretrain": cmd_train, "finetune": cmd_train, "evaluate": cmd_evaluate,
-            "predict": cmd_predict, "sweep": cmd_sweep, "promote": cmd_promote, "report": cmd_report,
+            "predict": cmd_predict, "sweep": cmd_sweep, "promote": cmd_promote, "ensemble": cmd_ensemble, "report": cmd_report,
             "quickstart": cmd_quickstart, "server": cmd_server, "gc": cmd_gc}

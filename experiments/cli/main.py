@@ -33,6 +33,7 @@ EXAMPLES = {
     "predict": "skinclr predict --model models:/skinclr@champion lesion1.jpg lesion2.jpg --out probs.csv",
     "sweep": "skinclr sweep --config experiments/sweeps/pretrain_asha.yaml --set data.root=DIR",
     "promote": "skinclr promote --experiment skinclr-finetune --metric val_balanced_accuracy",
+    "ensemble": "skinclr ensemble --parent STUDY_RUN_ID --tta d4 --decision-rule balanced",
     "report": "skinclr report --experiment skinclr-finetune --out reports/paper",
     "quickstart": "skinclr quickstart",
     "server": "skinclr server --host 127.0.0.1 --port 5000",
@@ -119,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "sweep", "a Ray Tune sweep (ASHA + Optuna): one MLflow parent run, one child run per trial")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
+    p = _parser(sub, "ensemble", "one model from several fine-tune runs: their mean probability, scored and logged as "
+                "a run (promoted, predicted and served like any model)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--runs", nargs="+", metavar="RUN_ID", help="the member runs")
+    group.add_argument("--parent", metavar="RUN_ID", help="every finished child with a model of this study or sweep run")
+    group.add_argument("--top", type=int, metavar="K", help="the best K runs of --experiment on one split")
+    p.add_argument("--experiment", default="skinclr-finetune", help="where --top looks")
+    p.add_argument("--into", default="", help="experiment of the ensemble run (default: the first member's)")
+    _tta_arg(p)
+    p.add_argument("--decision-rule", choices=("none", "balanced"), default="none",
+                   help="balanced: per-class offsets fitted on the members' shared val side, or out of fold")
+    p.add_argument("--name", default="", help="run name (default: 'ensemble of N')")
+
     p = _parser(sub, "promote", "register the best run's model; move alias champion only if it is better")
     p.add_argument("--experiment", default="skinclr-finetune", help="experiment whose finished runs compete")
     p.add_argument("--metric", default="val_balanced_accuracy", help="what decides (a loss is minimised)")

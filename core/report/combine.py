@@ -1,0 +1,153 @@
+"""`skinclr ensemble`: several fine-tune runs combined into one model, scored and logged as a run.
+
+The members are named (`--runs`), or the finished children of a study or sweep (`--parent`), or
+the best K runs of an experiment on one split (`--top`). The ensemble run holds the model (a
+pyfunc like any other, so it is promoted, predicted and served like one), its members' run ids
+and weights, its TTA, and its scores where they mean something:
+
+* members that share one split: the ensemble on their val side, as `best_val_*` (what promotion
+  compares, against single models of that split), and its decision rule fitted there;
+* members of k folds: no common val side; the rule is fitted on the out-of-fold predictions
+  (each val image predicted by the member that did not train on it), and the run is promoted
+  only with `--force`;
+* a test side all members held out (`data.test_fraction`): `test_*`, once, with and without the rule.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from skinclr import names
+from skinclr.data.manifest import read_manifest
+from skinclr.serve.ensemble import EnsemblePredictor, load_ensemble, write_ensemble
+from skinclr.serve.predictor import Predictor, predict_items
+from skinclr.serve.pyfunc import save_ensemble_pyfunc
+from skinclr.track import tracking
+from skinclr.track.candidates import PromotionError, has_model, run_score
+from skinclr.track.tracking import RunLogger, ending
+from skinclr.train import figures
+from skinclr.train import metrics as M
+
+
+def member_runs(runs: list[str] | None = None, parent: str | None = None, top: int = 0, experiment: str = "",
+                metric: str = "val_balanced_accuracy") -> list:
+    """The member runs: named, a parent's finished children with a model, or an experiment's top K on one split."""
+    c = tracking.client()
+    if runs:
+        found = [c.get_run(r) for r in runs]
+    else:
+        if parent:
+            where, filters = [c.get_run(parent).info.experiment_id], f"tags.`{names.PARENT_TAG}` = '{parent}'"
+        else:
+            exp = c.get_experiment_by_name(experiment)
+            if exp is None:
+                raise PromotionError(f"--experiment {experiment!r}: no such experiment in {tracking.tracking_uri()}")
+            where, filters = [exp.experiment_id], f"tags.`{names.STAGE_TAG}` = 'finetune'"
+        found = c.search_runs(where, f"attributes.status = 'FINISHED' and {filters}", max_results=10_000)
+        found = [r for r in found if run_score(c, r, metric) is not None]
+        found.sort(key=lambda r: run_score(c, r, metric)[0], reverse=True)
+        if top:
+            split = found[0].data.tags.get(names.SPLIT_FINGERPRINT_TAG) if found else None
+            found = [r for r in found if r.data.tags.get(names.SPLIT_FINGERPRINT_TAG) == split][:top]
+    bad = [r.info.run_id for r in found if r.info.status != "FINISHED" or not has_model(c, r.info.run_id)]
+    if bad or not found:
+        raise PromotionError(f"ensemble members must be finished fine-tune runs with a model; "
+                             f"{', '.join(bad) if bad else 'none found'}: pick others")
+    if len({r.data.tags.get(names.DATA_FINGERPRINT_TAG) for r in found}) > 1:
+        raise PromotionError("the members were trained on different data (data_fingerprint tags differ): an ensemble "
+                             "combines models of one dataset")
+    return found
+
+
+def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule: str = "none",
+                   run_name: str = "") -> dict:
+    """Combine, score and log; returns the ensemble run's id and scores."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folders, splits = [], []
+        for i, run in enumerate(members):
+            logger = RunLogger(run.info.run_id)
+            model = logger.download(f"{names.MODEL_ARTIFACT}/artifacts", tmp / f"m{i}")
+            split = logger.download("split.csv", tmp / f"s{i}")
+            if model is None or split is None:
+                raise PromotionError(f"run {run.info.run_id} lacks its model files or split.csv: not a fine-tune run")
+            folders.append(model)
+            splits.append(pd.read_csv(split, dtype={"image": str, "copy_hash": str}).set_index("image"))
+        ids = [r.info.run_id for r in members]
+        sides = [s["split"] for s in splits]
+        model = EnsemblePredictor([Predictor.from_files(f / names.WEIGHTS_FILE, f / names.META_FILE, r) for f, r in
+                                   zip(folders, ids)], tta=tta, sources=ids)
+        frame = read_manifest(members[0].data.tags[names.DATA_ROOT_TAG]).frame.set_index("image")
+        shared = len({r.data.tags.get(names.SPLIT_FINGERPRINT_TAG) for r in members}) == 1
+        scores, reports = {}, {}
+        offsets = None
+        if shared:
+            val = sides[0][sides[0] == "val"].index
+            probs = model.predict_proba(frame.loc[val, "path"].tolist())
+            labels = frame.loc[val, "label"].to_numpy()
+        else:  # out of fold: each member on its own val images
+            parts = [(m, s[s == "val"].index) for m, s in zip(model.members, sides)]
+            probs = np.concatenate([predict_items(lambda rgbs, m=m: m.raw_probs(rgbs, tta), frame.loc[v, "path"].tolist())
+                                    for m, v in parts])
+            labels = np.concatenate([frame.loc[v, "label"].to_numpy() for _, v in parts])
+        if rule == "balanced":
+            offsets = M.fit_offsets(labels, probs)
+            model = model.with_offsets(offsets)
+        fitted = M.classification_metrics(labels, probs if offsets is None else M.apply_offsets(probs, offsets))
+        if shared:
+            reports["val"] = fitted
+            scores.update(best_val_balanced_accuracy=M.classification_metrics(labels, probs)["balanced_accuracy"],
+                          best_val_accuracy=M.classification_metrics(labels, probs)["accuracy"])
+            if offsets is not None:
+                scores["val_balanced_accuracy_with_rule"] = fitted["balanced_accuracy"]
+        else:  # the cross-validated estimate: over folds, and of the out-of-fold predictions
+            reports["out_of_fold"] = fitted
+            folds = [r.data.metrics["best_val_balanced_accuracy"] for r in members]
+            mean, std = M.mean_std(folds)
+            scores.update(folds_val_balanced_accuracy_mean=mean, folds_val_balanced_accuracy_std=std,
+                          oof_balanced_accuracy=M.classification_metrics(labels, probs)["balanced_accuracy"])
+            if offsets is not None:
+                scores["oof_balanced_accuracy_with_rule"] = fitted["balanced_accuracy"]
+        test = sorted(set.intersection(*(set(s[s == "test"].index) for s in sides)))
+        if test:
+            raw = model.with_offsets(None).predict_proba(frame.loc[test, "path"].tolist())
+            y = frame.loc[test, "label"].to_numpy()
+            reports["test"] = M.classification_metrics(y, raw if offsets is None else M.apply_offsets(raw, offsets))
+            scores.update(test_balanced_accuracy=reports["test"]["balanced_accuracy"],
+                          test_accuracy=reports["test"]["accuracy"])
+            if offsets is not None:
+                plain = M.classification_metrics(y, raw)
+                scores.update(test_balanced_accuracy_without_rule=plain["balanced_accuracy"],
+                              test_accuracy_without_rule=plain["accuracy"])
+        return _log(members, splits, folders, model, offsets, scores, reports, experiment, tta, rule, run_name, tmp)
+
+
+def _log(members, splits, folders, model, offsets, scores, reports, experiment, tta, rule, run_name, tmp: Path) -> dict:
+    first = members[0].data.tags
+    tags = {names.STAGE_TAG: "ensemble", names.DATA_FINGERPRINT_TAG: first.get(names.DATA_FINGERPRINT_TAG, ""),
+            names.DATA_ROOT_TAG: first.get(names.DATA_ROOT_TAG, ""), names.ENSEMBLE_TAG: ",".join(model.meta["ensemble"])}
+    if "val" in reports:
+        tags[names.SPLIT_FINGERPRINT_TAG] = first.get(names.SPLIT_FINGERPRINT_TAG, "")
+    if "test" in reports and first.get(names.TEST_FINGERPRINT_TAG):
+        tags[names.TEST_FINGERPRINT_TAG] = first[names.TEST_FINGERPRINT_TAG]
+    experiment = experiment or tracking.client().get_experiment(members[0].info.experiment_id).name
+    logger = RunLogger.create(experiment, run_name or f"ensemble of {len(members)}", tags=tags)
+    with ending(logger):
+        logger.log_params({"members": ",".join(model.meta["ensemble"]), "weights": model.meta["weights"], "tta": tta,
+                           "decision_rule": rule})
+        logger.log_metrics(scores, step=0)
+        folder = write_ensemble(tmp / "ensemble", folders, model.meta["ensemble"], model.meta["weights"], tta, offsets)
+        logger.log_artifact(save_ensemble_pyfunc(tmp / names.MODEL_ARTIFACT, folder), names.MODEL_ARTIFACT)
+        sides = pd.concat([s["split"] for s in splits], axis=1).reindex(splits[0].index)
+        seen = splits[0].drop(columns="split").assign(
+            split=[next((r for r in ("train", "val") if (row == r).any()), "test") for row in sides.to_numpy()])
+        seen.reset_index().to_csv(tmp / "split.csv", index=False)
+        logger.log_artifact(tmp / "split.csv")  # an image any member saw counts as seen, for `evaluate`
+        for side, report in reports.items():
+            for f in figures.write_report(report, tmp / side, f"ensemble of {len(members)}, {side}"):
+                logger.log_artifact(f, f"report/{side}")
+    load_ensemble(folder)
+    return {"run_id": logger.run_id, "members": model.meta["ensemble"], "scores": scores, "offsets": offsets}

@@ -1,0 +1,102 @@
+"""`skinclr ensemble`: fine-tune runs combined into one model, scored, promoted and predicted like any model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from skinclr import names
+from skinclr.cli.main import main
+from skinclr.config import load_config
+from skinclr.run.runner import run_finetune
+from skinclr.serve.ensemble import EnsemblePredictor
+from skinclr.serve.uris import load_predictor
+from skinclr.track import store
+from skinclr.train.metrics import apply_offsets
+
+PAPER = Path(__file__).resolve().parents[2] / "experiments" / "paper"
+
+
+@pytest.fixture
+def two_runs(synth_dir) -> list[str]:
+    """Two tiny fine-tunes (seeds 0 and 1) on one split with a held-out test side."""
+    ids = []
+    for seed in (0, 1):
+        cfg = load_config(PAPER / "baseline_scratch.yaml",
+                          [f"data.root={synth_dir}", "data.image_size=32", "data.workers=0", "data.test_fraction=0.2",
+                           "data.val_fraction=0.25", "train.epochs=1", "train.batch_size=16",
+                           "train.max_steps_per_epoch=3", f"train.seed={seed}"], stage="finetune")
+        ids.append(run_finetune(cfg, progress=False).run_id)
+    return ids
+
+
+def _images(synth_dir, n=10):
+    return sorted((synth_dir / "ISIC2018_Task3_Training_Input").glob("*.jpg"))[:n]
+
+
+def test_an_ensemble_of_one_member_is_that_member(two_runs, synth_dir):
+    member = load_predictor(f"runs:/{two_runs[0]}/model")
+    images = _images(synth_dir)
+    np.testing.assert_allclose(EnsemblePredictor([member]).predict_proba(images), member.predict_proba(images),
+                               atol=1e-12)
+    assert main(["ensemble", "--runs", two_runs[0]]) == 0
+    c = MlflowClient(store.tracking_uri())
+    (run,) = c.search_runs([c.get_experiment_by_name("skinclr-finetune").experiment_id],
+                           f"tags.`{names.STAGE_TAG}` = 'ensemble'")
+    logged = load_predictor(f"runs:/{run.info.run_id}/model")
+    np.testing.assert_allclose(logged.predict_proba(images), member.predict_proba(images), atol=1e-9)
+    assert run.data.tags[names.SPLIT_FINGERPRINT_TAG] == c.get_run(two_runs[0]).data.tags[names.SPLIT_FINGERPRINT_TAG]
+
+
+def test_an_ensemble_averages_its_members_is_scored_on_their_split_and_is_promoted_like_any_model(
+        two_runs, synth_dir, capsys):
+    assert main(["ensemble", "--runs", *two_runs, "--tta", "flip", "--decision-rule", "balanced",
+                 "--name", "pair"]) == 0
+    c = MlflowClient(store.tracking_uri())
+    (run,) = c.search_runs([c.get_experiment_by_name("skinclr-finetune").experiment_id],
+                           "attributes.run_name = 'pair'")
+    assert run.info.status == "FINISHED" and run.data.tags[names.ENSEMBLE_TAG] == ",".join(two_runs)
+    for key in ("best_val_balanced_accuracy", "val_balanced_accuracy_with_rule", "test_balanced_accuracy",
+                "test_balanced_accuracy_without_rule"):
+        assert key in run.data.metrics, key
+
+    ensemble = load_predictor(f"runs:/{run.info.run_id}/model")
+    members = [load_predictor(f"runs:/{r}/model", tta="flip") for r in two_runs]
+    images = _images(synth_dir)
+    mean = np.mean([m.predict_proba(images) for m in members], axis=0)  # equal weights, each member with flip
+    assert ensemble.tta == "flip" and len(ensemble.offsets) == 7
+    np.testing.assert_allclose(ensemble.predict_proba(images), apply_offsets(mean, ensemble.offsets), atol=1e-9)
+
+    assert main(["promote", "--run", run.info.run_id]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", "models:/skinclr@champion", *map(str, images)]) == 0
+    printed = capsys.readouterr().out
+    assert str(images[0]) in printed
+
+
+def test_fold_models_make_one_model_with_a_cross_validated_estimate_and_a_rule_fitted_out_of_fold(synth_dir):
+    from skinclr.tune.plan import load_sweep_config
+    from skinclr.tune.preflight import search_space
+
+    study, _ = load_sweep_config(Path(__file__).resolve().parents[2] / "experiments" / "studies" / "folds.yaml",
+                                 [f"data.root={synth_dir}"])
+    assert search_space(study)[1]["data.fold"]["values"] == [0, 1, 2, 3, 4] and study.data.test_fraction == 0.2
+    ids = []
+    for fold in (0, 1):
+        cfg = load_config(PAPER / "baseline_scratch.yaml",
+                          [f"data.root={synth_dir}", "data.image_size=32", "data.workers=0", "data.test_fraction=0.2",
+                           "data.folds=3", f"data.fold={fold}", "train.epochs=1", "train.batch_size=16",
+                           "train.max_steps_per_epoch=3"], stage="finetune")
+        ids.append(run_finetune(cfg, progress=False).run_id)
+    assert main(["ensemble", "--runs", *ids, "--decision-rule", "balanced", "--name", "folds"]) == 0
+    c = MlflowClient(store.tracking_uri())
+    (run,) = c.search_runs([c.get_experiment_by_name("skinclr-finetune").experiment_id], "attributes.run_name = 'folds'")
+    m = run.data.metrics
+    folds = [c.get_run(r).data.metrics["best_val_balanced_accuracy"] for r in ids]
+    assert m["folds_val_balanced_accuracy_mean"] == pytest.approx(np.mean(folds))
+    assert m["folds_val_balanced_accuracy_std"] == pytest.approx(np.std(folds, ddof=1))
+    assert m["oof_balanced_accuracy_with_rule"] >= m["oof_balanced_accuracy"] - 1e-12  # fitted there
+    assert {"test_balanced_accuracy", "test_balanced_accuracy_without_rule"} <= set(m)
+    assert "best_val_balanced_accuracy" not in m and names.SPLIT_FINGERPRINT_TAG not in run.data.tags  # no common val
