@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,29 @@ from tests.track.test_registry import EXPERIMENT, finetune_run
 from tests.track.test_server import free_port, wait_http
 
 START_TIMEOUT_S = 180
+
+
+@contextmanager
+def serving(model: str, uri: str, root: Path):
+    """`mlflow models serve` of `model` from the store at `uri`, on a loopback port; yields its URL."""
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` runs `uvicorn` from PATH
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": uri}
+    log = root / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model,
+                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, START_TIMEOUT_S, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the launcher leaves its uvicorn child behind otherwise
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +56,8 @@ def served_champion(synth_dir, tmp_path_factory):
         mp_.setenv("SKINCLR_CACHE", str(root / "cache"))
         run_id = finetune_run(synth_dir, "train.seed=0")
         promote(EXPERIMENT, run_id=run_id)
-    port = free_port()
-    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` runs `uvicorn` from PATH
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": uri}
-    log = root / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/skinclr@champion",
-                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/ping", proc, START_TIMEOUT_S, log)
-        yield f"http://127.0.0.1:{port}", run_id, uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the launcher leaves its uvicorn child behind otherwise
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    with serving("models:/skinclr@champion", uri, root) as url:
+        yield url, run_id, uri
 
 
 def _post(url: str, payload: dict) -> tuple[int, dict]:
@@ -98,3 +106,25 @@ def test_the_server_rejects_an_undecodable_image_with_a_clear_error(served_champ
                                                    "data": [[base64.b64encode(b"not an image").decode()]]}})
     # MLflow's own message is generic; the model's reason travels in the response's stack trace
     assert status == 400 and "not a readable image" in body.get("stack_trace", ""), body
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_a_served_ensemble_predicts_what_its_predict_does(synth_dir, real_data_dir, tmp_path, monkeypatch):
+    """An ensemble of two fine-tune runs, promoted and served like any model, answers over REST
+    exactly what `load_predictor(...).predict_proba` says."""
+    from skinclr.report.combine import build_ensemble, member_runs
+    from skinclr.serve.uris import load_predictor
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SKINCLR_CACHE", str(tmp_path / "cache"))
+    runs = [finetune_run(synth_dir, f"train.seed={seed}") for seed in (0, 1)]
+    ensemble = build_ensemble(member_runs(runs), tta="flip")["run_id"]
+    promote(EXPERIMENT, run_id=ensemble, name="pair")
+    images = sorted((real_data_dir / "ISIC2018_Task3_Training_Input").glob("*.jpg"))[:3]
+    direct = load_predictor("models:/pair@champion").predict_proba([str(p) for p in images])
+    with serving("models:/pair@champion", uri, tmp_path) as url:
+        served = _predictions(url, {"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode(p.read_bytes()).decode("ascii")] for p in images]}})
+    assert [[row[c] for c in CLASSES] for row in served] == pytest.approx(direct.tolist(), abs=1e-6)
