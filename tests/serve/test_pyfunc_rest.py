@@ -12,6 +12,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from skinclr.names import CLASSES
@@ -127,4 +128,4 @@ def test_a_served_ensemble_predicts_what_its_predict_does(synth_dir, real_data_d
     with serving("models:/pair@champion", uri, tmp_path) as url:
         served = _predictions(url, {"dataframe_split": {"columns": ["image"], "data": [
             [base64.b64encode(p.read_bytes()).decode("ascii")] for p in images]}})
-    assert [[row[c] for c in CLASSES] for row in served] == pytest.approx(direct.tolist(), abs=1e-6)
+    np.testing.assert_allclose([[row[c] for c in CLASSES] for row in served], direct, atol=1e-6)
