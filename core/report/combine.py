@@ -96,11 +96,11 @@ def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule:
         if rule == "balanced":
             offsets = M.fit_offsets(labels, probs)
             model = model.with_offsets(offsets)
-        fitted = M.classification_metrics(labels, probs if offsets is None else M.apply_offsets(probs, offsets))
-        if shared:
+        plain = M.classification_metrics(labels, probs)
+        fitted = plain if offsets is None else M.classification_metrics(labels, M.apply_offsets(probs, offsets))
+        if shared:  # as a single model of this split logs them: without the rule, which was fitted here
             reports["val"] = fitted
-            scores.update(best_val_balanced_accuracy=M.classification_metrics(labels, probs)["balanced_accuracy"],
-                          best_val_accuracy=M.classification_metrics(labels, probs)["accuracy"])
+            scores.update(best_val_balanced_accuracy=plain["balanced_accuracy"], best_val_accuracy=plain["accuracy"])
             if offsets is not None:
                 scores["val_balanced_accuracy_with_rule"] = fitted["balanced_accuracy"]
         else:  # the cross-validated estimate: over folds, and of the out-of-fold predictions
@@ -108,7 +108,7 @@ def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule:
             folds = [r.data.metrics["best_val_balanced_accuracy"] for r in members]
             mean, std = M.mean_std(folds)
             scores.update(folds_val_balanced_accuracy_mean=mean, folds_val_balanced_accuracy_std=std,
-                          oof_balanced_accuracy=M.classification_metrics(labels, probs)["balanced_accuracy"])
+                          oof_balanced_accuracy=plain["balanced_accuracy"])
             if offsets is not None:
                 scores["oof_balanced_accuracy_with_rule"] = fitted["balanced_accuracy"]
         test = sorted(set.intersection(*(set(s[s == "test"].index) for s in sides)))
@@ -119,9 +119,9 @@ def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule:
             scores.update(test_balanced_accuracy=reports["test"]["balanced_accuracy"],
                           test_accuracy=reports["test"]["accuracy"])
             if offsets is not None:
-                plain = M.classification_metrics(y, raw)
-                scores.update(test_balanced_accuracy_without_rule=plain["balanced_accuracy"],
-                              test_accuracy_without_rule=plain["accuracy"])
+                unruled = M.classification_metrics(y, raw)
+                scores.update(test_balanced_accuracy_without_rule=unruled["balanced_accuracy"],
+                              test_accuracy_without_rule=unruled["accuracy"])
         return _log(members, splits, folders, model, offsets, scores, reports, experiment, tta, rule, run_name, tmp)
 
 
