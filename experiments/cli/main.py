@@ -123,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "ensemble", "one model from several fine-tune runs: their mean probability, scored and logged as "
                 "a run (promoted, predicted and served like any model)")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--runs", nargs="+", metavar="RUN_ID", help="the member runs")
-    group.add_argument("--parent", metavar="RUN_ID", help="every finished child with a model of this study or sweep run")
-    group.add_argument("--top", type=int, metavar="K", help="the best K runs of --experiment on one split")
+    group.add_argument("--runs", nargs="+", metavar="RUN_ID",
+                       help="the member runs (no default: give --runs, --parent or --top)")
+    group.add_argument("--parent", metavar="RUN_ID",
+                       help="every finished child with a model of this study or sweep run (no default)")
+    group.add_argument("--top", type=int, metavar="K", help="the best K runs of --experiment on one split (no default)")
     p.add_argument("--experiment", default="skinclr-finetune", help="where --top looks")
     p.add_argument("--into", default="", help="experiment of the ensemble run (default: the first member's)")
     _tta_arg(p)
