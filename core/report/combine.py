@@ -22,7 +22,8 @@ import pandas as pd
 
 from skinclr import names
 from skinclr.data.manifest import read_manifest
-from skinclr.serve.ensemble import EnsemblePredictor, load_ensemble, write_ensemble
+from skinclr.run.records import test_scores
+from skinclr.serve.ensemble import EnsemblePredictor, write_ensemble
 from skinclr.serve.predictor import Predictor, predict_items
 from skinclr.serve.pyfunc import save_ensemble_pyfunc
 from skinclr.track import tracking
@@ -114,14 +115,8 @@ def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule:
         test = sorted(set.intersection(*(set(s[s == "test"].index) for s in sides)))
         if test:
             raw = model.with_offsets(None).predict_proba(frame.loc[test, "path"].tolist())
-            y = frame.loc[test, "label"].to_numpy()
-            reports["test"] = M.classification_metrics(y, raw if offsets is None else M.apply_offsets(raw, offsets))
-            scores.update(test_balanced_accuracy=reports["test"]["balanced_accuracy"],
-                          test_accuracy=reports["test"]["accuracy"])
-            if offsets is not None:
-                unruled = M.classification_metrics(y, raw)
-                scores.update(test_balanced_accuracy_without_rule=unruled["balanced_accuracy"],
-                              test_accuracy_without_rule=unruled["accuracy"])
+            reports["test"], metrics = test_scores(frame.loc[test, "label"].to_numpy(), raw, offsets)
+            scores.update(metrics)
         return _log(members, splits, folders, model, offsets, scores, reports, experiment, tta, rule, run_name, tmp)
 
 
@@ -149,5 +144,4 @@ def _log(members, splits, folders, model, offsets, scores, reports, experiment, 
         for side, report in reports.items():
             for f in figures.write_report(report, tmp / side, f"ensemble of {len(members)}, {side}"):
                 logger.log_artifact(f, f"report/{side}")
-    load_ensemble(folder)
     return {"run_id": logger.run_id, "members": model.meta["ensemble"], "scores": scores, "offsets": offsets}

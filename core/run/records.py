@@ -68,24 +68,30 @@ def finish_model(cfg: Config, logger: RunLogger, inputs: Inputs, saved_model: di
         log_test(logger, inputs, *saved_probs(cfg, inputs, saved_model, inputs.test_rows), offsets, out / "test")
 
 
+def test_scores(labels, probs, offsets) -> tuple[dict, dict[str, float]]:
+    """A model's report on the test side and its `test_*` metrics: as the model decides (its
+    decision rule applied), and `_without_rule` beside them when it has one."""
+    from skinclr.train.metrics import apply_offsets, classification_metrics
+
+    report = classification_metrics(labels, probs if offsets is None else apply_offsets(probs, offsets))
+    metrics = {"test_balanced_accuracy": report["balanced_accuracy"], "test_accuracy": report["accuracy"],
+               "test_macro_f1": report["macro_f1"], "test_roc_auc_macro": report["roc_auc_macro"],
+               **{f"test_recall_{name}": m["recall"] for name, m in report["per_class"].items()}}
+    if offsets is not None:
+        plain = classification_metrics(labels, probs)
+        metrics.update(test_balanced_accuracy_without_rule=plain["balanced_accuracy"],
+                       test_accuracy_without_rule=plain["accuracy"])
+    return report, {k: v for k, v in metrics.items() if v is not None}
+
+
 def log_test(logger: RunLogger, inputs: Inputs, probs, loss: float, offsets, out: Path) -> dict:
     """The saved model on the test side: `test_*` metrics of the model as saved (its decision
     rule applied), logged once, `test_*_without_rule` beside them when it has one, and the
     report's files under `test/`."""
     from skinclr.train import figures
-    from skinclr.train.metrics import apply_offsets, classification_metrics
 
-    labels = inputs.cache.labels[inputs.test_rows]
-    report = classification_metrics(labels, probs if offsets is None else apply_offsets(probs, offsets))
-    metrics = {"test_balanced_accuracy": report["balanced_accuracy"], "test_accuracy": report["accuracy"],
-               "test_loss": loss, "test_macro_f1": report["macro_f1"]}
-    metrics.update({f"test_recall_{name}": m["recall"] for name, m in report["per_class"].items()},
-                   test_roc_auc_macro=report["roc_auc_macro"])
-    if offsets is not None:
-        plain = classification_metrics(labels, probs)
-        metrics.update(test_balanced_accuracy_without_rule=plain["balanced_accuracy"],
-                       test_accuracy_without_rule=plain["accuracy"])
-    logger.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
+    report, metrics = test_scores(inputs.cache.labels[inputs.test_rows], probs, offsets)
+    logger.log_metrics({**metrics, "test_loss": loss}, step=0)
     files = figures.write_report(report, out, f"test ({len(inputs.test_rows)} held-out images), saved model")
     (out / "test_metrics.json").write_text(json.dumps(report, indent=1))
     for f in [*files, out / "test_metrics.json"]:

@@ -15,20 +15,19 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 
 from skinclr import names
-from skinclr.serve.predictor import BATCH_SIZE, Predictor, check_meta, predict_items
-from skinclr.train.metrics import apply_offsets
+from skinclr.serve.predictor import Predictor, check_meta
 from skinclr.train.models import ModelError
 
 ENSEMBLE_FILE = "ensemble.json"
 
 
-class EnsemblePredictor:
-    """A Predictor's interface over several members: `predict_proba`, `probs`, `meta`, `run_id`."""
+class EnsemblePredictor(Predictor):
+    """A Predictor over several members: its TTA, decision rule and prediction are Predictor's;
+    only the probabilities before them are the members' weighted mean (so there is no single
+    model to load, and Predictor.__init__ is not called)."""
 
     def __init__(self, members: list[Predictor], weights: list[float] | None = None, tta: str = "none",
                  offsets=None, sources: list[str | None] | None = None, run_id: str | None = None, uri: str = ""):
@@ -46,27 +45,8 @@ class EnsemblePredictor:
                                 **({"offsets": [round(float(v), 6) for v in offsets]} if offsets is not None else {})},
                                uri or "the ensemble")
 
-    @property
-    def classes(self) -> list[str]:
-        return list(names.CLASSES)
-
-    @property
-    def tta(self) -> str:
-        return self.meta["tta"]
-
-    @property
-    def offsets(self) -> list[float] | None:
-        return self.meta.get("offsets")
-
     def raw_probs(self, rgbs: list[np.ndarray], tta: str) -> np.ndarray:
         return sum(w * m.raw_probs(rgbs, tta) for w, m in zip(self.weights, self.members))
-
-    def probs(self, rgbs: list[np.ndarray]) -> np.ndarray:
-        probs = self.raw_probs(rgbs, self.tta)
-        return probs if self.offsets is None else apply_offsets(probs, self.offsets)
-
-    def predict_proba(self, images: Any, batch_size: int = BATCH_SIZE, progress: bool = False) -> np.ndarray:
-        return predict_items(self.probs, images, batch_size, progress)
 
     def with_offsets(self, offsets) -> EnsemblePredictor:
         """The same members, weights and TTA, with this decision rule."""
@@ -102,5 +82,4 @@ def write_ensemble(folder: Path, member_folders: list[Path], sources: list[str |
     doc = {"members": members, "weights": [float(w) for w in weights], "tta": tta,
            "offsets": None if offsets is None else [float(v) for v in offsets], "classes": list(names.CLASSES)}
     (folder / ENSEMBLE_FILE).write_text(json.dumps(doc, indent=1))
-    load_ensemble(folder)  # refuse, now, a folder that would not load
     return folder
