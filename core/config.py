@@ -265,7 +265,7 @@ def validate(cfg: Config) -> None:
         (cfg.finetune.select_metric in ("val_balanced_accuracy", "val_accuracy", "val_loss"),
          "finetune.select_metric", "must be val_balanced_accuracy, val_accuracy or val_loss"),
         (cfg.finetune.tta in names.TTA_MODES, "finetune.tta", "must be none, flip (4 views) or d4 (8 views)"),
-        (cfg.finetune.decision_rule in ("none", "balanced"), "finetune.decision_rule",
+        (cfg.finetune.decision_rule in names.DECISION_RULES, "finetune.decision_rule",
          "must be none (the argmax) or balanced (offsets fitted on val for balanced accuracy)"),
         (cfg.finetune.select_smoothing >= 1, "finetune.select_smoothing", "must be at least 1"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),

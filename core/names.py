@@ -29,6 +29,7 @@ TRAIN_IMAGES_TAG = "skinclr.train_images"
 TEST_FINGERPRINT_TAG = "skinclr.test_fingerprint"  # the held-out test side (data.test_fraction > 0)
 TEST_IMAGES_TAG = "skinclr.test_images"
 TTA_MODES = ("none", "flip", "d4")  # test-time augmentation: 1, 4 or 8 views of each square
+DECISION_RULES = ("none", "balanced")  # the argmax, or per-class offsets fitted for balanced accuracy
 DECISION_RULE_FILE = "decision_rule.json"  # a model's per-class logit offsets, by class, beside its report
 ENSEMBLE_TAG = "skinclr.ensemble"  # an ensemble run's member run ids, comma-separated
 TEST_ARTIFACTS = "test"  # a fine-tune's test report: its saved model on the held-out test side, scored once

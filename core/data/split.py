@@ -1,4 +1,4 @@
-"""A manifest -> a lesion-grouped, class-stratified train/val split; labelled subsets; split files.
+"""A manifest -> a lesion-grouped, class-stratified test/train/val split; labelled subsets; split files.
 
 No lesion has images on both sides of a split: two photographs of one lesion, one in train and
 one in val, would let validation reward memorising the lesion.
@@ -7,8 +7,8 @@ A split is written in one format, a CSV that reads on its own: `image,label,lesi
 (label as the class name; split train, val or test), and `copy_hash` when it is written with the
 run's cache: a perceptual hash of each image as the model saw it, by which evaluation finds the
 model's own images under other names. A test side is held out before anything else is drawn and
-no choice reads it: only the saved model is scored on it, once. A labelled subset is not part of the split: each run draws its own from the
-split, named by its label fingerprint.
+no choice reads it: only the saved model is scored on it, once. A labelled subset is not part of
+the split: each run draws its own from the split, named by its label fingerprint.
 """
 from __future__ import annotations
 

@@ -256,8 +256,7 @@ def run_finetune(cfg: Config, *, resolved: str | Path | None = None, run_id: str
             log_report(cfg, run.logger, record, folder / "report")
 
         def finish() -> None:  # the saved model's decision rule and test score, once
-            if run.leader:
-                finish_model(cfg, run.logger, inputs, saved["model"], Path(work) / "final")
+            finish_model(cfg, run.logger, inputs, saved["model"], Path(work) / "final")
 
         result = drive(cfg, loop, run, on_epoch, on_record, progress, finish)
     if result.epochs < cfg.train.epochs:

@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from skinclr.cli.commands import HANDLERS, INTERRUPT, UsageError  # noqa: E402 - after the env
-from skinclr.names import TTA_MODES  # noqa: E402
+from skinclr.names import DECISION_RULES, TTA_MODES  # noqa: E402
 from skinclr.train.methods import METHODS  # noqa: E402 - the registry alone: no torch
 
 EXAMPLES = {
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="skinclr-finetune", help="where --top looks")
     p.add_argument("--into", default="", help="experiment of the ensemble run (default: the first member's)")
     _tta_arg(p)
-    p.add_argument("--decision-rule", choices=("none", "balanced"), default="none",
+    p.add_argument("--decision-rule", choices=DECISION_RULES, default="none",
                    help="balanced: per-class offsets fitted on the members' shared val side, or out of fold")
     p.add_argument("--name", default="", help="run name (default: 'ensemble of N')")
 

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="dataset folder in the official ISIC 2018 layout")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--tta", default="d4", choices=names.TTA_MODES)
-    ap.add_argument("--rule", default="balanced", choices=("none", "balanced"))
+    ap.add_argument("--rule", default="balanced", choices=names.DECISION_RULES)
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                     help="more overrides of the study's config (e.g. train.epochs=8)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
