@@ -20,7 +20,7 @@ from skinclr import names
 from skinclr.track import tracking
 from skinclr.config import ConfigError, hash_items
 from skinclr.track.tracking import RunLogger
-from skinclr.tune.spaces import sampled_keys
+from skinclr.tune.spaces import parent_params, sampled_keys
 from skinclr.tune.plan import SweepRunConfig
 from skinclr.tune.trainables import METRICS, TrialSetup
 
@@ -70,7 +70,7 @@ def start(cfg: SweepRunConfig, folder: Path, uri: str, drawn_from: dict, space: 
                                     names.SEARCH_TAG: cfg.sweep.search,
                                     **inputs.tags()},
                               parent_run_id=parent_of)
-    parent.log_params(cfg.flat())
+    parent.log_params(parent_params(cfg.flat(), space))  # swept keys: their distribution
     with tempfile.TemporaryDirectory() as tmp:
         parent.log_artifact(cfg.save(Path(tmp) / "sweep_config.yaml"), "sweep")
         (Path(tmp) / "search_space.yaml").write_text(yaml.safe_dump(drawn_from, sort_keys=False))

@@ -175,6 +175,22 @@ def check_keys(space: dict[str, Any], cfg: Config) -> None:
         raise ConfigError("the search space does not fit the config:\n  " + "\n  ".join(problems))
 
 
+def distribution(spec: dict[str, Any]) -> str:
+    """A space entry as one readable string: `loguniform(0.05, 1.0)`, `uniform(0.08, 0.6)`,
+    `randint(5, 40)` (both ends included, as in a space file), `choice(['simclr', 'byol'])`,
+    `grid([0.1, 1.0])`."""
+    if spec["type"] in ("choice", "grid"):
+        return f"{spec['type']}({list(spec['values'])!r})"
+    return f"{spec['type']}({spec['low']!r}, {spec['high']!r})"
+
+
+def parent_params(flat: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
+    """What a sweep's parent run logs as params: the config's values, except that a swept key
+    shows the distribution its trials draw from and a key the sweep fixes shows that value (the
+    config's own value of either was never trained with)."""
+    return {**flat, **{key: distribution(spec) if isinstance(spec, dict) else spec for key, spec in space.items()}}
+
+
 def sampled_keys(space: dict[str, Any]) -> list[str]:
     """Keys that vary across trials (fixed ones are the same in every trial)."""
     return [k for k, v in space.items() if isinstance(v, dict)]

@@ -24,6 +24,7 @@ from skinclr.tune.plan import StagePlan, SweepPlan, load_run_config
 from skinclr.tune.preflight import resolve_plan
 from skinclr.tune.ray_session import ray_session
 from skinclr.tune.records import SweepOutcome
+from skinclr.tune.spaces import parent_params
 from skinclr.tune.tuner import driver_tracking_uri, run_sweep
 
 
@@ -60,7 +61,7 @@ def run_pipeline(plan: SweepPlan, on_stage: Callable[[str, str], None] | None = 
         folder.mkdir(parents=True, exist_ok=True)
         top = RunLogger.create(cfg.experiment, cfg.tracking.run_name or f"pipeline-{folder.name}",
                                tags={names.PIPELINE_PARENT_TAG: "1", names.STAGE_TAG: "pipeline"})
-        top.log_params(cfg.flat())
+        top.log_params(parent_params(cfg.flat(), plan.pretrain.space))  # swept keys: their distribution
         top.log_artifact(plan.finetune_file, "pipeline")
         state = {"run_id": top.run_id}
         state_file.write_text(json.dumps(state))

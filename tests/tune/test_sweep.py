@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from skinclr.config import Config, ConfigError
-from skinclr.tune.spaces import check_keys, load_space, narrow, pretrain_space
+from skinclr.tune.spaces import check_keys, distribution, load_space, narrow, pretrain_space
 from skinclr.names import SWEEP_STATE_FILE
 from skinclr.tune.sweep import main
 from skinclr.tune.preflight import search_space
@@ -92,6 +92,11 @@ def test_sweep_logs_one_parent_and_one_closed_child_per_trial(asha_sweep):
             assert float(child.data.tags[f"skinclr.sampled.{key}"]) == pytest.approx(float(child.data.params[key]))
     # Every trial's sampled values differ: the space was sampled, not the base config repeated.
     assert len({c.data.params["simclr.temperature"] for c in children}) == 6
+    # The parent shows what its trials drew from, never the base config's value of a swept key.
+    space = pretrain_space(["simclr"])
+    for key in ("simclr.temperature", "augment.crop_min", "augment.color_strength", "train.lr"):
+        assert parent.data.params[key] == distribution(space[key])
+    assert parent.data.params["train.epochs"] == "4" and parent.data.params["monitor.k"] == "5"
 
 
 @pytest.mark.slow  # starts Ray
@@ -305,6 +310,7 @@ def test_pipeline_fine_tunes_best_data_parallel_pretrain_trial_under_one_run(syn
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     (top,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert top.data.tags["skinclr.pipeline"] == "1"
+    assert top.data.params["simclr.temperature"] == "loguniform(0.05, 1.0)"  # the pretrain sweep's space
     under = {r.info.run_id: r for r in runs if r.data.tags.get("mlflow.parentRunId") == top.info.run_id}
     sweeps = {r.data.tags["skinclr.stage"]: r for r in under.values() if r.data.tags.get("skinclr.sweep") == "1"}
     assert set(sweeps) == {"pretrain", "finetune"}
