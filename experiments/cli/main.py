@@ -24,7 +24,7 @@ from skinclr.names import DECISION_RULES, TTA_MODES  # noqa: E402
 from skinclr.train.methods import METHODS  # noqa: E402 - the registry alone: no torch
 
 EXAMPLES = {
-    "data check": "skinclr data check ../shared/data/isic2018-task3-200x150",
+    "data check": "skinclr data check data/isic2018",
     "data synth": "skinclr data synth data/synth --n 600 --seed 0",
     "data download": "skinclr data download isic2018 --out data/isic2018",
     "pretrain": "skinclr pretrain --config experiments/cpu/simclr_pretrain.yaml --set data.root=DIR --set train.epochs=5",
@@ -82,16 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="check, synthesize or download datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = _parser(dsub, "data check", "validate a dataset folder (decodes every image) and summarise it")
-    p.add_argument("dir", type=Path, help="dataset folder in the official ISIC 2018 layout")
+    p.add_argument("dir", type=Path, help="dataset folder: the official ISIC 2018 training, validation or test "
+                   "layout, or HAM10000's metadata and images")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     p = _parser(dsub, "data synth", "write a synthetic dataset in the official ISIC 2018 training layout")
     p.add_argument("out", type=Path, help="folder to write (reused when it holds the same set)")
-    p.add_argument("--n", type=int, default=600, help="number of images")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the set")
+    p.add_argument("--n", type=int, default=600, help="number of images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the set (default: %(default)s)")
     p = _parser(dsub, "data download", "download the official ISIC 2018 Task 3 archives")
-    p.add_argument("dataset", choices=["isic2018"], help="which dataset")
-    p.add_argument("--out", type=Path, required=True, help="folder for the archives and the extracted data")
-    p.add_argument("--parts", nargs="*", default=None, help="subset of archives (default: all)")
+    p.add_argument("dataset", choices=["isic2018"], help="which dataset (isic2018: ISIC 2018 Task 3)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the archives and the extracted data: the "
+                   "training split in it, the others in its validation/ and test/ (required)")
+    p.add_argument("--parts", nargs="*", default=None, help="only these splits (training, validation, test) or "
+                   "archive names (default: all seven archives)")
     p.add_argument("--base-url", default=None, help="mirror serving the official file names "
                    "(default: the ISIC challenge's own host)")
 
@@ -106,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="labelled folder in the official layout, unseen by the "
                    "model for test numbers (required)")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics here (default: none)")
-    p.add_argument("--experiment", default="skinclr-evaluate", help="MLflow experiment of the evaluation run")
+    p.add_argument("--experiment", default="skinclr-evaluate", help="MLflow experiment of the evaluation run "
+                   "(default: %(default)s)")
     _tta_arg(p)
     p = _parser(sub, "predict", "class probabilities for images")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, runs:/RUN_ID/model or a path (required)")
@@ -114,12 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="CSV file for the probabilities (default: print only)")
     p.add_argument("--format", choices=("skinclr", "isic"), default="skinclr",
                    help="skinclr: path, probabilities, predicted class; isic: the ISIC 2018 submission (image id "
-                        "and the seven probabilities, no other column), which isic-challenge-scoring reads")
+                        "and the seven probabilities, no other column), which isic-challenge-scoring reads "
+                        "(default: %(default)s)")
     _tta_arg(p)
 
     p = _parser(sub, "sweep", "a Ray Tune sweep (ASHA + Optuna): one MLflow parent run, one child run per trial")
     _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped")
+    p.add_argument("--resume", action="store_true", help="continue a sweep whose driver stopped (default: off, "
+                   "a new sweep)")
     p = _parser(sub, "ensemble", "one model from several fine-tune runs: their mean probability, scored and logged as "
                 "a run (promoted, predicted and served like any model)")
     group = p.add_mutually_exclusive_group(required=True)
@@ -128,36 +134,41 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--parent", metavar="RUN_ID",
                        help="every finished child with a model of this study or sweep run (no default)")
     group.add_argument("--top", type=int, metavar="K", help="the best K runs of --experiment on one split (no default)")
-    p.add_argument("--experiment", default="skinclr-finetune", help="where --top looks")
+    p.add_argument("--experiment", default="skinclr-finetune", help="where --top looks (default: %(default)s)")
     p.add_argument("--into", default="", help="experiment of the ensemble run (default: the first member's)")
     _tta_arg(p)
     p.add_argument("--decision-rule", choices=DECISION_RULES, default="none",
-                   help="balanced: per-class offsets fitted on the members' shared val side, or out of fold")
+                   help="balanced: per-class offsets fitted on the members' shared val side, or out of fold; "
+                        "none: the highest mean probability wins (default: %(default)s)")
     p.add_argument("--name", default="", help="run name (default: 'ensemble of N')")
 
     p = _parser(sub, "promote", "register the best run's model; move alias champion only if it is better")
-    p.add_argument("--experiment", default="skinclr-finetune", help="experiment whose finished runs compete")
-    p.add_argument("--metric", default="val_balanced_accuracy", help="what decides (a loss is minimised)")
-    p.add_argument("--name", default="skinclr", help="registered model name")
+    p.add_argument("--experiment", default="skinclr-finetune", help="experiment whose finished runs compete "
+                   "(default: %(default)s)")
+    p.add_argument("--metric", default="val_balanced_accuracy", help="what decides (a loss is minimised; "
+                   "default: %(default)s)")
+    p.add_argument("--name", default="skinclr", help="registered model name (default: %(default)s)")
     p.add_argument("--run", default=None, help="promote this run instead of the best one (default: the best run)")
     p.add_argument("--split", default=None, metavar="FINGERPRINT", help="rank only runs validated on this "
                    "split_fingerprint (default: the champion's split)")
-    p.add_argument("--force", action="store_true", help="move the alias even if not better")
-    p.add_argument("--rollback", action="store_true", help="swap champion and previous back")
+    p.add_argument("--force", action="store_true", help="move the alias even if not better (default: off)")
+    p.add_argument("--rollback", action="store_true", help="swap champion and previous back (default: off)")
     p = _parser(sub, "report", "rebuild the paper's tables and figures from MLflow runs")
     p.add_argument("--experiment", action="append", default=None, help="experiment(s) to read (repeatable; "
                    "default: skinclr-finetune)")
-    p.add_argument("--out", type=Path, default=Path("reports"), help="folder for report.md, tables and figures")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="folder for report.md, tables and figures "
+                   "(default: %(default)s)")
     p.add_argument("--study", default=None, metavar="RUN",
                    help="the grid study (parent run id or name) for the label-efficiency section "
                         "(default: the newest study over data.label_fraction in the experiments)")
     p = _parser(sub, "quickstart", "synthetic data, a small sweep, fine-tune, evaluate, promote: minutes on a CPU")
-    p.add_argument("--workdir", type=Path, default=Path("quickstart"), help="folder for its data and Ray files")
+    p.add_argument("--workdir", type=Path, default=Path("quickstart"), help="folder for its data and Ray files "
+                   "(default: %(default)s)")
     p = _parser(sub, "gc", "delete the resume checkpoints of runs that ended (their models and backbones stay "
                 "in MLflow)")
     p.add_argument("--unfinished", action="store_true", help="also those of KILLED and FAILED runs, which then "
-                   "restart from epoch 1 instead of resuming")
-    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+                   "restart from epoch 1 instead of resuming (default: off)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted (default: off)")
     p = _parser(sub, "server", "an MLflow tracking server (UI + REST) over the project's store")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
                    "(default: %(default)s, this machine only)")
