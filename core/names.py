@@ -28,6 +28,8 @@ DATA_LAYOUT_TAG = "data_layout"
 TRAIN_IMAGES_TAG = "skinclr.train_images"
 TEST_FINGERPRINT_TAG = "skinclr.test_fingerprint"  # the held-out test side (data.test_fraction > 0)
 TEST_IMAGES_TAG = "skinclr.test_images"
+# Each side a run reads, logged as an MLflow dataset input with this context (the Dataset column).
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 TTA_MODES = ("none", "flip", "d4")  # test-time augmentation: 1, 4 or 8 views of each square
 DECISION_RULES = ("none", "balanced")  # the argmax, or per-class offsets fitted for balanced accuracy
 DECISION_RULE_FILE = "decision_rule.json"  # a model's per-class logit offsets, by class, beside its report
@@ -63,6 +65,12 @@ BEST_RUN_TAG = "skinclr.best_run_id"  # on a sweep's parent (or a report): its b
 BEST_PREFIX = "skinclr.best."  # + config key: the best trial's value, on the parent
 TRIALS_TAG = "skinclr.trials"
 TRIALS_FINISHED_TAG = "skinclr.trials_finished"
+SWEEP_STUDY_FILE = "optuna_study.log"  # in an Optuna sweep's folder: its sampler's study (an Optuna journal)
+SWEEP_CHARTS = "sweep_charts"  # on a sweep's parent: Optuna's charts of its trials, self-contained HTML
+SWEEP_HISTORY_HTML = "optimization_history.html"  # each trial's metric in trial order, and the best so far
+SWEEP_IMPORTANCES_HTML = "param_importances.html"  # how much each swept key explains of the metric
+SWEEP_PARALLEL_HTML = "parallel_coordinate.html"  # every trial's values and metric, one line each
+SWEEP_CHART_FILES = (SWEEP_HISTORY_HTML, SWEEP_IMPORTANCES_HTML, SWEEP_PARALLEL_HTML)
 
 # --- pipelines ---------------------------------------------------------------------------------
 PIPELINE_PARENT_TAG = "skinclr.pipeline"  # marks a pipeline's top run

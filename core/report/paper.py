@@ -9,7 +9,8 @@ and the figures describe the single best run (highest val balanced accuracy), re
 `report/` files it logged.
 
 Sweep trials are left out: they differ in hyperparameters, not only in seed, so their spread is
-not seed variance. The report itself becomes an MLflow run (experiment `skinclr-report`).
+not seed variance; each sweep is listed instead, with the way to its Optuna charts. The report
+itself becomes an MLflow run (experiment `skinclr-report`).
 """
 from __future__ import annotations
 
@@ -172,7 +173,8 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
 
     The paper's tables come from the plain fine-tune runs; the study section from a grid study
     (`study`, else the newest one in the experiments): label efficiency when it spans label
-    fractions, a table by init otherwise. An experiment holding only a study gets only that section."""
+    fractions, a table by init otherwise; then every sweep, with where its charts are. An experiment
+    holding only a study (or sweeps) gets only those sections."""
     out = Path(out)
     ids = experiment_ids(list(experiments))
     try:
@@ -183,7 +185,8 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
         parent = S.find_study(ids, study)
     except S.StudyError as err:
         raise ReportError(str(err)) from None
-    if not runs and parent is None:
+    sweeps = S.sweep_parents(ids)
+    if not runs and parent is None and not sweeps:
         raise no_runs
     out.mkdir(parents=True, exist_ok=True)
     parts, files, tags = [], [], {}
@@ -201,6 +204,10 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
         parts += section
         files += written
         tags[names.STUDY_RUN_TAG] = parent.info.run_id
+    if sweeps:
+        parts += [f"## Sweeps ({len(sweeps)})", "Each sweep's parent run holds its trials table (`sweep/trials.csv`) and "
+                  "Optuna's interactive charts of its trials (optimization history, parameter importances, parallel "
+                  "coordinates), which the run's Artifacts tab in the MLflow UI shows.", _markdown(S.sweeps_table(sweeps))]
 
     logger = RunLogger.create(REPORT_EXPERIMENT, run_name="report", tags={
         names.REPORT_TAG: "1", names.STAGE_TAG: "report", names.REPORT_EXPERIMENTS_TAG: ",".join(experiments), **tags})
@@ -245,7 +252,8 @@ def _paper_section(runs: list[Run], n_sweep: int, out: Path) -> tuple[list[str],
         "Validation: each run's best epoch (`best_val_balanced_accuracy`, `best_val_accuracy`). Test: the newest "
         f"`skinclr evaluate` run of the run's model on images it never trained or validated on ({DASH} when it has "
         "none). Mean ± sample standard deviation over runs (seeds); one run shows its value alone."
-        + (f" {n_sweep} sweep runs are left out: they vary hyperparameters, not only the seed." if n_sweep else ""),
+        + (f" {n_sweep} sweep runs are left out: they vary hyperparameters, not only the seed (their sweeps are "
+           "listed below)." if n_sweep else ""),
         f"## Table 2. Per-class results of the best run (`{bid}`, {init_group(best)})",
         f"Validation set of {val_metrics['num_samples']} images at epoch {best.data.tags.get(names.BEST_EPOCH_TAG, '?')}: "
         f"balanced accuracy {val_metrics['balanced_accuracy']:.4f}, accuracy {val_metrics['accuracy']:.4f}. "
@@ -269,7 +277,7 @@ def _study_section(frame: pd.DataFrame, parent: Run, out: Path) -> tuple[list[st
         table.to_csv(out / "study.csv", index=False)
         return [f"## Study `{pid}`: by init ({len(frame)} finished runs)",
                 "Each run fine-tunes with the same settings; the runs differ in their init and seed. " + note,
-                _markdown(table)], ["study.csv"]
+                _markdown(table), f"Optuna charts of the study: {S.charts_text(parent)}."], ["study.csv"]
     table.to_csv(out / "label_efficiency.csv", index=False)
     S.plot_label_efficiency(frame, out / "label_efficiency.png",
                             title=f"label efficiency, study {pid[:8]}: mean ± 1 std over seeds, lesion-grouped val")
@@ -279,4 +287,5 @@ def _study_section(frame: pd.DataFrame, parent: Run, out: Path) -> tuple[list[st
         "(`data.label_fraction`); the val side is the same for all. " + note,
         _markdown(table),
         "![label efficiency](label_efficiency.png)",
+        f"Optuna charts of the study: {S.charts_text(parent)}.",
     ], ["label_efficiency.csv", "label_efficiency.png"]

@@ -1,5 +1,6 @@
-"""Grid studies, read back from MLflow: label efficiency (val balanced accuracy and accuracy
-against the labelled fraction) and comparisons of inits (scratch and pretraining methods).
+"""Grid studies and sweeps, read back from MLflow: label efficiency (val balanced accuracy and
+accuracy against the labelled fraction), comparisons of inits (scratch and pretraining methods),
+and each sweep with the way to its Optuna charts.
 
 A study is a grid sweep (`sweep.search: grid`) over, for instance, `data.label_fraction`,
 `finetune.init` and seeds; everything here is read back from its MLflow runs, so the figure and
@@ -105,6 +106,37 @@ def study_frame(parent: Run) -> pd.DataFrame:
     order = {name: i for i, name in enumerate(init_groups())}
     frame = frame.assign(_order=frame["init"].map(lambda g: order.get(g, len(order))))
     return frame.sort_values(["_order", "label_fraction", "seed"], ignore_index=True).drop(columns="_order")
+
+
+def sweep_parents(experiment_ids: list[str]) -> list[Run]:
+    """Every sweep's parent run in the experiments (a grid study's too), newest first."""
+    return tracking.client().search_runs(experiment_ids, filter_string=f"tags.`{names.SWEEP_PARENT_TAG}` = '1'",
+                                         order_by=["attributes.start_time DESC"], max_results=1000)
+
+
+def charts_text(parent: Run) -> str:
+    """Where a sweep's Optuna charts are, in markdown: the artifact paths on its parent run, and
+    that run's link in the MLflow UI (its Artifacts tab shows them, interactive)."""
+    logged = {a.path for a in tracking.client().list_artifacts(parent.info.run_id, names.SWEEP_CHARTS)}
+    paths = [path for name in names.SWEEP_CHART_FILES if (path := f"{names.SWEEP_CHARTS}/{name}") in logged]
+    link = f"[run `{parent.info.run_id[:8]}`]({tracking.run_link(parent.info.run_id, parent.info.experiment_id)})"
+    if not paths:
+        return f"no charts on {link}"
+    return f"{', '.join(f'`{p}`' for p in paths)} on {link}"
+
+
+def sweeps_table(parents: list[Run]) -> pd.DataFrame:
+    """One row per sweep: its parent run, stage, search, trials, best score and its charts."""
+    rows = []
+    for run in parents:
+        tags, metrics = run.data.tags, run.data.metrics
+        best = next((f"{key.removeprefix('best_')} {value:.4f}" for key, value in sorted(metrics.items())
+                     if key.startswith("best_")), "—")
+        rows.append({"sweep": f"`{run.info.run_id}` ({run.info.run_name})", "stage": tags.get(names.STAGE_TAG, ""),
+                     "search": tags.get(names.SEARCH_TAG, ""), "status": run.info.status,
+                     "trials (finished)": f"{tags.get(names.TRIALS_TAG, '?')} ({tags.get(names.TRIALS_FINISHED_TAG, '?')})",
+                     "best": best, "Optuna charts (interactive HTML)": charts_text(run)})
+    return pd.DataFrame(rows)
 
 
 def pretraining_summary(run_id: str) -> str:

@@ -22,7 +22,7 @@ from skinclr.config import ConfigError, hash_items
 from skinclr.track.tracking import RunLogger
 from skinclr.tune.spaces import parent_params, sampled_keys
 from skinclr.tune.plan import SweepRunConfig
-from skinclr.tune.trainables import METRICS, TrialSetup
+from skinclr.tune.trainables import METRICS, MODE, TrialSetup
 
 SPLIT_KEYS = ("data.folds", "data.fold", "data.val_fraction", "data.split_seed")  # varied: trials split themselves
 
@@ -82,7 +82,7 @@ def start(cfg: SweepRunConfig, folder: Path, uri: str, drawn_from: dict, space: 
     setup = TrialSetup(stage=cfg.stage, base=base.to_dict(), parent_run_id=parent.run_id, tracking_uri=uri,
                        name=folder.name, storage=str(folder.parent), cpus=s.cpus_per_trial, gpus=s.gpus_per_trial,
                        workers=s.workers_per_trial)
-    state = {"setup": asdict(setup), "sampled": sampled_keys(space), "metric": METRICS[cfg.stage],
+    state = {"setup": asdict(setup), "sampled": sampled_keys(space), "metric": METRICS[cfg.stage], "mode": MODE,
              "max_t": s.max_t or cfg.train.epochs, "epochs": cfg.train.epochs}
     (folder / names.SWEEP_STATE_FILE).write_text(json.dumps(state, indent=1))
     return setup, state

@@ -3,7 +3,7 @@ the sweep comes to.
 
 Tune callbacks run in the driver: `ChildRuns` closes each trial's MLflow child run the way Tune
 ended the trial, so no run is left RUNNING; `ProgressLines` prints one line per trial epoch and
-per trial end. `finish` puts the trials table, its figure and the best trial on the parent run,
+per trial end. `finish` puts the trials table, Optuna's charts of it and the best trial on the parent run,
 read back from Tune's results and the trials' MLflow runs, so a resumed sweep sums up every
 trial, including those of the driver before it.
 """
@@ -21,7 +21,9 @@ from skinclr import names
 from skinclr.track import store, tracking
 from skinclr.track.candidates import run_score
 from skinclr.track.tracking import RunLogger
-from skinclr.tune.trainables import TrialSetup, trial_runs
+from skinclr.tune.charts import log_charts
+from skinclr.tune.plan import StagePlan
+from skinclr.tune.trainables import MODE, TrialSetup, trial_runs
 
 
 def stopped_by(result: dict[str, Any], errored: bool, max_t: int, epochs: int) -> str:
@@ -166,11 +168,12 @@ def close_interrupted(parent_run_id: str) -> None:
     RunLogger(parent_run_id).end("KILLED")
 
 
-def finish(results, setup: TrialSetup, state: dict[str, Any], folder: Path) -> SweepOutcome:
-    """Trials table, parallel-coordinates figure and the best trial, on the parent run."""
+def finish(results, setup: TrialSetup, state: dict[str, Any], plan: StagePlan) -> SweepOutcome:
+    """Trials table, Optuna's charts (skinclr.tune.charts), a static parallel-coordinates figure
+    and the best trial, on the parent run."""
     from skinclr.train.figures import plot_parallel_coordinates
 
-    metric, sampled = state["metric"], state["sampled"]
+    metric, sampled, folder = state["metric"], state["sampled"], plan.folder
     best_col = f"best_{metric}"
     table = trials_table(results, setup.parent_run_id, sampled, metric)
     parent = RunLogger(setup.parent_run_id)
@@ -183,6 +186,8 @@ def finish(results, setup: TrialSetup, state: dict[str, Any], folder: Path) -> S
             parent.log_artifact(Path(tmp) / "parallel_coordinates.png", "sweep")
         except ValueError as err:
             print(f"[sweep] no parallel-coordinates figure: {err}", flush=True)
+    log_charts(parent, folder, table, plan.space, metric, state.get("mode", MODE), plan.cfg.sweep.search,
+               f"{plan.cfg.stage} sweep {folder.name}")
     scored = table[pd.to_numeric(table[best_col], errors="coerce").notna()]
     best = scored.iloc[0] if len(scored) else None
     if best is not None:

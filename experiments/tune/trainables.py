@@ -32,6 +32,7 @@ from skinclr import names
 from skinclr.track.store import checkpoint_root
 
 METRICS = {"pretrain": "knn_balanced_accuracy", "finetune": "val_balanced_accuracy"}
+MODE = "max"  # every stage's metric is a score: the search and the charts look for its highest
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 from ray import tune
 
@@ -17,15 +18,17 @@ from skinclr.config import ConfigError
 from skinclr.track import store, tracking
 from skinclr.track.tracking import RunLogger
 from skinclr.tune.folder import read_state, start
+from skinclr.tune.charts import study_storage
 from skinclr.tune.plan import StagePlan, SweepRunConfig
 from skinclr.tune.spaces import to_tune
 from skinclr.tune.records import ChildRuns, ProgressLines, SweepOutcome, close_interrupted, finish
-from skinclr.tune.trainables import TrialSetup, make_trainable
+from skinclr.tune.trainables import MODE, TrialSetup, make_trainable
 
 
-def search_algorithm(cfg: SweepRunConfig):
+def search_algorithm(cfg: SweepRunConfig, folder: Path):
     """TPE (Optuna), random sampling or the full grid, seeded by train.seed, at most
-    max_concurrent at a time."""
+    max_concurrent at a time. Optuna keeps its study in the sweep's folder, where a resumed
+    driver's sampler finds it again and the sweep's charts read it."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if cfg.sweep.search in ("random", "grid"):
@@ -35,7 +38,8 @@ def search_algorithm(cfg: SweepRunConfig):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own progress lines
     sampler = optuna.samplers.TPESampler(seed=cfg.train.seed)
-    return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=cfg.sweep.max_concurrent)
+    searcher = OptunaSearch(sampler=sampler, study_name=folder.name, storage=study_storage(folder))
+    return ConcurrencyLimiter(searcher, max_concurrent=cfg.sweep.max_concurrent)
 
 
 def scheduler(cfg: SweepRunConfig, max_t: int, epochs: int):
@@ -93,7 +97,7 @@ def run_sweep(plan: StagePlan, parent_of: str | None = None) -> SweepOutcome:
             make_trainable(setup),
             param_space=to_tune(space),
             tune_config=tune.TuneConfig(
-                metric=state["metric"], mode="max", search_alg=search_algorithm(cfg),
+                metric=state["metric"], mode=MODE, search_alg=search_algorithm(cfg, folder),
                 num_samples=1 if grid else s.num_samples,  # a grid runs each combination once
                 # Each trial gets a fresh process: a stopped trial's thread never returns (see
                 # trainables.report_to_tune).
@@ -114,4 +118,4 @@ def run_sweep(plan: StagePlan, parent_of: str | None = None) -> SweepOutcome:
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see skinclr.tune.ray_session): Tune's state is on disk
         close_interrupted(setup.parent_run_id)
         raise
-    return finish(results, setup, state, folder)
+    return finish(results, setup, state, plan)

@@ -145,3 +145,32 @@ def test_report_errors_name_the_problem(tmp_path):
     no_metrics.end()
     with pytest.raises(ReportError, match="no finished fine-tune run with best_val_balanced_accuracy in skinclr-empty"):
         build_report(["skinclr-empty"], tmp_path)
+
+
+def test_each_sweep_is_listed_with_the_way_to_its_optuna_charts(tmp_path):
+    """A sweep's row names its parent run, links it in the MLflow UI and gives the artifact path
+    of each chart it holds; a sweep without charts says so."""
+    from skinclr import names
+
+    charted = RunLogger.create("skinclr-sweeps", run_name="sweep-a", tags={
+        names.SWEEP_PARENT_TAG: "1", names.STAGE_TAG: "pretrain", names.SEARCH_TAG: "optuna", names.TRIALS_TAG: 4,
+        names.TRIALS_FINISHED_TAG: 3})
+    (tmp_path / "charts").mkdir()
+    for name in (names.SWEEP_HISTORY_HTML, names.SWEEP_PARALLEL_HTML):
+        (tmp_path / "charts" / name).write_text("<html></html>")
+    charted.log_artifact(tmp_path / "charts", names.SWEEP_CHARTS)
+    charted.log_metrics({"best_knn_balanced_accuracy": 0.4321}, step=0)
+    charted.end()
+    bare = RunLogger.create("skinclr-sweeps", run_name="sweep-b", tags={names.SWEEP_PARENT_TAG: "1",
+                                                                        names.STAGE_TAG: "finetune"})
+    bare.end("FAILED")
+
+    text = build_report(["skinclr-sweeps"], tmp_path / "report").read_text()
+    assert "## Sweeps (2)" in text
+    row = next(line for line in text.splitlines() if f"`{charted.run_id}`" in line)
+    assert "| pretrain | optuna | FINISHED | 4 (3) | knn_balanced_accuracy 0.4321 |" in row
+    assert f"`{names.SWEEP_CHARTS}/{names.SWEEP_HISTORY_HTML}`, `{names.SWEEP_CHARTS}/{names.SWEEP_PARALLEL_HTML}`" in row
+    assert names.SWEEP_IMPORTANCES_HTML not in row
+    assert f"]({tracking.run_link(charted.run_id)})" in row
+    row = next(line for line in text.splitlines() if f"`{bare.run_id}`" in line)
+    assert f"no charts on [run `{bare.run_id[:8]}`]({tracking.run_link(bare.run_id)})" in row

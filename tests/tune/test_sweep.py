@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from skinclr.config import Config, ConfigError
 from skinclr.tune.spaces import check_keys, distribution, load_space, narrow, pretrain_space
+from skinclr import names
 from skinclr.names import SWEEP_STATE_FILE
 from skinclr.tune.sweep import main
 from skinclr.tune.preflight import search_space
@@ -122,6 +123,8 @@ def test_parent_holds_trials_table_figure_and_best_trial(asha_sweep, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
     assert {"sweep/trials.csv", "sweep/parallel_coordinates.png", "sweep/sweep_config.yaml",
             "sweep/search_space.yaml"} <= artifacts
+    charts = {a.path for a in client.list_artifacts(parent.info.run_id, names.SWEEP_CHARTS)}
+    assert charts == {f"{names.SWEEP_CHARTS}/{name}" for name in names.SWEEP_CHART_FILES}  # Optuna's, as HTML
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "sweep/trials.csv", str(tmp_path)),
                         keep_default_na=False)
     by_run = {c.info.run_id: c for c in children}
@@ -199,6 +202,9 @@ def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
         assert [s for s in steps if s < epoch] == list(range(1, epoch)), (trial_id, epoch, steps)
         assert max(steps) == int(by_trial[trial_id].data.tags["skinclr.epochs_run"])
     assert "resuming" in resumed.stdout
+    # The resumed driver draws the charts the killed one never reached, of every trial.
+    charts = {a.path for a in client.list_artifacts(parent_id, names.SWEEP_CHARTS)}
+    assert f"{names.SWEEP_CHARTS}/{names.SWEEP_HISTORY_HTML}" in charts
 
 
 @pytest.mark.slow  # starts Ray
@@ -328,6 +334,10 @@ def test_pipeline_fine_tunes_best_data_parallel_pretrain_trial_under_one_run(syn
     assert top.data.metrics["test_balanced_accuracy"] == pytest.approx(
         evaluation.data.metrics["test_balanced_accuracy"])
     assert len(runs) == 1 + 2 + 1 + 2 + 1  # top, two sweeps, their trials, the evaluation
+    # The Optuna fine-tune sweep keeps its sampler's study in its folder and draws it.
+    assert (tmp_path / "ray" / "pipeline-finetune" / names.SWEEP_STUDY_FILE).is_file()
+    charts = {a.path for a in client.list_artifacts(sweeps["finetune"].info.run_id, names.SWEEP_CHARTS)}
+    assert f"{names.SWEEP_CHARTS}/{names.SWEEP_HISTORY_HTML}" in charts
 
 
 def test_space_narrowing_fixes_and_tightens_within_the_space():

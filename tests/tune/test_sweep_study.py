@@ -15,6 +15,7 @@ from skinclr.data.manifest import read_manifest
 from skinclr.data.split import split_by_lesion
 from skinclr.report.paper import build_report
 from skinclr.run.runner import run_pretrain
+from skinclr.track import tracking
 from skinclr.tune.sweep import main
 
 FRACTIONS, SEEDS = [0.3, 1.0], [0, 1]
@@ -108,6 +109,10 @@ def test_report_draws_label_efficiency_from_the_study_runs(study):
         assert set(row["runs"].split(", ")) == {r.info.run_id for r in cell}
     text = study["report"].read_text()
     assert "## Label efficiency" in text and "label_efficiency.png" in text
+    # The study's Optuna charts, drawn from its grid's trials, are linked by artifact path and run.
+    parent = children(study["client"], "study")[0][0]
+    assert "Optuna charts of the study: `sweep_charts/optimization_history.html`" in text
+    assert f"]({tracking.run_link(parent.info.run_id, parent.info.experiment_id)})" in text
     assert "Table 1" not in text  # the experiment holds a study only
     assert "pretraining" in table and all(f"`{study['pretrain_run'][:8]}`: kNN " in cell
                                           for cell in table.loc[table["init"] == "SimCLR", "pretraining"])
