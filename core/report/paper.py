@@ -167,14 +167,14 @@ def experiment_ids(experiments: list[str]) -> list[str]:
     return ids
 
 
-def build_report(experiments: list[str], out: Path, study: str | None = None) -> Path:
+def build_report(experiments: list[str], out: Path, study: str | None = None, command: str = "") -> Path:
     """Write report.md with its tables and figures to `out`, log them as a new run of experiment
     `skinclr-report` (tag `skinclr.report=1`), and return report.md's path.
 
     The paper's tables come from the plain fine-tune runs; the study section from a grid study
     (`study`, else the newest one in the experiments): label efficiency when it spans label
     fractions, a table by init otherwise; then every sweep, with where its charts are. An experiment
-    holding only a study (or sweeps) gets only those sections."""
+    holding only a study (or sweeps) gets only those sections. `command`: the command line, tagged on the run."""
     out = Path(out)
     ids = experiment_ids(list(experiments))
     try:
@@ -189,7 +189,7 @@ def build_report(experiments: list[str], out: Path, study: str | None = None) ->
     if not runs and parent is None and not sweeps:
         raise no_runs
     out.mkdir(parents=True, exist_ok=True)
-    parts, files, tags = [], [], {}
+    parts, files, tags = [], [], {names.COMMAND_TAG: command} if command else {}
     if runs:
         section, written, best_id = _paper_section(runs, n_sweep, out)
         parts += section

@@ -2,6 +2,7 @@
 function and prints what it made. Heavy libraries load inside the command that needs them."""
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import tempfile
@@ -40,6 +41,19 @@ def cmd_data(args) -> int:
 
     download_isic2018(args.out, parts=args.parts, base_url=args.base_url)
     return 0
+
+
+def _command(args) -> str:
+    """The command line that made a run, tagged on it (names.COMMAND_TAG): it reproduces the run."""
+    return shlex.join(["skinclr", *args.argv])
+
+
+def _tag_command(run_id: str, args) -> None:
+    """Tag a run a library call made with the command line that made it."""
+    from skinclr import names
+    from skinclr.track.tracking import RunLogger
+
+    RunLogger(run_id).set_tags({names.COMMAND_TAG: _command(args)})
 
 
 def _load_config(args, stage: str | None):
@@ -83,13 +97,11 @@ def _writable(path: Path | None, flag: str, folder: bool = False) -> None:
 def cmd_train(args) -> int:
     cfg = _load_config(args, args.command)
     INTERRUPT["resumable"] = cfg.tracking.resume
-    import shlex
-
     from skinclr import names
     from skinclr.run.runner import run_finetune, run_pretrain
 
     run = run_pretrain if args.command == "pretrain" else run_finetune
-    result = run(cfg, tags={names.COMMAND_TAG: shlex.join(["skinclr", *args.argv])})
+    result = run(cfg, tags={names.COMMAND_TAG: _command(args)})
     shown = {k: round(v, 4) for k, v in result.last.items() if not k.endswith("seconds")}
     print(f"{args.command} run {result.run_id} {result.status} after {result.epochs} epochs: {shown}")
     print(f"experiment '{cfg.experiment}' in {_store()}")
@@ -106,6 +118,7 @@ def cmd_evaluate(args) -> int:
     from skinclr.report.evaluate import evaluate, format_summary
 
     result = evaluate(args.model, args.data, json_out=args.json, experiment=args.experiment, tta=args.tta)
+    _tag_command(result["run_id"], args)
     for line in result["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
     print(format_summary(result))
@@ -147,7 +160,7 @@ def cmd_sweep(args) -> int:
     from skinclr.tune.preflight import resolve_plan
     from skinclr.tune.sweep import run_plan
 
-    return run_plan(resolve_plan(cfg, resume=args.resume))
+    return run_plan(resolve_plan(cfg, resume=args.resume, command=_command(args)))
 
 
 def cmd_promote(args) -> int:
@@ -170,6 +183,7 @@ def cmd_ensemble(args) -> int:
     members = member_runs(args.runs, args.parent, args.top, args.experiment)
     result = build_ensemble(members, experiment=args.into, tta=args.tta or "none", rule=args.decision_rule,
                             run_name=args.name)
+    _tag_command(result["run_id"], args)
     print(f"ensemble of {len(members)} runs: {', '.join(result['members'])}")
     for key, value in result["scores"].items():
         print(f"{key:<40} {value:.4f}")
@@ -182,7 +196,7 @@ def cmd_report(args) -> int:
     _check_store()
     from skinclr.report.paper import build_report
 
-    out = build_report(args.experiment or ["skinclr-finetune"], args.out, study=args.study)
+    out = build_report(args.experiment or ["skinclr-finetune"], args.out, study=args.study, command=_command(args))
     print(f"report written to {out}")
     return 0
 
@@ -192,7 +206,7 @@ def cmd_quickstart(args) -> int:
     _check_store()
     from skinclr.cli.quickstart import quickstart
 
-    return quickstart(args.workdir)
+    return quickstart(args.workdir, command=_command(args))
 
 
 def cmd_gc(args) -> int:

@@ -8,6 +8,7 @@ new model is better.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -23,7 +24,9 @@ def _step(n: int, text: str) -> None:
     print(f"\n[{n}/5] {text}", flush=True)
 
 
-def quickstart(workdir: Path = Path("quickstart")) -> int:
+def quickstart(workdir: Path = Path("quickstart"), command: str = "") -> int:
+    """The quickstart in `workdir`; `command`, the command line that started it, is tagged on
+    every run it makes (default: `skinclr quickstart --workdir WORKDIR`)."""
     from skinclr.track.registry import CHAMPION, alias_version, promote
     from skinclr.data.synth import make_synthetic
     from skinclr.report.evaluate import balanced_text
@@ -41,7 +44,8 @@ def quickstart(workdir: Path = Path("quickstart")) -> int:
     test = make_synthetic(workdir / "data" / "test", n=210, seed=1)
 
     plan = resolve_plan(load_run_config(CONFIG, [f"data.root={train}", f"sweep.name=quickstart-{stamp}",
-                                                 f"sweep.storage={workdir / 'ray'}", f"sweep.eval_data={test}"]))
+                                                 f"sweep.storage={workdir / 'ray'}", f"sweep.eval_data={test}"]),
+                        command=command or shlex.join(["skinclr", "quickstart", "--workdir", str(workdir)]))
 
     def announce(stage: str, source: str) -> None:
         if stage == "pretrain":

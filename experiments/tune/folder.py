@@ -21,7 +21,7 @@ from skinclr.track import tracking
 from skinclr.config import ConfigError, hash_items
 from skinclr.track.tracking import RunLogger
 from skinclr.tune.spaces import parent_params, sampled_keys
-from skinclr.tune.plan import SweepRunConfig
+from skinclr.tune.plan import SweepRunConfig, command_tags
 from skinclr.tune.trainables import METRICS, MODE, TrialSetup
 
 SPLIT_KEYS = ("data.folds", "data.fold", "data.val_fraction", "data.split_seed")  # varied: trials split themselves
@@ -56,9 +56,10 @@ def trial_base(cfg: SweepRunConfig, split_file: Path | None, cache_dir: Path) ->
 
 
 def start(cfg: SweepRunConfig, folder: Path, uri: str, drawn_from: dict, space: dict,
-          parent_of: str | None) -> tuple[TrialSetup, dict[str, Any]]:
+          parent_of: str | None, command: str = "") -> tuple[TrialSetup, dict[str, Any]]:
     """A new sweep: decode once, pin the split, open the parent run, write the resume state (and
-    return it, with what every trial starts from)."""
+    return it, with what every trial starts from). `command` reproduces the sweep: the parent
+    and every trial carry it."""
     from skinclr.data.inputs import resolve_inputs, save_inputs
 
     inputs = resolve_inputs(cfg)  # the sweep's only scan and decode of the folder
@@ -68,7 +69,7 @@ def start(cfg: SweepRunConfig, folder: Path, uri: str, drawn_from: dict, space: 
     parent = RunLogger.create(cfg.experiment, cfg.tracking.run_name or f"sweep-{folder.name}",
                               tags={names.SWEEP_PARENT_TAG: "1", names.STAGE_TAG: cfg.stage, names.SWEEP_FOLDER_TAG: str(folder),
                                     names.SEARCH_TAG: cfg.sweep.search,
-                                    **inputs.tags()},
+                                    **inputs.tags(), **command_tags(command)},
                               parent_run_id=parent_of)
     parent.log_params(parent_params(cfg.flat(), space))  # swept keys: their distribution
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +82,7 @@ def start(cfg: SweepRunConfig, folder: Path, uri: str, drawn_from: dict, space: 
     s = cfg.sweep
     setup = TrialSetup(stage=cfg.stage, base=base.to_dict(), parent_run_id=parent.run_id, tracking_uri=uri,
                        name=folder.name, storage=str(folder.parent), cpus=s.cpus_per_trial, gpus=s.gpus_per_trial,
-                       workers=s.workers_per_trial)
+                       workers=s.workers_per_trial, command=command)
     state = {"setup": asdict(setup), "sampled": sampled_keys(space), "metric": METRICS[cfg.stage], "mode": MODE,
              "max_t": s.max_t or cfg.train.epochs, "epochs": cfg.train.epochs}
     (folder / names.SWEEP_STATE_FILE).write_text(json.dumps(state, indent=1))

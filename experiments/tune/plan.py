@@ -78,6 +78,14 @@ class StagePlan:
     space: dict[str, Any]
     folder: Path
     resume: bool = False
+    command: str = ""  # the command line that reproduces the sweep: its runs' names.COMMAND_TAG
+
+
+def command_tags(command: str) -> dict[str, str]:
+    """The tag naming the command that made a run (none when no command line is known)."""
+    from skinclr import names
+
+    return {names.COMMAND_TAG: command} if command else {}
 
 
 @dataclass
@@ -94,3 +102,7 @@ class SweepPlan:
     finetune: StagePlan | None = None
     finetune_run: SweepRunConfig | None = None
     finetune_file: Path | None = None  # the pipeline's fine-tune config, logged on its top run
+    command: str = ""  # the command line that reproduces it, tagged on every run it makes
+
+    def stages(self) -> list[StagePlan]:
+        return [s for s in (self.stage, self.pretrain, self.finetune) if s is not None]

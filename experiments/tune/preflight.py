@@ -109,17 +109,22 @@ def pipeline_plan(cfg: SweepRunConfig, extra: dict[str, str], folder: Path, resu
                      finetune=stage_plan(ft) if ft_sweeps else None, finetune_run=None if ft_sweeps else ft)
 
 
-def resolve_plan(cfg: SweepRunConfig, resume: bool = False) -> SweepPlan:
+def resolve_plan(cfg: SweepRunConfig, resume: bool = False, command: str = "") -> SweepPlan:
     """`skinclr sweep` of a loaded config, checked and resolved once: every config error, a sweep
-    already there (without --resume) or nothing to resume surfaces here, before Ray starts."""
+    already there (without --resume) or nothing to resume surfaces here, before Ray starts.
+    `command`: the command line that reproduces it, tagged on every run it makes."""
     extra = pipeline_keys(cfg)
     folder = sweep_folder(cfg, extra)
     if cfg.sweep.stage == "pipeline":
         plan = pipeline_plan(cfg, extra, folder, resume)
         check_resume(folder / names.PIPELINE_STATE_FILE, resume)
-        return plan
-    stage = stage_plan(cfg, resume, folder)
-    check_resume(folder / names.SWEEP_STATE_FILE, resume)
-    if not resume:
-        check_inits(cfg, stage.space)
-    return SweepPlan(cfg, extra, folder, resume, stage=stage)
+    else:
+        stage = stage_plan(cfg, resume, folder)
+        check_resume(folder / names.SWEEP_STATE_FILE, resume)
+        if not resume:
+            check_inits(cfg, stage.space)
+        plan = SweepPlan(cfg, extra, folder, resume, stage=stage)
+    plan.command = command
+    for stage in plan.stages():
+        stage.command = command
+    return plan

@@ -13,6 +13,7 @@ the pipeline's folder records each finished step.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ from typing import Callable
 from skinclr import names
 from skinclr.track import tracking
 from skinclr.track.tracking import RunLogger
-from skinclr.tune.plan import StagePlan, SweepPlan, load_run_config
+from skinclr.tune.plan import StagePlan, SweepPlan, command_tags, load_run_config
 from skinclr.tune.preflight import resolve_plan
 from skinclr.tune.ray_session import ray_session
 from skinclr.tune.records import SweepOutcome
@@ -60,11 +61,15 @@ def run_pipeline(plan: SweepPlan, on_stage: Callable[[str, str], None] | None = 
     else:
         folder.mkdir(parents=True, exist_ok=True)
         top = RunLogger.create(cfg.experiment, cfg.tracking.run_name or f"pipeline-{folder.name}",
-                               tags={names.PIPELINE_PARENT_TAG: "1", names.STAGE_TAG: "pipeline"})
+                               tags={names.PIPELINE_PARENT_TAG: "1", names.STAGE_TAG: "pipeline",
+                                     **command_tags(plan.command)})
         top.log_params(parent_params(cfg.flat(), plan.pretrain.space))  # swept keys: their distribution
         top.log_artifact(plan.finetune_file, "pipeline")
-        state = {"run_id": top.run_id}
+        state = {"run_id": top.run_id, "command": plan.command}
         state_file.write_text(json.dumps(state))
+    command = state.get("command") or plan.command  # what began the pipeline, for every run it makes
+    for stage in plan.stages():
+        stage.command = command
 
     def sweep_stage(stage: StagePlan) -> SweepOutcome:
         stage.resume = (stage.folder / names.SWEEP_STATE_FILE).is_file()  # this pipeline began it before
@@ -92,7 +97,8 @@ def run_pipeline(plan: SweepPlan, on_stage: Callable[[str, str], None] | None = 
         elif "finetune_run_id" in state:
             best_run, best_value = state["finetune_run_id"], state["finetune_best"]
         else:
-            best_run = run_finetune(ft_cfg, parent_run_id=top.run_id, tags={names.PIPELINE_RUN_TAG: top.run_id}).run_id
+            best_run = run_finetune(ft_cfg, parent_run_id=top.run_id,
+                                    tags={names.PIPELINE_RUN_TAG: top.run_id, **command_tags(command)}).run_id
             best_value = tracking.client().get_run(best_run).data.metrics.get("best_val_balanced_accuracy")
             record(finetune_run_id=best_run, finetune_best=best_value)
         outcome.finetune_run_id, outcome.finetune_value = best_run, best_value
@@ -108,7 +114,8 @@ def run_pipeline(plan: SweepPlan, on_stage: Callable[[str, str], None] | None = 
 
             announce("evaluate", f"runs:/{best_run}/model")
             report = evaluate(f"runs:/{best_run}/model", extra["eval_data"], experiment=cfg.experiment)
-            RunLogger(report["run_id"]).set_tags({names.PARENT_TAG: top.run_id})  # nest it under the pipeline
+            RunLogger(report["run_id"]).set_tags({names.PARENT_TAG: top.run_id, names.PIPELINE_RUN_TAG: top.run_id,
+                                                  **command_tags(command)})  # nest it under the pipeline
             top.log_metrics({"test_balanced_accuracy": report["balanced_accuracy"],
                              "test_accuracy": report["accuracy"]}, step=0)
             top.set_tags({names.EVAL_DATA_TAG: extra["eval_data"], names.EVAL_RUN_TAG: report["run_id"]})
@@ -135,6 +142,15 @@ def run_plan(plan: SweepPlan) -> int:
     return 0
 
 
+def command_line(config_path: str | Path | None, overrides: list[str] | None = None, resume: bool = False) -> str:
+    """The `skinclr sweep` command line that does what `main` is asked to."""
+    args = ["skinclr", "sweep", *(["--config", str(config_path)] if config_path else [])]
+    for override in overrides or []:
+        args += ["--set", override]
+    return shlex.join(args + (["--resume"] if resume else []))
+
+
 def main(config_path: str | Path | None, overrides: list[str] | None = None, resume: bool = False) -> int:
     """`skinclr sweep --config F [--set k=v ...] [--resume]` from Python; the exit code."""
-    return run_plan(resolve_plan(load_run_config(config_path, overrides), resume))
+    return run_plan(resolve_plan(load_run_config(config_path, overrides), resume,
+                                 command=command_line(config_path, overrides, resume)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class TrialSetup:
     cpus: float = 1.0  # per process
     gpus: float = 0.0  # per process
     workers: int = 1  # >1: data-parallel trial through Ray Train
+    command: str = ""  # the sweep's command line, tagged on every trial's run
 
     @property
     def folder(self) -> Path:
@@ -150,11 +152,36 @@ def report_to_tune(record, run_id: str) -> None:
             threading.Event().wait()
 
 
+def trial_name(trial, first: int = 0) -> str:
+    """Tune's name of a trial (its `trial_name_creator`): `trial N`, its place in the sweep counted
+    from 0 as Optuna numbers the trials of its study (the search's own count leads Tune's
+    experiment tag and starts at `first`)."""
+    head = trial.experiment_tag.split("_", 1)[0]
+    return f"trial {int(head) - first}" if head.isdigit() else trial.trial_id
+
+
+def trial_run_name(cfg: Config, params: dict[str, Any], name: str, trial_id: str) -> str:
+    """A trial's MLflow run name, saying what it is: stage, method or init, the seed when the
+    sweep varies it, and its trial number (`pretrain simclr trial 3`, `finetune from 1a2b3c4d seed
+    1 trial 5`); a trial Tune named otherwise (a sweep begun before trials were numbered) gives
+    its trial id."""
+    if cfg.stage == "pretrain":
+        what = cfg.pretrain.method
+    else:
+        init = cfg.finetune.init
+        what = ("probe " if cfg.finetune.linear_probe else "") + \
+            (init if init in ("scratch", "imagenet") else f"from {Path(init.removeprefix('runs:/')).name[:8]}")
+    seed = f" seed {cfg.train.seed}" if "train.seed" in params else ""
+    number = name.removeprefix("trial ") if re.fullmatch(r"trial \d+", name) else trial_id
+    return f"{cfg.stage} {what}{seed} trial {number}"
+
+
 def trial_tags(setup: TrialSetup, params: dict[str, Any], trial_id: str) -> dict[str, str]:
     resources = f"{setup.workers} x ({setup.cpus:g} CPU" + (f", {setup.gpus:g} GPU)" if setup.gpus else ")")
     import ray
 
     return {names.TRIAL_TAG: trial_id, names.SWEEP_RUN_TAG: setup.parent_run_id, names.TRIAL_RESOURCES_TAG: resources,
+            **({names.COMMAND_TAG: setup.command} if setup.command else {}),
             names.NODE_TAG: ray.util.get_node_ip_address(), **{f"{names.SAMPLED_PREFIX}{k}": str(v) for k, v in params.items()}}
 
 
@@ -177,7 +204,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         tune.report(done)
         return
     cfg = trial_config(setup, params)
-    cfg.tracking.run_name = context.get_trial_name()
+    cfg.tracking.run_name = trial_run_name(cfg, params, context.get_trial_name(), context.get_trial_id())
     runner = run_pretrain if setup.stage == "pretrain" else run_finetune
     runner(cfg, resolved=resolved_inputs(setup), run_id=run_id, parent_run_id=setup.parent_run_id,
            tags=trial_tags(setup, params, context.get_trial_id()), on_epoch=report_to_tune, progress=False)
@@ -223,7 +250,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     enter(setup, logs=rank == 0)
     cfg = trial_config(setup, params)
-    cfg.tracking.run_name = config["trial_name"]
+    cfg.tracking.run_name = trial_run_name(cfg, params, config["trial_name"], config["trial_id"])
     tags = trial_tags(setup, params, config["trial_id"]) if rank == 0 else {}
     run_pretrain(cfg, resolved=resolved_inputs(setup), run_id=config["run_id"], parent_run_id=setup.parent_run_id,
                  tags=tags, on_epoch=report_to_train, progress=False, distributed=True, rank=rank)

@@ -8,6 +8,8 @@ store loses runs); the callbacks close each trial's MLflow child run as Tune dec
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -22,7 +24,7 @@ from skinclr.tune.charts import study_storage
 from skinclr.tune.plan import StagePlan, SweepRunConfig
 from skinclr.tune.spaces import to_tune
 from skinclr.tune.records import ChildRuns, ProgressLines, SweepOutcome, close_interrupted, finish
-from skinclr.tune.trainables import MODE, TrialSetup, make_trainable
+from skinclr.tune.trainables import MODE, TrialSetup, make_trainable, trial_name
 
 
 def search_algorithm(cfg: SweepRunConfig, folder: Path):
@@ -81,11 +83,13 @@ def run_sweep(plan: StagePlan, parent_of: str | None = None) -> SweepOutcome:
     if plan.resume:
         state = read_state(folder, uri)
         setup = TrialSetup(**state["setup"])
+        if not setup.command:  # a sweep begun before its folder kept its command
+            setup = dataclasses.replace(setup, command=plan.command)
         RunLogger(setup.parent_run_id).reopen()
         print(f"[sweep] resuming {folder} (MLflow parent run {setup.parent_run_id})", flush=True)
         tuner = tune.Tuner.restore(str(folder), make_trainable(setup), resume_unfinished=True, resume_errored=True)
     else:
-        setup, state = start(cfg, folder, uri, plan.drawn_from, space, parent_of)
+        setup, state = start(cfg, folder, uri, plan.drawn_from, space, parent_of, plan.command)
         s = cfg.sweep
         grid = s.search == "grid"
         how = (f"grid of {math.prod(len(v) for v in s.grid.values())}, no early stops" if grid else
@@ -102,7 +106,9 @@ def run_sweep(plan: StagePlan, parent_of: str | None = None) -> SweepOutcome:
                 # Each trial gets a fresh process: a stopped trial's thread never returns (see
                 # trainables.report_to_tune).
                 scheduler=scheduler(cfg, state["max_t"], state["epochs"]),
-                trial_dirname_creator=trial_dirname, reuse_actors=False),
+                trial_dirname_creator=trial_dirname, reuse_actors=False,
+                # `trial N` from 0: a search algorithm counts its trials from 1, random and grid from 0
+                trial_name_creator=functools.partial(trial_name, first=int(s.search == "optuna"))),
             run_config=tune.RunConfig(
                 name=folder.name, storage_path=str(folder.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),

@@ -165,7 +165,8 @@ def test_each_sweep_is_listed_with_the_way_to_its_optuna_charts(tmp_path):
                                                                         names.STAGE_TAG: "finetune"})
     bare.end("FAILED")
 
-    text = build_report(["skinclr-sweeps"], tmp_path / "report").read_text()
+    command = "skinclr report --experiment skinclr-sweeps --out report"
+    text = build_report(["skinclr-sweeps"], tmp_path / "report", command=command).read_text()
     assert "## Sweeps (2)" in text
     row = next(line for line in text.splitlines() if f"`{charted.run_id}`" in line)
     assert "| pretrain | optuna | FINISHED | 4 (3) | knn_balanced_accuracy 0.4321 |" in row
@@ -174,3 +175,6 @@ def test_each_sweep_is_listed_with_the_way_to_its_optuna_charts(tmp_path):
     assert f"]({tracking.run_link(charted.run_id)})" in row
     row = next(line for line in text.splitlines() if f"`{bare.run_id}`" in line)
     assert f"no charts on [run `{bare.run_id[:8]}`]({tracking.run_link(bare.run_id)})" in row
+    c = tracking.client()
+    [report] = c.search_runs([c.get_experiment_by_name("skinclr-report").experiment_id])
+    assert report.data.tags[names.COMMAND_TAG] == command  # the command that made the report

@@ -45,8 +45,11 @@ def test_the_plan_holds_each_stage_resolved_once(tmp_path, synth_dir):
     """A pipeline's plan: the pretrain sweep and its fine-tuning resolved, folders named, the fine-tune
     config read here and nowhere below."""
     cfg = load_run_config(SWEEPS / "pipeline.yaml", [f"data.root={synth_dir}", f"sweep.storage={tmp_path}"])
-    plan = resolve_plan(cfg)
+    plan = resolve_plan(cfg, command="skinclr sweep --config experiments/sweeps/pipeline.yaml")
     assert plan.stage is None and plan.pretrain is not None
+    # every stage tags its runs with the command that reproduces the pipeline
+    assert {s.command for s in plan.stages()} == {plan.command} == {"skinclr sweep --config experiments/sweeps/pipeline.yaml"}
+    assert len(plan.stages()) == 2
     assert plan.pretrain.folder == tmp_path / f"{plan.folder.name}-pretrain"
     assert plan.pretrain.space and plan.pretrain.cfg.data.root == cfg.data.root
     fine = plan.finetune.cfg if plan.finetune else plan.finetune_run

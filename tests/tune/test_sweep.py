@@ -70,7 +70,8 @@ def asha_sweep(synth_dir, tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("SKINCLR_CACHE", str(tmp / "cache"))
         code = main(config, [])
-    return {"code": code, "client": MlflowClient(uri), "cache": tmp / "cache", "folder": tmp / "ray" / "asha"}
+    return {"code": code, "client": MlflowClient(uri), "cache": tmp / "cache", "folder": tmp / "ray" / "asha",
+            "config": config}
 
 
 @pytest.mark.slow  # starts Ray
@@ -83,6 +84,10 @@ def test_sweep_logs_one_parent_and_one_closed_child_per_trial(asha_sweep):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["skinclr.stage"] == "pretrain"
     assert len(children) == 6
+    # Each run says what it is, and carries the command that reproduces it: the sweep's.
+    assert sorted(c.info.run_name for c in children) == [f"pretrain simclr trial {i}" for i in range(6)]
+    command = f"skinclr sweep --config {asha_sweep['config']}"
+    assert {r.data.tags.get(names.COMMAND_TAG) for r in [parent, *children]} == {command}
     assert len({c.data.tags["skinclr.trial_id"] for c in children}) == 6
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -334,6 +339,12 @@ def test_pipeline_fine_tunes_best_data_parallel_pretrain_trial_under_one_run(syn
     assert top.data.metrics["test_balanced_accuracy"] == pytest.approx(
         evaluation.data.metrics["test_balanced_accuracy"])
     assert len(runs) == 1 + 2 + 1 + 2 + 1  # top, two sweeps, their trials, the evaluation
+    # Every run is named by what it is (none by MLflow's random names) and carries the pipeline's command.
+    start = pretrain.info.run_id[:8]
+    assert sorted(r.info.run_name for r in runs) == sorted([
+        "pipeline-pipeline", "sweep-pipeline-pretrain", "sweep-pipeline-finetune", "pretrain simclr trial 0",
+        f"finetune from {start} trial 0", f"finetune from {start} trial 1", "evaluate heldout"])
+    assert {r.data.tags.get(names.COMMAND_TAG) for r in runs} == {f"skinclr sweep --config {config}"}
     # The Optuna fine-tune sweep keeps its sampler's study in its folder and draws it.
     assert (tmp_path / "ray" / "pipeline-finetune" / names.SWEEP_STUDY_FILE).is_file()
     charts = {a.path for a in client.list_artifacts(sweeps["finetune"].info.run_id, names.SWEEP_CHARTS)}
@@ -389,3 +400,11 @@ def test_shipped_sweep_configs_resolve(tmp_path):
                  "studies/paper"):
         cfg, _ = load_sweep_config(REPO / "experiments" / f"{name}.yaml", [])
         search_space(cfg)
+
+
+def test_the_sweep_command_of_a_python_call_is_the_one_a_user_would_type():
+    from skinclr.tune.sweep import command_line
+
+    assert command_line("s.yaml", ["data.root=/d m", "train.epochs=2"], resume=True) == \
+        "skinclr sweep --config s.yaml --set 'data.root=/d m' --set train.epochs=2 --resume"
+    assert command_line(None) == "skinclr sweep"

@@ -16,13 +16,14 @@ import skinclr.data.inputs
 from skinclr.track import store, tracking
 from skinclr.config import load_config
 from skinclr.data.inputs import resolve_inputs, save_inputs
-from skinclr.names import EPOCHS_RUN_TAG, INPUTS_FILE, SWEEP_PARENT_TAG, TRIAL_STATE_FILE
+from skinclr.names import COMMAND_TAG, EPOCHS_RUN_TAG, INPUTS_FILE, SWEEP_PARENT_TAG, TRIAL_STATE_FILE
 from skinclr.run.runner import resume_state
 from skinclr.track.store import checkpoint_root
 from skinclr.track.tracking import RunLogger
 from skinclr.tune import trainables
 from skinclr.tune.trainables import (TrialSetup, epoch_metrics, finished_result, pointer, resolved_inputs,
-                                     restored_run, run_trial, trial_config, trial_runs, use_sweep_checkpoints)
+                                     restored_run, run_trial, trial_config, trial_name, trial_run_name, trial_runs,
+                                     use_sweep_checkpoints)
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Context:
         return self.trial_id
 
     def get_trial_name(self) -> str:
-        return f"trial_{self.trial_id}"
+        return "trial 4"  # as tuner.trial_name names it
 
 
 class Session:
@@ -73,7 +74,8 @@ def sweep(synth_dir, tmp_path, monkeypatch):
     base.data.cache_dir = str(inputs.cache.path.parent)
     parent = RunLogger.create("trials", "sweep-a", tags={SWEEP_PARENT_TAG: "1"})
     return TrialSetup(stage="pretrain", base=base.to_dict(), parent_run_id=parent.run_id,
-                      tracking_uri=store.tracking_uri(), name=folder.name, storage=str(folder.parent))
+                      tracking_uri=store.tracking_uri(), name=folder.name, storage=str(folder.parent),
+                      command="skinclr sweep --config sweep.yaml")
 
 
 def trial(setup: TrialSetup, session: Session, monkeypatch, params=None) -> None:
@@ -112,6 +114,8 @@ def test_a_killed_trial_continues_its_run_from_the_runners_checkpoint(sweep, tmp
     run = tracking.client().get_run(run_id)
     assert run.info.status == "FINISHED" and knn_steps(run_id) == [1, 2, 3]
     assert run.data.params["simclr.temperature"] == "0.3" and run.data.tags["skinclr.sampled.simclr.temperature"] == "0.3"
+    assert run.info.run_name == "pretrain simclr trial 4"  # what it is, not Ray's generated name
+    assert run.data.tags[COMMAND_TAG] == "skinclr sweep --config sweep.yaml"  # its sweep's command
 
     again = Session(keep, restored=keep / "epoch3")  # ended just before its driver was killed
     trial(sweep, again, monkeypatch)
@@ -155,6 +159,27 @@ def test_every_process_of_a_trial_keeps_the_runners_checkpoints_in_one_place(swe
     server = TrialSetup(**{**sweep.__dict__, "tracking_uri": "http://tracking:5000"})
     use_sweep_checkpoints(server)  # a cluster: the sweep's folder, which every node reads
     assert checkpoint_root() == Path(sweep.storage) / sweep.name / "runner-checkpoints"
+
+
+def test_a_trial_is_named_by_its_stage_method_or_init_and_number():
+    @dataclass
+    class Trial:  # what Tune hands a trial_name_creator
+        experiment_tag: str
+        trial_id: str = "5a1b2_00003"
+
+    # Optuna's search counts from 1, random and grid from 0; the name counts from 0 like Optuna's study
+    assert trial_name(Trial("4_simclr.temperature=0.2"), first=1) == "trial 3"
+    assert trial_name(Trial("3_simclr.temperature=0.2")) == "trial 3"
+    assert trial_name(Trial("")) == "5a1b2_00003"
+    pretrain = load_config(None, {"pretrain.method": "byol"}, stage="pretrain")
+    assert trial_run_name(pretrain, {"byol.momentum": 0.99}, "trial 3", "x") == "pretrain byol trial 3"
+    finetune = load_config(None, {"finetune.init": "runs:/0123456789abcdef", "train.seed": 2}, stage="finetune")
+    assert trial_run_name(finetune, {"train.lr": 0.1}, "trial 0", "x") == "finetune from 01234567 trial 0"
+    assert trial_run_name(finetune, {"train.seed": 2}, "trial 5", "x") == "finetune from 01234567 seed 2 trial 5"
+    finetune.finetune.init, finetune.finetune.linear_probe = "imagenet", True
+    assert trial_run_name(finetune, {}, "trial 1", "x") == "finetune probe imagenet trial 1"
+    # a sweep begun before trials were numbered: Tune's own name, so the trial id
+    assert trial_run_name(pretrain, {}, "run_trial_5a1b2_00003", "5a1b2_00003") == "pretrain byol trial 5a1b2_00003"
 
 
 def test_epoch_metrics_carry_the_epoch_the_stop_and_the_run():
