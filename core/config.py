@@ -50,7 +50,8 @@ def _renamed(key: str) -> str:
 
 # Keys added since runs were first logged, with the value that means "as before": a config that
 # leaves one there hashes as it did before the key existed.
-ADDED = {"data.test_fraction": 0.0, "data.test_seed": 0, "finetune.tta": "none", "finetune.decision_rule": "none"}
+ADDED = {"data.test_fraction": 0.0, "data.test_seed": 0, "finetune.tta": "none", "finetune.decision_rule": "none",
+         "tracking.system_metrics": True}
 
 
 def hash_items(cfg: Config) -> dict[str, Any]:

@@ -118,6 +118,7 @@ class TrackingConfig:
     run_name: str = ""
     resume: bool = True  # an unfinished run with the same config resumes instead of restarting
     retry_seconds: float = -1.0  # how long a run waits for a store that went away; -1: $SKINCLR_TRACKING_RETRY_S or 300
+    system_metrics: bool = True  # MLflow's system metrics (CPU, memory, disk, network, GPU) every 10 s, per run
 
 
 @dataclass

@@ -12,6 +12,8 @@ CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 PARENT_TAG = "mlflow.parentRunId"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 NOTE_TAG = "mlflow.note.content"  # the description the UI shows
+SOURCE_NAME_TAG = "mlflow.source.name"  # the runs table's Source column
+SOURCE_TYPE_TAG = "mlflow.source.type"
 KIND_TAG = "mlflow.experimentKind"  # custom_model_development: the UI's model-training view
 
 # --- every run ---------------------------------------------------------------------------------

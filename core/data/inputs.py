@@ -21,7 +21,7 @@ from skinclr.data.cache import CachedDataset, ImageCache, build_cache
 from skinclr.config import Config, ConfigError
 from skinclr.data.manifest import Manifest, read_manifest
 from skinclr.data.problems import DataError
-from skinclr.data.split import (check_split, label_fingerprint, label_subset, load_split, save_split,
+from skinclr.data.split import (check_split, label_fingerprint, label_subset, load_split, save_split, side_fingerprint,
                                 split_by_lesion, split_fingerprint, test_fingerprint)
 from skinclr import names
 
@@ -66,6 +66,20 @@ class Inputs:
         if self.missing_classes:
             tags[names.MISSING_CLASSES_TAG] = ",".join(self.missing_classes)
         return tags
+
+    def sides(self) -> list[dict]:
+        """What a run learned from and was checked on, one entry per side (train, val, test where
+        there is one): its name, fingerprint, folder, MLflow context and a profile (images per class)."""
+        out = []
+        for part, rows in (("train", self.train_rows), ("val", self.val_rows), ("test", self.test_rows)):
+            if len(rows):
+                counts = np.bincount(self.cache.labels[rows], minlength=len(names.CLASSES))
+                out.append({"name": f"{self.manifest.root.name} {part}", "digest": side_fingerprint(self.split, part),
+                            "source": str(self.manifest.root), "context": names.DATASET_CONTEXTS[part],
+                            "profile": {"images": int(len(rows)), "per_class": dict(zip(names.CLASSES, counts.tolist())),
+                                        "data_fingerprint": self.manifest.fingerprint,
+                                        "split_fingerprint": self.split_fingerprint}})
+        return out
 
 
 def resolve_inputs(cfg: Config, progress: bool = True) -> Inputs:

@@ -139,8 +139,17 @@ def label_fingerprint(split: pd.DataFrame) -> str:
 
 def test_fingerprint(split: pd.DataFrame) -> str:
     """Names the held-out test images ("" without a test split): runs that share it can be compared on it."""
-    test = sorted(split.loc[split["split"] == "test", "image"])
-    return hashlib.sha256(f"test:{','.join(test)}".encode()).hexdigest()[:16] if test else ""
+    return side_fingerprint(split, "test")
+
+
+def side_fingerprint(split: pd.DataFrame, part: str) -> str:
+    """Names the images of one side ("" when it has none): the train side as trained on (its
+    labelled subset under data.label_fraction < 1), val, or test."""
+    rows = split["split"] == part
+    if part == "train" and "labelled" in split:
+        rows &= split["labelled"].astype(bool)
+    images = sorted(split.loc[rows, "image"])
+    return hashlib.sha256(f"{part}:{','.join(images)}".encode()).hexdigest()[:16] if images else ""
 
 
 def split_fingerprint(split: pd.DataFrame) -> str:

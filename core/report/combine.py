@@ -25,7 +25,7 @@ from skinclr.data.manifest import read_manifest
 from skinclr.run.records import test_scores
 from skinclr.serve.ensemble import EnsemblePredictor, write_ensemble
 from skinclr.serve.predictor import Predictor, predict_items
-from skinclr.serve.pyfunc import save_ensemble_pyfunc
+from skinclr.serve.pyfunc import example_image, log_ensemble
 from skinclr.track import tracking
 from skinclr.track.candidates import PromotionError, has_model, run_score
 from skinclr.track.tracking import RunLogger, ending
@@ -71,11 +71,11 @@ def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule:
         folders, splits = [], []
         for i, run in enumerate(members):
             logger = RunLogger(run.info.run_id)
-            model = logger.download(f"{names.MODEL_ARTIFACT}/artifacts", tmp / f"m{i}")
+            model = logger.download(names.MODEL_ARTIFACT, tmp / f"m{i}")
             split = logger.download("split.csv", tmp / f"s{i}")
-            if model is None or split is None:
+            if model is None or not (model / "artifacts").is_dir() or split is None:
                 raise PromotionError(f"run {run.info.run_id} lacks its model files or split.csv: not a fine-tune run")
-            folders.append(model)
+            folders.append(model / "artifacts")
             splits.append(pd.read_csv(split, dtype={"image": str, "copy_hash": str}).set_index("image"))
         ids = [r.info.run_id for r in members]
         sides = [s["split"] for s in splits]
@@ -120,6 +120,14 @@ def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule:
         return _log(members, splits, folders, model, offsets, scores, reports, experiment, tta, rule, run_name, tmp)
 
 
+def _shared_sides(members) -> list:
+    """The dataset inputs every member logged (a fold ensemble's members share only the test side)."""
+    def sides(run) -> dict:
+        return {(d.dataset.name, d.dataset.digest): d for d in (run.inputs.dataset_inputs if run.inputs else [])}
+    common = set.intersection(*(set(sides(run)) for run in members))
+    return [d for key, d in sides(members[0]).items() if key in common]
+
+
 def _log(members, splits, folders, model, offsets, scores, reports, experiment, tta, rule, run_name, tmp: Path) -> dict:
     first = members[0].data.tags
     tags = {names.STAGE_TAG: "ensemble", names.DATA_FINGERPRINT_TAG: first.get(names.DATA_FINGERPRINT_TAG, ""),
@@ -134,8 +142,11 @@ def _log(members, splits, folders, model, offsets, scores, reports, experiment, 
         logger.log_params({"members": ",".join(model.meta["ensemble"]), "weights": model.meta["weights"], "tta": tta,
                            "decision_rule": rule})
         logger.log_metrics(scores, step=0)
+        shared = _shared_sides(members)
+        if shared:
+            logger.client.log_inputs(logger.run_id, datasets=shared)
         folder = write_ensemble(tmp / "ensemble", folders, model.meta["ensemble"], model.meta["weights"], tta, offsets)
-        logger.log_artifact(save_ensemble_pyfunc(tmp / names.MODEL_ARTIFACT, folder), names.MODEL_ARTIFACT)
+        log_ensemble(logger, folder, example_image(folders[0].parent, tmp / "example"))
         sides = pd.concat([s["split"] for s in splits], axis=1).reindex(splits[0].index)
         seen = splits[0].drop(columns="split").assign(
             split=[next((r for r in ("train", "val") if (row == r).any()), "test") for row in sides.to_numpy()])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,7 @@ from skinclr.runtime import BusyError, lock
 from skinclr.runtime import check_devices, describe_device, load_checkpoint, pick_device, save_atomic
 from skinclr.data.split import save_split
 from skinclr.track.tracking import RunLogger
-from skinclr.run.records import finish_model, log_report
+from skinclr.run.records import example_image, finish_model, log_report, log_sides
 from skinclr import names
 
 OnEpoch = Callable[[EpochRecord, str], None]  # (record, run id), called once the epoch's checkpoint is on disk
@@ -157,6 +158,7 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
                 logger.reopen()
             logger.set_tags({**inputs.tags(), names.DEVICE_TAG: device, **(tags or {})})
             logger.log_params(cfg.flat())
+            log_sides(logger, inputs.sides())
             with tempfile.TemporaryDirectory() as tmp:
                 logger.log_artifact(cfg.save(Path(tmp) / names.CONFIG_ARTIFACT))
                 logger.log_artifact(save_split(inputs.split, Path(tmp) / "split.csv", inputs.cache))
@@ -182,7 +184,7 @@ def drive(cfg: Config, loop, run: Run, on_epoch: OnEpoch | None,
                disable=not progress)
     last, best, epoch = {}, None, start
     try:
-        with tracking.ending(logger):
+        with tracking.ending(logger), system_metrics(cfg, logger.run_id if run.leader else None, resumed=start > 0):
             for record in loop:
                 epoch, last = record.epoch, record.metrics
                 logger.log_metrics(record.metrics, step=record.epoch)
@@ -210,6 +212,27 @@ def drive(cfg: Config, loop, run: Run, on_epoch: OnEpoch | None,
         shutil.rmtree(run.folder, ignore_errors=True)
     _release(logger.run_id)  # last: until now another process must not take the run for unfinished
     return RunResult(logger.run_id, "FINISHED", last, best, epoch)
+
+
+@contextmanager
+def system_metrics(cfg: Config, run_id: str | None, resumed: bool):
+    """MLflow's own system metrics (`system/...`: CPU, memory, disk, network and, where present,
+    GPU utilisation and memory) sampled every 10 s on a background thread while the run trains
+    (`tracking.system_metrics`). A process-wide sampler: a trial sharing a GPU sees the whole card."""
+    if not (cfg.tracking.system_metrics and run_id):
+        yield
+        return
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop notices are not news
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=store.tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def run_pretrain(cfg: Config, *, resolved: str | Path | None = None, run_id: str | None = None,
@@ -249,14 +272,16 @@ def run_finetune(cfg: Config, *, resolved: str | Path | None = None, run_id: str
         check_batches(cfg, inputs)
         run = open_run(cfg, inputs, run_id, parent_run_id, {**init_tags, **(tags or {})})
         loop = finetune(cfg, inputs, resume=run.state, pretrain_checkpoint=checkpoint, progress=progress)
-        saved = {"model": (run.state or {}).get("best_model")}  # the model the run saves, as it stands
+        saved = {"model": (run.state or {}).get("best_model"),  # the model the run saves, as it stands
+                 "epoch": int(run.logger.run.data.tags.get(names.BEST_EPOCH_TAG, 0)) if run.state else 0}
 
         def on_record(record: EpochRecord, _state: dict, folder: Path) -> None:
             saved["model"] = record.best_model
-            log_report(cfg, run.logger, record, folder / "report")
+            saved["epoch"] = record.epoch if record.is_best else saved["epoch"]
+            log_report(cfg, run.logger, record, folder / "report", example_image(inputs))
 
         def finish() -> None:  # the saved model's decision rule and test score, once
-            finish_model(cfg, run.logger, inputs, saved["model"], Path(work) / "final")
+            finish_model(cfg, run.logger, inputs, saved["model"], Path(work) / "final", saved["epoch"])
 
         result = drive(cfg, loop, run, on_epoch, on_record, progress, finish)
     if result.epochs < cfg.train.epochs:

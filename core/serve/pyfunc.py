@@ -1,15 +1,17 @@
-"""The servable model: a fine-tune run's classifier as an MLflow pyfunc folder.
+"""The servable model: a fine-tune run's classifier as an MLflow pyfunc model.
 
-A fine-tune run logs its classifier once, as an MLflow pyfunc folder under the artifact path
-`model` (what `mlflow.pyfunc.load_model`, the model registry and `mlflow models serve` take).
-Its `artifacts/` folder holds two plain files, the weights (`classifier.pt`, a state_dict for
-`torch.load`) and a `meta.json` naming the backbone, input size and aspect policy, so the model
-preprocesses the way its training data was cached whoever loads it.
+A fine-tune (or ensemble) run logs its classifier as an MLflow 3 logged model named `model`: the
+run's Models column and the experiment's Models tab show it, `runs:/RUN_ID/model`, the registry
+and `mlflow models serve` take it. Its `artifacts/` folder holds two plain files, the weights
+(`classifier.pt`, a state_dict for `torch.load`) and a `meta.json` naming the backbone, input
+size and aspect policy, so the model preprocesses the way its training data was cached whoever
+loads it. Its signature says what REST clients send (base64 images in the column `image`) and
+get (seven probabilities named by class); its input example is one of the run's own images.
 
-The pyfunc folder is written with `mlflow.pyfunc.save_model` and uploaded as plain artifacts
-(no active run, no LoggedModel), and it carries a copy of the `core` package: serving it needs
-neither this checkout nor an install of it, and keeps the preprocessing code it was trained with.
-core/serve/uris.py loads a model back by URI.
+The folder carries a copy of the library as `skinclr`: serving it needs neither this checkout
+nor an install of it, and keeps the preprocessing code it was trained with. Models logged by
+runs from before logged models are plain `model/` artifact folders and still load.
+skinclr/serve/uris.py loads a model back by URI.
 """
 from __future__ import annotations
 
@@ -20,20 +22,24 @@ import json
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.models import ModelSignature
-from mlflow.types.schema import AnyType, ColSpec, Schema
+from mlflow.models import Model, ModelSignature
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 
 import skinclr
 from skinclr import names
 from skinclr.train.models import ModelError, build_classifier
 from skinclr.serve.predictor import Predictor, check_meta, model_meta
+from skinclr.track.candidates import logged_model
+from skinclr.track.store import retrying
 from skinclr.track.tracking import RunLogger
 
 LIBRARY = Path(skinclr.__file__).resolve().parent  # the library's wings (core/), without tune and cli
@@ -72,16 +78,33 @@ def _write_weights(folder: Path, state_dict: dict, backbone: str, image_size: in
     return folder / names.WEIGHTS_FILE, folder / names.META_FILE
 
 
-def _input_example() -> pd.DataFrame:
-    """A tiny base64 PNG: shows REST clients the input format, and passes the signature check."""
+def _input_example(image: str | Path | None = None) -> pd.DataFrame:
+    """One image as REST clients send it (base64 in the column `image`): a real image of the run's
+    data when given (shrunk to at most 256 px, so the example stays a few kilobytes), else a
+    tiny plain square. MLflow scores it through the saved model, so a folder that cannot predict
+    is never logged."""
+    picture = Image.open(image).convert("RGB") if image else Image.fromarray(np.full((8, 8, 3), (150, 100, 80), np.uint8))
+    picture.thumbnail((256, 256))
     buf = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), (150, 100, 80), dtype=np.uint8)).save(buf, format="PNG")
+    picture.save(buf, format="JPEG", quality=90)
     return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode("ascii")]})
 
 
+def example_image(model_folder: Path, out: Path) -> Path | None:
+    """The image a pyfunc folder ships as its input example, written to `out` (None if it has none):
+    an ensemble shows its members' example."""
+    try:
+        frame = Model.load(model_folder).load_input_example(str(model_folder))
+        out.write_bytes(base64.b64decode(frame["image"].iloc[0]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, mlflow.exceptions.MlflowException):
+        return None
+    return out
+
+
 def signature() -> ModelSignature:
-    """`image` is typed `any` so in-process callers may also pass uint8 arrays through the pyfunc."""
-    return ModelSignature(inputs=Schema([ColSpec(AnyType(), "image")]),
+    """What REST clients send and get: a column `image` of base64-encoded image files (file paths
+    also work in-process), and the seven class probabilities, named by class."""
+    return ModelSignature(inputs=Schema([ColSpec("string", "image")]),
                           outputs=Schema([ColSpec("double", c) for c in names.CLASSES]))
 
 
@@ -90,21 +113,22 @@ def _requirements() -> list[str]:
 
 
 def save_pyfunc(path: str | Path, state_dict: dict, backbone: str, image_size: int, aspect: str,
-                tta: str = "none", offsets=None) -> Path:
+                tta: str = "none", offsets=None, example: str | Path | None = None) -> Path:
     """Write the pyfunc folder (MLmodel, weights, meta, a copy of the library as `skinclr`, pinned
     requirements): the folder loads where skinclr is not installed. `tta` is the test-time
-    augmentation it predicts (and serves) with, `offsets` its decision rule (None: the argmax)."""
+    augmentation it predicts (and serves) with, `offsets` its decision rule (None: the argmax),
+    `example` an image file shipped as its input example."""
     with tempfile.TemporaryDirectory() as tmp:
         weights, meta = _write_weights(Path(tmp), state_dict, backbone, image_size, aspect, tta, offsets)
-        return _save(Path(path), {"weights": str(weights), "meta": str(meta)})
+        with _flavor({"weights": str(weights), "meta": str(meta)}, example) as flavor:
+            mlflow.pyfunc.save_model(str(path), **flavor)
+    return Path(path)
 
 
-def save_ensemble_pyfunc(path: str | Path, ensemble_folder: Path) -> Path:
-    """The pyfunc folder of an ensemble (skinclr/serve/ensemble.py): its folder is the one artifact."""
-    return _save(Path(path), {"ensemble": str(ensemble_folder)})
-
-
-def _save(path: Path, artifacts: dict[str, str]) -> Path:
+@contextmanager
+def _flavor(artifacts: dict[str, str], example: str | Path | None):
+    """The pyfunc flavor's arguments: the files, a copy of the library as `skinclr` (tune and cli
+    left out), the signature, an input example and pinned requirements."""
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
     # MLflow warns that a Python object is pickled (this one holds no state: the weights are plain
@@ -114,19 +138,39 @@ def _save(path: Path, artifacts: dict[str, str]) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             library = shutil.copytree(LIBRARY, Path(tmp) / "skinclr",
                                       ignore=shutil.ignore_patterns("__pycache__", "tune", "cli"))
-            mlflow.pyfunc.save_model(str(path), python_model=SkinLesionClassifier(), artifacts=artifacts,
-                                     code_paths=[str(library)], signature=signature(),
-                                     input_example=_input_example(), pip_requirements=_requirements())
+            yield dict(python_model=SkinLesionClassifier(), artifacts=artifacts, code_paths=[str(library)],
+                       signature=signature(), input_example=_input_example(example), pip_requirements=_requirements())
     finally:
         pyfunc_log.setLevel(level)
-    return path
 
 
 def log_model(logger: RunLogger, state_dict: dict, backbone: str, image_size: int, aspect: str,
-              tta: str = "none", offsets=None) -> str:
-    """Log the pyfunc under `model`; returns the model URI. Logging again (a better epoch)
-    overwrites it in place."""
+              tta: str = "none", offsets=None, example: str | Path | None = None, step: int = 0) -> str:
+    """Log the classifier as the run's MLflow logged model `model` (the Models column and tab,
+    `runs:/RUN_ID/model`); returns that URI. `step` is the epoch it comes from: the run's metrics
+    at that step are linked to it. Logging again (a better epoch, its decision rule) replaces it:
+    a run has one model."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_pyfunc(Path(tmp) / names.MODEL_ARTIFACT, state_dict, backbone, image_size, aspect, tta, offsets)
-        logger.log_artifact(folder, names.MODEL_ARTIFACT)
+        weights, meta = _write_weights(Path(tmp), state_dict, backbone, image_size, aspect, tta, offsets)
+        return _log(logger, {"weights": str(weights), "meta": str(meta)}, example, step)
+
+
+def log_ensemble(logger: RunLogger, ensemble_folder: Path, example: str | Path | None = None) -> str:
+    """Log an ensemble's folder (skinclr/serve/ensemble.py) as the run's logged model `model`."""
+    return _log(logger, {"ensemble": str(ensemble_folder)}, example, 0)
+
+
+def _log(logger: RunLogger, artifacts: dict[str, str], example: str | Path | None, step: int) -> str:
+    run = logger.run
+    before = logged_model(logger.client, logger.run_id, run)
+    # created here, in the run's experiment (MLflow's log_model would put it in the active one)
+    model = retrying("logging the model", lambda: logger.client.create_logged_model(
+        run.info.experiment_id, names.MODEL_ARTIFACT, source_run_id=logger.run_id, params=run.data.params))
+    with _flavor(artifacts, example) as flavor:
+        retrying("logging the model", lambda: Model.log(None, mlflow.pyfunc, name=names.MODEL_ARTIFACT, run_id=logger.run_id,
+                                                         step=step, model_id=model.model_id, **flavor))
+    if before is not None:  # the model it replaces, and its files (a ResNet-18's weights are ~45 MB)
+        retrying("replacing the model", lambda: logger.client.delete_logged_model(before.model_id))
+        with suppress(Exception):  # best effort: a store that cannot delete files keeps them, the model is gone
+            get_artifact_repository(before.artifact_location).delete_artifacts()
     return f"runs:/{logger.run_id}/{names.MODEL_ARTIFACT}"

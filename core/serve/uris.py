@@ -120,15 +120,19 @@ def _parse_runs_uri(uri: str) -> tuple[str, str]:
     from mlflow.exceptions import MlflowException
 
     from skinclr.track import tracking
+    from skinclr.track.candidates import logged_model
 
     run_id, _, artifact = uri[len("runs:/"):].strip("/").partition("/")
     artifact = artifact or names.MODEL_ARTIFACT
+    c = tracking.client()
     try:
-        logged = [a.path for a in tracking.client().list_artifacts(run_id)]
+        run = c.get_run(run_id)
+        logged = [a.path for a in c.list_artifacts(run_id)]
     except MlflowException:
         raise ModelNotFound(f"model '{uri}': no run {run_id!r} in the tracking store {store.tracking_uri()}; "
                             "check the run id and MLFLOW_TRACKING_URI") from None
-    if artifact.split("/")[0] not in logged:
+    top = artifact.split("/")[0]
+    if top not in logged and not (top == names.MODEL_ARTIFACT and logged_model(c, run_id, run) is not None):
         raise ModelNotFound(f"model '{uri}': run {run_id} has no '{artifact}' artifact (it has: "
                             f"{', '.join(logged) or 'nothing'}); only fine-tune runs log a model")
     return run_id, artifact

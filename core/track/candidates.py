@@ -58,8 +58,26 @@ def run_score(client: MlflowClient, run: Run, metric: str) -> tuple[float, str] 
     return pick(values), f"{pick.__name__} of {metric} history"
 
 
+def logged_model(client: MlflowClient, run_id: str, run: Run | None = None):
+    """The run's model as an MLflow logged model (what a fine-tune or ensemble logs): the one named
+    `model` at the run's latest step (a deleted one is not found), or None (a run from before logged models holds a
+    plain `model/` artifact folder instead)."""
+    run = run or client.get_run(run_id)
+    steps = {o.model_id: o.step for o in (run.outputs.model_outputs if run.outputs else [])}
+    found = []
+    for model_id, step in steps.items():
+        try:
+            model = client.get_logged_model(model_id)
+        except MlflowException:
+            continue
+        if model.name == names.MODEL_ARTIFACT:
+            found.append((step, model.creation_timestamp, model))
+    return max(found, key=lambda item: item[:2])[2] if found else None
+
+
 def has_model(client: MlflowClient, run_id: str) -> bool:
-    return any(a.path == f"{names.MODEL_ARTIFACT}/MLmodel" for a in client.list_artifacts(run_id, names.MODEL_ARTIFACT))
+    return logged_model(client, run_id) is not None or any(
+        a.path == f"{names.MODEL_ARTIFACT}/MLmodel" for a in client.list_artifacts(run_id, names.MODEL_ARTIFACT))
 
 
 def trained_nothing(run) -> bool:

@@ -1,6 +1,7 @@
 """The model registry: register a fine-tune run's model, move alias `champion` only forward.
 
-A promotion registers `runs:/RUN_ID/model` as a new version of the registered model, then moves
+A promotion registers the run's logged model `model` as a new version of the registered model (the
+version links to it, and its page lists the version), then moves
 `champion` to it if, and only if, it beats the current champion on the same validation split
 (different splits give incomparable numbers). Only runs on the champion's split compete for
 it (or on `--split`; with no champion yet, the runs must share one split; core/track/candidates.py
@@ -32,6 +33,7 @@ Two failure modes are designed out:
 """
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -40,10 +42,11 @@ from typing import Iterator
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from skinclr import names
 from skinclr.track import store, tracking
-from skinclr.track.candidates import Candidate, PromotionError, beats, run_score, select_candidate
+from skinclr.track.candidates import Candidate, PromotionError, beats, logged_model, run_score, select_candidate
 from skinclr.runtime import BusyError, lock
 
 CHAMPION, PREVIOUS = "champion", "previous"
@@ -97,8 +100,15 @@ def register(client: MlflowClient, name: str, cand: Candidate, metric: str) -> M
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    return client.create_model_version(name, source=f"runs:/{cand.run_id}/{names.MODEL_ARTIFACT}", run_id=cand.run_id,
-                                       tags=_version_tags(cand, metric), description=_description(cand, metric))
+    model = logged_model(client, cand.run_id)  # None for a run from before logged models: its artifact folder
+    version = client.create_model_version(
+        name, source=f"models:/{model.model_id}" if model else f"runs:/{cand.run_id}/{names.MODEL_ARTIFACT}",
+        run_id=cand.run_id, tags=_version_tags(cand, metric), description=_description(cand, metric),
+        model_id=model.model_id if model else None)
+    if model is not None:  # the logged model's page lists the versions made from it, as MLflow's own register does
+        made = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS, "[]")) + [{"name": name, "version": version.version}]
+        client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(made)})
+    return version
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,10 +26,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-from skinclr.track.tracking import experiment_links, experiments_link
+from skinclr import names
+from skinclr.track.tracking import KIND, experiment_link, experiments_link
 from skinclr.track.store import artifact_root, sqlite_path, tracking_uri
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def experiment_links(base: str, store: str, limit: int = 10) -> list[str]:
+    """Lines naming the store's skinclr experiments (newest first) with a link to each one's runs
+    (the experiments list opens them too, in this server's UI: skinclr/track/ui_app.py)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    try:
+        found = MlflowClient(tracking_uri=store).search_experiments(
+            filter_string=f"tags.`{names.KIND_TAG}` = '{KIND}'", max_results=limit, order_by=["last_update_time DESC"])
+    except mlflow.exceptions.MlflowException:
+        return []
+    width = max((len(e.name) for e in found), default=0)
+    return [f"  {'runs of' if i == 0 else '':<10} {e.name:<{width}}  {experiment_link(e.experiment_id, base)}"
+            for i, e in enumerate(found)]
 
 
 def _reachable_address(host: str) -> str:
@@ -69,7 +86,7 @@ def allowed_hosts(address: str, port: int) -> str:
 def server_command(host: str, port: int, backend_store_uri: str, artifacts_destination: str) -> list[str]:
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
             "--serve-artifacts", "--artifacts-destination", artifacts_destination,
-            "--host", host, "--port", str(port)]
+            "--host", host, "--port", str(port), "--app-name", "skinclr"]  # skinclr/track/ui_app.py
 
 
 def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None,

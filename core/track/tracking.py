@@ -144,6 +144,12 @@ def find_run(id_or_name: str, stage: str | None = None) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def _source(tags: dict[str, Any]) -> dict[str, str]:
+    """The runs table's Source column: the skinclr command that made the run (its full line is the command tag)."""
+    command = str(tags.get(names.COMMAND_TAG, "")).split()
+    return {names.SOURCE_NAME_TAG: " ".join(command[:2]), names.SOURCE_TYPE_TAG: "LOCAL"} if command else {}
+
+
 class RunLogger:
     """One MLflow run, written through the client: batched metrics, params, tags, files.
 
@@ -159,7 +165,7 @@ class RunLogger:
     @classmethod
     def create(cls, experiment: str, run_name: str = "", tags: dict[str, str] | None = None,
                parent_run_id: str | None = None) -> "RunLogger":
-        tags = dict(tags or {})
+        tags = {**(tags or {}), **_source(tags or {})}
         exp_id = ensure_experiment(experiment, tags.get(names.STAGE_TAG))
         tags.setdefault(names.GIT_COMMIT_TAG, git_commit())
         if parent_run_id:
@@ -197,7 +203,7 @@ class RunLogger:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if tags:
-            batch = [RunTag(k, str(v)) for k, v in tags.items()]
+            batch = [RunTag(k, str(v)) for k, v in {**tags, **_source(tags)}.items()]
             retrying("setting tags", lambda: self.client.log_batch(self.run_id, tags=batch))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -264,21 +270,6 @@ def experiments_link(base: str | None = None) -> str:
 
 def experiment_link(experiment_id: str, base: str | None = None) -> str:
     return f"{base or ui_base()}/#/experiments/{experiment_id}/runs?{ML_VIEW}"
-
-
-def experiment_links(base: str, store: str, limit: int = 10) -> list[str]:
-    """Lines naming the store's skinclr experiments (newest first) with a link to each one's runs.
-
-    The UI opens an experiment clicked in its list in the GenAI view whatever the link that led
-    there, so a user who wants the runs table follows these."""
-    try:
-        found = MlflowClient(tracking_uri=store).search_experiments(
-            filter_string=f"tags.`{names.KIND_TAG}` = '{KIND}'", max_results=limit, order_by=["last_update_time DESC"])
-    except mlflow.exceptions.MlflowException:
-        return []
-    width = max((len(e.name) for e in found), default=0)
-    return [f"  {'runs of' if i == 0 else '':<10} {e.name:<{width}}  {experiment_link(e.experiment_id, base)}"
-            for i, e in enumerate(found)]
 
 
 def run_link(run_id: str, experiment_id: str | None = None, base: str | None = None) -> str:

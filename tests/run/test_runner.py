@@ -4,6 +4,8 @@ leaves alone. Loops here are stand-ins that yield
 records; the real loops are driven end to end in test_pretrain.py and test_finetune.py."""
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from skinclr.track import store, tracking
 from skinclr.config import load_config
 from skinclr.train.engine import EpochRecord
 from skinclr.data.inputs import resolve_inputs
+from skinclr.data.split import side_fingerprint
 from skinclr.names import EPOCHS_RUN_TAG, RUN_KEY_TAG, STAGE_TAG
 from skinclr.run.runner import CHECKPOINT, SilentLogger, drive, follow_run, open_run, resume_state
 from skinclr.runtime import BusyError, lock
@@ -160,3 +163,44 @@ def test_imagenet_init_without_weights_says_where_to_put_them(synth_dir, tmp_pat
     # It fails before any run is opened: no FAILED run is left behind to clutter the UI.
     assert tracking.client().search_runs([tracking.ensure_experiment("skinclr-finetune")]) == []
 
+
+
+def slow_loop(seconds: float):
+    for epoch in (1, 2):
+        time.sleep(seconds)
+        yield EpochRecord(epoch, {"train_loss": 1.0 / epoch}, lambda epoch=epoch: {"epoch": epoch}, is_best=epoch == 1)
+
+
+def test_a_run_names_the_sides_it_read_as_mlflow_datasets(setup):
+    """The runs table's Dataset column: the train and val sides, by folder and fingerprint."""
+    cfg, inputs = setup
+    run = open_run(cfg, inputs, None, None, None)
+    drive(cfg, loop(), run, None, None, progress=False)
+    logged = tracking.client().get_run(run.logger.run_id).inputs.dataset_inputs
+    sides = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in logged}
+    assert set(sides) == {"training", "validation"}
+    split = inputs.split
+    for context, part in (("training", "train"), ("validation", "val")):
+        dataset = sides[context]
+        assert dataset.name == f"{inputs.manifest.root.name} {part}"
+        assert dataset.digest == side_fingerprint(split, part) != ""
+        assert json.loads(dataset.source) == {"uri": str(inputs.manifest.root)}
+        assert json.loads(dataset.profile)["images"] == int((split["split"] == part).sum())
+    assert sides["training"].digest != sides["validation"].digest
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_system_metrics_are_sampled_while_a_run_trains_unless_switched_off(setup, monkeypatch, enabled):
+    cfg, inputs = setup
+    cfg.tracking.system_metrics = enabled
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's own knob (10 s by default)
+    run = open_run(cfg, inputs, None, None, None)
+    drive(cfg, slow_loop(1.0), run, None, None, progress=False)
+    logged = tracking.client().get_run(run.logger.run_id).data.metrics
+    system = {k for k in logged if k.startswith("system/")}
+    if enabled:
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+        assert len(tracking.client().get_metric_history(run.logger.run_id, "system/cpu_utilization_percentage")) >= 2
+    else:
+        assert not system
+    assert status(run.logger.run_id) == "FINISHED"

@@ -3,6 +3,7 @@ and preprocessing exactly as the training cache does."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 from mlflow.models import convert_input_example_to_serving_input
 from mlflow.pyfunc import scoring_server
+from PIL import Image
 
 from skinclr.track import tracking
 from skinclr.data.images import fit_square
@@ -102,8 +104,12 @@ def test_logged_model_loads_by_run_registry_version_and_alias(trained_state, lab
         assert predictor.meta["image_size"] == SIZE and predictor.meta["aspect"] == "center_crop"
         np.testing.assert_array_equal(predictor.predict_proba(paths), frame.to_numpy())
 
-    # the model is stored once; its weights are a plain state_dict beside its meta.json, for torch.load
-    assert {a.path for a in tracking.client().list_artifacts(run_id)} == {"model"}
+    # the model is the run's one MLflow logged model (the Models column and tab); its weights are a
+    # plain state_dict beside its meta.json, for torch.load
+    c = tracking.client()
+    run = c.get_run(run_id)
+    assert [c.get_logged_model(o.model_id).name for o in run.outputs.model_outputs] == ["model"]
+    assert not c.list_artifacts(run_id)  # nothing stored twice as a plain artifact
     weights = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/artifacts", dst_path=str(tmp_path)))
     state = torch.load(weights / "classifier.pt", map_location="cpu", weights_only=True)
     build_classifier("resnet18").load_state_dict(state)  # strict: every key, right shapes
@@ -300,3 +306,40 @@ def test_a_file_that_is_not_plain_weights_is_refused_in_one_line(tmp_path):
             load_predictor(tmp_path / name)
         text = str(err.value)
         assert name in text and "\n" not in text and "weights_only" not in text, text
+
+
+def test_a_better_epoch_replaces_the_runs_logged_model_which_says_what_it_takes_and_gives(trained_state, labelled_dir,
+                                                                                          tmp_path):
+    """One model per run, the latest: the Models tab lists it with its epoch's metrics, its
+    signature names the base64 image column and the seven classes, its example is a real image."""
+    paths = image_paths(labelled_dir)
+    logger = RunLogger.create("skinclr-finetune", "two best epochs")
+    first = build_classifier("resnet18").state_dict()
+    logger.log_metrics({"val_balanced_accuracy": 0.2}, step=1)
+    log_model(logger, first, "resnet18", SIZE, "center_crop", example=paths[0], step=1)
+    c = tracking.client()
+    replaced = c.get_run(logger.run_id).outputs.model_outputs[0].model_id
+    replaced_files = Path(c.get_logged_model(replaced).artifact_location.removeprefix("file:"))
+    assert any(replaced_files.rglob("classifier.pt"))
+    logger.log_metrics({"val_balanced_accuracy": 0.4}, step=2)
+    uri = log_model(logger, trained_state, "resnet18", SIZE, "center_crop", example=paths[0], step=2)
+    logger.end()
+
+    live = c.search_logged_models([c.get_run(logger.run_id).info.experiment_id],
+                                  filter_string=f"source_run_id = '{logger.run_id}'")
+    assert len(live) == 1 and live[0].model_id != replaced and live[0].name == "model"
+    assert [(m.key, m.value, m.step) for m in live[0].metrics] == [("val_balanced_accuracy", 0.4, 2)]
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        c.get_logged_model(replaced)  # deleted, its weights with it
+    assert not any(replaced_files.rglob("classifier.pt"))
+    np.testing.assert_array_equal(load_predictor(uri).predict_proba(paths),
+                                  load_predictor(save_pyfunc(tmp_path / "m", trained_state, "resnet18", SIZE,
+                                                             "center_crop")).predict_proba(paths))
+
+    folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
+    meta = mlflow.models.Model.load(folder)
+    assert meta.signature.inputs.to_dict() == [{"type": "string", "name": "image", "required": True}]
+    assert [col["name"] for col in meta.signature.outputs.to_dict()] == list(CLASSES)
+    example = meta.load_input_example(str(folder))
+    shipped = Image.open(io.BytesIO(base64.b64decode(example["image"][0])))
+    assert shipped.size == Image.open(paths[0]).size  # the real image (200x150: under 256 px, kept whole)

@@ -2,6 +2,7 @@
 crash part-way, and two promotions at once leave the better model as champion."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from skinclr.track import candidates, registry, store, tracking
-from skinclr.track.candidates import PromotionError
+from skinclr.track.candidates import PromotionError, logged_model
 from skinclr.names import PROMOTION_TAG
 from skinclr.track.registry import CHAMPION, PREVIOUS, promote, rollback
 from skinclr.track.tracking import RunLogger
@@ -92,7 +93,10 @@ def test_promote_picks_the_best_run_and_records_where_it_came_from(runs):
     assert "first champion" in message and champ.run_id in message
     c = tracking.client()
     run = c.get_run(champ.run_id)
-    assert champ.source == f"runs:/{champ.run_id}/model"
+    model = logged_model(c, champ.run_id)  # the version links to the run's logged model, and it to the version
+    assert champ.source == f"models:/{model.model_id}"
+    assert json.loads(c.get_logged_model(model.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "skinclr", "version": champ.version}]
     assert champ.tags["skinclr.split_fingerprint"] == run.data.tags["split_fingerprint"]
     assert champ.tags["skinclr.data_fingerprint"] == run.data.tags["data_fingerprint"]
     assert champ.tags["skinclr.git_commit"] == run.data.tags["mlflow.source.git.commit"]

@@ -1,5 +1,5 @@
 """Links into the MLflow UI, in its model-training view."""
-from skinclr.track import tracking, store
+from skinclr.track import server, tracking, store
 from skinclr import names
 from skinclr.track.tracking import RunLogger
 
@@ -24,5 +24,5 @@ def test_the_server_lists_skinclr_experiments_with_links_to_their_runs():
     RunLogger.create("listed", tags={names.STAGE_TAG: "finetune"}).end()
     tracking.client().create_experiment("made elsewhere")
     exp = tracking.client().get_experiment_by_name("listed").experiment_id
-    [line] = tracking.experiment_links("http://host:5000", store.tracking_uri())
+    [line] = server.experiment_links("http://host:5000", store.tracking_uri())
     assert "listed" in line and line.endswith(f"http://host:5000/#/experiments/{exp}/runs?workflowType=machine_learning")
