@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from skinclr import names
 from skinclr.track import tracking
 from skinclr.cli.main import main as cli_main
 from skinclr.track.registry import CHAMPION, alias_version
@@ -80,7 +82,9 @@ def sweep_store(synth_dir, tmp_path_factory) -> dict:
         ft = load_config(REPO / "experiments" / "quickstart_finetune.yaml", [
             f"data.root={synth_dir}", f"finetune.init=runs:/{parent.data.tags['skinclr.best_run_id']}",
             "train.epochs=2", "train.max_steps_per_epoch=3", f"tracking.experiment={FINETUNE}"], stage="finetune")
+        mp_.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # MLflow's knob: samples in a seconds-long run
         finetuned = c.get_run(run_finetune(ft, progress=False).run_id)
+        mp_.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             assert cli_main(["promote", "--experiment", FINETUNE]) == 0
@@ -222,6 +226,75 @@ def test_the_promote_link_shows_the_champion_alias(sweep_store, page, tmp_path):
     row.first.wait_for()
     assert re.search(rf"@\s*{CHAMPION}\b", row.first.inner_text()), row.first.inner_text()
     pg.screenshot(path=str(tmp_path / "registered-model.png"))
+
+
+def test_a_click_in_the_experiments_list_opens_the_runs_with_their_datasets_and_models(sweep_store, page, tmp_path):
+    """From the bare server address in a fresh browser: the experiment clicked in the list opens
+    its runs table (not the GenAI traces page), whose Dataset and Models columns say what each run
+    learned from and logged; the experiment's Models tab lists the logged model."""
+    s, pg = sweep_store, page
+    run = s["finetuned"]
+    pg.goto(s["url"])
+    pg.get_by_role("link", name=FINETUNE, exact=True).first.click()
+    row = pg.get_by_role("row").filter(has=pg.get_by_role("link", name=run.info.run_name, exact=True)).first
+    row.wait_for()
+    assert f"/experiments/{run.info.experiment_id}/runs" in pg.url, pg.url
+    data = Path(run.data.tags["data_root"]).name
+    pg.get_by_text(f"{data} train", exact=False).first.wait_for()
+    cells = " ".join(part.inner_text() for part in pg.locator(f'[row-id="{run.info.run_id}"]').all())  # the grid's halves
+    # the Models column names the registered version the run's logged model became (promoted above)
+    assert f"{data} train" in cells and "Training" in cells and f"v{s['champion'].version}" in cells.split(), cells
+    _close_assistant(pg)
+    pg.screenshot(path=str(tmp_path / "runs-from-list.png"))
+
+    pg.get_by_role("link", name="Models", exact=True).first.click()
+    listed = pg.get_by_role("row").filter(has=pg.get_by_role("link", name=run.info.run_name, exact=True)).first
+    listed.wait_for()  # the logged model's row names its source run and the version it became
+    assert f"v{s['champion'].version}" in listed.inner_text().split(), listed.inner_text()
+    pg.get_by_role("link", name="model", exact=True).first.wait_for()  # its name, in the grid's other half
+    pg.get_by_text("Ready", exact=True).first.wait_for()
+
+
+def _per_class_chart(pg, run, url: str, metric: str = "val_recall_MEL"):
+    pg.goto(tracking.run_link(run.info.run_id, run.info.experiment_id, url))
+    pg.get_by_role("tab", name="Model metrics").click()
+    pg.get_by_placeholder("Search metric charts").fill(metric)
+    chart = pg.get_by_test_id("experiment-view-compare-runs-card").filter(
+        has=pg.get_by_role("heading", name=metric, exact=True))
+    chart.locator("path.js-line >> visible=true").first.wait_for()
+    _close_assistant(pg)
+    return chart
+
+
+def test_a_fine_tune_charts_melanoma_sensitivity_by_epoch_and_its_system_metrics(sweep_store, page, tmp_path):
+    s, pg = sweep_store, page
+    chart = _per_class_chart(pg, s["finetuned"], s["url"])
+    line = chart.locator("path.js-line").first.get_attribute("d") or ""
+    assert "L" in line, f"val_recall_MEL drew no line through its epochs: {line!r}"
+    pg.screenshot(path=str(tmp_path / "per-class.png"))
+    pg.get_by_role("tab", name="System metrics").click()
+    pg.get_by_role("heading", name="cpu_utilization_percentage", exact=True).wait_for()
+    pg.get_by_role("heading", name="system_memory_usage_megabytes", exact=True).wait_for()
+
+
+def _sweep_chart(pg, parent, url: str, name: str = names.SWEEP_PARALLEL_HTML):
+    """The sweep's parent run, its Artifacts tab, Optuna's chart drawn in the artifact viewer."""
+    pg.goto(tracking.run_link(parent.info.run_id, parent.info.experiment_id, url))
+    pg.get_by_role("tab", name="Artifacts").click()
+    pg.get_by_text(names.SWEEP_CHARTS, exact=True).click()
+    pg.get_by_text(name, exact=True).click()
+    plot = pg.frame_locator("iframe").first.locator(".js-plotly-plot .main-svg").first
+    plot.wait_for()
+    _close_assistant(pg)
+    return plot
+
+
+def test_the_sweeps_parent_run_shows_optunas_charts_in_the_artifact_viewer(sweep_store, page, tmp_path):
+    s, pg = sweep_store, page
+    logged = {a.path for a in MlflowClient(s["url"]).list_artifacts(s["parent"].info.run_id, names.SWEEP_CHARTS)}
+    assert f"{names.SWEEP_CHARTS}/{names.SWEEP_HISTORY_HTML}" in logged, logged
+    _sweep_chart(pg, s["parent"], s["url"], names.SWEEP_HISTORY_HTML)
+    pg.screenshot(path=str(tmp_path / "sweep-history.png"))
 
 
 # ---------------------------------------------------------------------------------------------
