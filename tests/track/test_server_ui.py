@@ -1,12 +1,15 @@
 """The MLflow UI in a real browser (Debian's Chromium driven by Playwright) over `skinclr server`,
-met the way a skinclr user meets it: a fresh browser profile opens the links skinclr printed and,
-without touching the UI's mode toggle, lands on the runs table with the sweep's parent run and
-its nested trials; a trial shows its kNN curve, the fine-tuned run its confusion matrix, the
-registered model its `champion` alias.
+met the way a skinclr user meets it: a fresh browser profile opens the links skinclr printed, or
+the bare server address and a click in the experiments list, and without touching the UI's mode
+toggle lands on the runs table with the sweep's parent run and its nested trials, the Dataset and
+Models columns; a trial shows its kNN curve, the fine-tuned run its confusion matrix, melanoma
+recall by epoch and its system metrics, the sweep's parent Optuna's charts, the registered model
+its `champion` alias.
 
 Needs `apt-get install -y chromium` and `pip install playwright` (no `playwright install`: the
 system Chromium is used). SKINCLR_UPDATE_SCREENSHOT=1 also writes the README's pictures to docs/;
-SKINCLR_UI_STORE=URI takes them from another store (e.g. a real-data sweep's), its newest sweep
+SKINCLR_UI_STORE=URI takes them from another store (e.g. a real-data sweep's: the pictures in docs/
+are from `skinclr sweep --config experiments/studies/resolution.yaml` and `skinclr promote`), its newest sweep
 (or SKINCLR_UI_SWEEP=RUN_ID) and the champion of SKINCLR_UI_MODEL (default skinclr).
 """
 from __future__ import annotations
@@ -346,4 +349,46 @@ def test_the_readme_pictures(sweep_store, page, tmp_path):
     if os.environ.get("SKINCLR_UPDATE_SCREENSHOT") == "1":
         (REPO / "docs").mkdir(exist_ok=True)
         for name in ("ui-runs-chart.png", "ui-run.png"):
+            shutil.copyfile(tmp_path / name, REPO / "docs" / name)
+
+
+def _runs_table_with(pg, url: str, parent, metrics: list[str]) -> None:
+    """The sweep's experiment, its trials unfolded, metric columns added with the "Columns" button."""
+    pg.goto(tracking.experiment_link(parent.info.experiment_id, url))
+    row = pg.get_by_role("row").filter(has=pg.get_by_role("link", name=parent.info.run_name, exact=True))
+    row.first.get_by_role("button").first.click()
+    pg.get_by_role("button", name="Columns").click()
+    search = pg.get_by_placeholder("Search columns")
+    for metric in metrics:
+        search.fill(metric)  # the tree then lists the matching columns; tick the one named exactly so
+        node = pg.locator(".du-bois-light-tree-treenode").filter(has_text=re.compile(rf"^{re.escape(metric)}$"))
+        node.first.locator(".du-bois-light-tree-checkbox").click()
+    pg.keyboard.press("Escape")
+    _close_assistant(pg)
+    pg.get_by_role("columnheader", name=metrics[0]).first.wait_for()  # the grid draws the columns in view
+
+
+def test_the_pictures_of_what_a_run_records(sweep_store, page, tmp_path):
+    """docs/: the runs table with metric and Dataset columns, a run's logged model, its per-class
+    chart, and a sweep's Optuna chart (SKINCLR_UPDATE_SCREENSHOT=1 writes them)."""
+    pg = page
+    pg.set_viewport_size({"width": 2000, "height": 900})  # room for the metric columns beside Dataset and Models
+    with _screenshot_source(sweep_store, tmp_path) as (url, parent, champion, _):
+        stage = parent.data.tags.get("skinclr.stage", "")
+        metrics = ["val_balanced_accuracy", "val_recall_MEL"] if stage == "finetune" else ["knn_balanced_accuracy"]
+        _runs_table_with(pg, url, parent, metrics)
+        pg.screenshot(path=str(tmp_path / "ui-runs-table.png"))
+        pg.goto(tracking.run_link(champion.info.run_id, champion.info.experiment_id, url))
+        models = pg.get_by_text("Logged models", exact=False).first
+        models.scroll_into_view_if_needed()
+        pg.get_by_role("link", name="model", exact=True).first.wait_for()
+        _close_assistant(pg)
+        pg.screenshot(path=str(tmp_path / "ui-run-model.png"))
+        _per_class_chart(pg, champion, url)
+        pg.screenshot(path=str(tmp_path / "ui-per-class.png"))
+        _sweep_chart(pg, parent, url)
+        pg.wait_for_timeout(1000)  # plotly's lines settle after the frame draws
+        pg.screenshot(path=str(tmp_path / "ui-sweep-charts.png"))
+    if os.environ.get("SKINCLR_UPDATE_SCREENSHOT") == "1":
+        for name in ("ui-runs-table.png", "ui-run-model.png", "ui-per-class.png", "ui-sweep-charts.png"):
             shutil.copyfile(tmp_path / name, REPO / "docs" / name)
