@@ -34,6 +34,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from skinclr.track.candidates import logged_model
+
 from tests.sandbox import Namespace, Postgres, SSHHost, TrackingServer, cmdline, end, exe, require_root_tools, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -229,7 +231,9 @@ def test_ray_submit_runs_trials_on_both_nodes_and_logs_everything_to_the_server(
         assert exp.artifact_location.startswith("mlflow-artifacts:"), "artifacts must go through the server"
         for run in children:
             names = {a.path for a in client.list_artifacts(run.info.run_id)}
-            assert {"model", "report", "config.yaml"} <= names
+            assert {"report", "config.yaml"} <= names
+            model = logged_model(client, run.info.run_id)  # its model, a logged model stored through the server
+            assert model is not None and model.artifact_location.startswith("mlflow-artifacts:"), model
         assert "sweep" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     stored = {p.name for p in (cluster.folder / "artifacts").rglob("*") if p.is_file()}
     assert {"config.yaml", "trials.csv", "confusion_matrix.png"} <= stored
