@@ -67,6 +67,11 @@ class Inputs:
             tags[names.MISSING_CLASSES_TAG] = ",".join(self.missing_classes)
         return tags
 
+    def example_path(self) -> str:
+        """The image a model trained on these inputs ships as its input example: the first of the val side."""
+        val = self.split.loc[self.split["split"] == "val", "path"]
+        return str(val.iloc[0] if len(val) else self.split["path"].iloc[0])
+
     def sides(self) -> list[dict]:
         """What a run learned from and was checked on, one entry per side (train, val, test where
         there is one): its name, fingerprint, folder, MLflow context and a profile (images per class)."""

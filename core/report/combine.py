@@ -25,7 +25,7 @@ from skinclr.data.manifest import read_manifest
 from skinclr.run.records import test_scores
 from skinclr.serve.ensemble import EnsemblePredictor, write_ensemble
 from skinclr.serve.predictor import Predictor, predict_items
-from skinclr.serve.pyfunc import example_image, log_ensemble
+from skinclr.serve.pyfunc import log_ensemble, shipped_example
 from skinclr.track import tracking
 from skinclr.track.candidates import PromotionError, has_model, run_score
 from skinclr.track.tracking import RunLogger, ending
@@ -142,11 +142,9 @@ def _log(members, splits, folders, model, offsets, scores, reports, experiment, 
         logger.log_params({"members": ",".join(model.meta["ensemble"]), "weights": model.meta["weights"], "tta": tta,
                            "decision_rule": rule})
         logger.log_metrics(scores, step=0)
-        shared = _shared_sides(members)
-        if shared:
-            logger.client.log_inputs(logger.run_id, datasets=shared)
+        logger.log_datasets(_shared_sides(members))
         folder = write_ensemble(tmp / "ensemble", folders, model.meta["ensemble"], model.meta["weights"], tta, offsets)
-        log_ensemble(logger, folder, example_image(folders[0].parent, tmp / "example"))
+        log_ensemble(logger, folder, shipped_example(folders[0].parent, tmp / "example"))
         sides = pd.concat([s["split"] for s in splits], axis=1).reindex(splits[0].index)
         seen = splits[0].drop(columns="split").assign(
             split=[next((r for r in ("train", "val") if (row == r).any()), "test") for row in sides.to_numpy()])

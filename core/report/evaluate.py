@@ -29,7 +29,6 @@ from skinclr.serve.uris import load_predictor
 from skinclr.serve.predictor import Predictor
 from skinclr.data.problems import DataError
 from skinclr.track.tracking import RunLogger, ending
-from skinclr.run.records import log_sides
 
 ROLES = ("train", "val", "test")  # what an evaluated image was to the model; test: never seen
 
@@ -171,7 +170,7 @@ def evaluate(model_uri: str, data_dir, json_out=None, experiment: str = "skinclr
         logger.log_params({"model_uri": model_uri, "data_dir": manifest.root, "num_images": len(manifest.frame),
                            **{f"model_{k}": v for k, v in predictor.meta.items() if k != "classes"}})
         counts_by_class = np.bincount(labels, minlength=len(names.CLASSES)).tolist()
-        log_sides(logger, [{"name": manifest.root.name, "digest": manifest.fingerprint, "source": str(manifest.root),
+        logger.log_datasets([{"name": manifest.root.name, "digest": manifest.fingerprint, "source": str(manifest.root),
                             "context": "testing" if role == "test" else "evaluation",
                             "profile": {"images": len(manifest.frame), "per_class": dict(zip(names.CLASSES, counts_by_class)),
                                         "images_by_role": counts}}])

@@ -17,26 +17,6 @@ from skinclr.track.tracking import RunLogger
 from skinclr.train.engine import EpochRecord
 
 
-def log_sides(logger: RunLogger, sides: list[dict]) -> None:
-    """Each side a run read as an MLflow dataset input (Inputs.sides): the runs table's Dataset
-    column names what a run learned from, by folder and fingerprint."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from skinclr.track.store import retrying
-
-    inputs = [DatasetInput(Dataset(side["name"], side["digest"], "local", json.dumps({"uri": side["source"]}),
-                                   profile=json.dumps(side["profile"])),
-                           [InputTag("mlflow.data.context", side["context"])]) for side in sides]
-    if inputs:
-        retrying("logging the datasets", lambda: logger.client.log_inputs(logger.run_id, datasets=inputs))
-
-
-def example_image(inputs: Inputs) -> str:
-    """The image a logged model shows as its input example: the first of the val side."""
-    val = inputs.split.loc[inputs.split["split"] == "val", "path"]
-    return str(val.iloc[0] if len(val) else inputs.split["path"].iloc[0])
-
-
 def log_report(cfg: Config, logger: RunLogger, record: EpochRecord, out: Path, example: str | None = None) -> None:
     """A fine-tune epoch's curves, and the best model with its figures whenever the monitor
     improves, so a trial stopped early by a scheduler still leaves a complete run."""
@@ -80,7 +60,7 @@ def finish_model(cfg: Config, logger: RunLogger, inputs: Inputs, saved_model: di
         offsets = fit_offsets(inputs.cache.labels[inputs.val_rows], probs)
         ruled = classification_metrics(inputs.cache.labels[inputs.val_rows], apply_offsets(probs, offsets))
         log_model(logger, saved_model, cfg.model.backbone, cfg.data.image_size, cfg.data.aspect, cfg.finetune.tta,
-                  offsets, example_image(inputs), best_epoch)  # the saved model again, now with its rule
+                  offsets, inputs.example_path(), best_epoch)  # the saved model again, now with its rule
         logger.log_metrics({"val_balanced_accuracy_with_rule": ruled["balanced_accuracy"]}, step=0)  # fitted there
         out.mkdir(parents=True, exist_ok=True)
         (out / names.DECISION_RULE_FILE).write_text(json.dumps(dict(zip(names.CLASSES, offsets.tolist())), indent=1))

@@ -32,7 +32,7 @@ from skinclr.runtime import BusyError, lock
 from skinclr.runtime import check_devices, describe_device, load_checkpoint, pick_device, save_atomic
 from skinclr.data.split import save_split
 from skinclr.track.tracking import RunLogger
-from skinclr.run.records import example_image, finish_model, log_report, log_sides
+from skinclr.run.records import finish_model, log_report
 from skinclr import names
 
 OnEpoch = Callable[[EpochRecord, str], None]  # (record, run id), called once the epoch's checkpoint is on disk
@@ -158,7 +158,7 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
                 logger.reopen()
             logger.set_tags({**inputs.tags(), names.DEVICE_TAG: device, **(tags or {})})
             logger.log_params(cfg.flat())
-            log_sides(logger, inputs.sides())
+            logger.log_datasets(inputs.sides())
             with tempfile.TemporaryDirectory() as tmp:
                 logger.log_artifact(cfg.save(Path(tmp) / names.CONFIG_ARTIFACT))
                 logger.log_artifact(save_split(inputs.split, Path(tmp) / "split.csv", inputs.cache))
@@ -278,7 +278,7 @@ def run_finetune(cfg: Config, *, resolved: str | Path | None = None, run_id: str
         def on_record(record: EpochRecord, _state: dict, folder: Path) -> None:
             saved["model"] = record.best_model
             saved["epoch"] = record.epoch if record.is_best else saved["epoch"]
-            log_report(cfg, run.logger, record, folder / "report", example_image(inputs))
+            log_report(cfg, run.logger, record, folder / "report", inputs.example_path())
 
         def finish() -> None:  # the saved model's decision rule and test score, once
             finish_model(cfg, run.logger, inputs, saved["model"], Path(work) / "final", saved["epoch"])

@@ -90,7 +90,7 @@ def _input_example(image: str | Path | None = None) -> pd.DataFrame:
     return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode("ascii")]})
 
 
-def example_image(model_folder: Path, out: Path) -> Path | None:
+def shipped_example(model_folder: Path, out: Path) -> Path | None:
     """The image a pyfunc folder ships as its input example, written to `out` (None if it has none):
     an ensemble shows its members' example."""
     try:

@@ -10,6 +10,7 @@ so every link skinclr prints carries the model-training one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import sqlparse.lexer
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from skinclr import names
 from skinclr.disk import no_space, out_of_space
@@ -205,6 +206,15 @@ class RunLogger:
         if tags:
             batch = [RunTag(k, str(v)) for k, v in {**tags, **_source(tags)}.items()]
             retrying("setting tags", lambda: self.client.log_batch(self.run_id, tags=batch))
+
+    def log_datasets(self, sides: list) -> None:
+        """What the run read, as MLflow dataset inputs (the runs table's Dataset column): entries of
+        Inputs.sides() (name, digest, source folder, context, profile), or DatasetInputs as logged."""
+        batch = [s if isinstance(s, DatasetInput) else DatasetInput(
+            Dataset(s["name"], s["digest"], "local", json.dumps({"uri": s["source"]}), profile=json.dumps(s["profile"])),
+            [InputTag("mlflow.data.context", s["context"])]) for s in sides]
+        if batch:
+            retrying("logging the datasets", lambda: self.client.log_inputs(self.run_id, datasets=batch))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
