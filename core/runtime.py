@@ -1,29 +1,73 @@
-"""What makes a run resumable exactly and safely: device, seeds, RNG state, atomic checkpoint
-files, and one process at a time.
+"""What makes writes safe and a run resumable exactly: device, seeds, RNG state, atomic
+checkpoint files, one process at a time, and a full disk said as such.
 
 The lock is an exclusive lock on a file, released by the kernel when its holder dies, so a killed
 run or promotion never blocks the next one: there is no stale lock to clear. The holder's pid is
 written into the file, so whoever waits can say which process is in the way.
+
+A write that runs out of space fails in many voices (torch's "unexpected pos", SQLite's
+"database or disk is full", or "disk I/O error", an OSError 28 from a copy); every one of them
+means the same fix, so every one becomes NoSpaceError naming the folder, for a checkpoint folder
+and a tracking store alike. It is not an outage: waiting does not free space, so nothing retries
+it. The tracking store and the command line import this module for that error, so torch and
+numpy load only in the functions that use them.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import random
+import shutil
 import signal
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from skinclr.config import ConfigError
-from skinclr.disk import no_space, out_of_space
+
+if TYPE_CHECKING:
+    import torch
+
+LOW_SPACE = 1 << 20  # bytes: less free than this where a write failed, and the disk is full
+
+
+class NoSpaceError(OSError):
+    """A write failed because its disk is full; the message names the folder and the fix."""
+
+
+def free_bytes(path: Path) -> int | None:
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def out_of_space(err: BaseException, path: Path | None = None) -> bool:
+    """Whether `err` (or what caused it) says the disk is full, or `path`'s disk has no room left."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "disk is full" in str(seen).lower() or "no space left" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    free = free_bytes(path) if path is not None else None
+    return free is not None and free < LOW_SPACE
+
+
+def no_space(folder: Path, what: str, fix: str) -> NoSpaceError:
+    return NoSpaceError(errno.ENOSPC, f"{folder}: no space left on device while {what}; {fix}")
 
 
 def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
+    import torch
+
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}=cuda but no CUDA device is visible here; use {key}=cpu or auto")
     if name == "auto":
@@ -39,6 +83,8 @@ def check_devices(cfg) -> None:
 
 def describe_device(device: torch.device) -> str:
     """What a run trains on, for its tags: `cuda:0 NVIDIA H200` or `cpu`."""
+    import torch
+
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -46,6 +92,9 @@ def describe_device(device: torch.device) -> str:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -53,6 +102,9 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a training step draws from, as tensors and ints (loads with weights_only=True)."""
+    import numpy as np
+    import torch
+
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -66,6 +118,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -99,6 +154,8 @@ def interrupts_deferred():
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary name, then rename: a kill mid-write never leaves a torn file,
     and an interrupt waits for the write to end."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -119,10 +176,14 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def set_threads(n: int) -> None:
+    import torch
+
     if n > 0:
         torch.set_num_threads(n)
 

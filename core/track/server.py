@@ -16,6 +16,13 @@ MLflow's own basic-auth app (`mlflow server --app-name basic-auth`, clients set
 `MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`). `MLFLOW_WORKERS` sets the number of
 server processes (MLflow's default is 4). MLflow's GenAI job runner stays off unless
 `MLFLOW_SERVER_ENABLE_JOB_EXECUTION` is set.
+
+The server runs this module's `app` (`--app-name skinclr`, entry point group `mlflow.app`):
+MLflow's own, with one change. The MLflow 3.17 UI picks an experiment's view from the link's
+`workflowType`, else the browser's saved choice (localStorage `mlflow.workflowType_v1`); a fresh
+browser has none and opens the GenAI "Traces" page. The app's page presets model training when
+the browser has made no choice; a user who switches to GenAI keeps that choice. `app` is built on
+first use, so `skinclr server` itself never loads MLflow's server.
 """
 from __future__ import annotations
 
@@ -31,11 +38,14 @@ from skinclr.track.tracking import KIND, experiment_link, experiments_link
 from skinclr.track.store import artifact_root, sqlite_path, tracking_uri
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+VIEW_KEY = "mlflow.workflowType_v1"  # the UI's own saved choice: a JSON string
+PRESET = ("<script>try{if(!localStorage.getItem('%s'))localStorage.setItem('%s','\"machine_learning\"')}"
+          "catch(e){}</script>" % (VIEW_KEY, VIEW_KEY))
 
 
 def experiment_links(base: str, store: str, limit: int = 10) -> list[str]:
     """Lines naming the store's skinclr experiments (newest first) with a link to each one's runs
-    (the experiments list opens them too, in this server's UI: skinclr/track/ui_app.py)."""
+    (the experiments list opens them too, in this server's UI: `app` below)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -86,7 +96,7 @@ def allowed_hosts(address: str, port: int) -> str:
 def server_command(host: str, port: int, backend_store_uri: str, artifacts_destination: str) -> list[str]:
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
             "--serve-artifacts", "--artifacts-destination", artifacts_destination,
-            "--host", host, "--port", str(port), "--app-name", "skinclr"]  # skinclr/track/ui_app.py
+            "--host", host, "--port", str(port), "--app-name", "skinclr"]  # this module's `app`
 
 
 def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None,
@@ -147,3 +157,23 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | No
         print(f"tracking server stopped (exit code {code})", flush=True)
         return 0
     return code
+
+
+def _page():
+    from flask import Response
+    from mlflow.server import app as flask_app
+
+    html = (Path(flask_app.static_folder) / "index.html").read_text()
+    return Response(html.replace("<head>", "<head>" + PRESET, 1), mimetype="text/html")
+
+
+def __getattr__(name: str):
+    """`app`, the server's ASGI app: MLflow's, its page (route "/", the UI's one page) `_page`."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from mlflow.server import app as flask_app
+    from mlflow.server.fastapi_app import create_fastapi_app
+
+    flask_app.view_functions["serve"] = _page
+    globals()["app"] = app = create_fastapi_app(flask_app)
+    return app

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from skinclr.disk import no_space, out_of_space
+from skinclr.runtime import no_space, out_of_space
 
 # A new store announces its schema set-up at INFO on first use, in every process that opens it,
 # and a failed statement is logged with its traceback before MLflow raises it: skinclr says what

@@ -25,7 +25,7 @@ import sqlparse.lexer
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from skinclr import names
-from skinclr.disk import no_space, out_of_space
+from skinclr.runtime import no_space, out_of_space
 from skinclr.track.store import StoreError, artifact_root, retrying, sqlite_path, tracking_uri
 
 # MLflow parses search filters with sqlparse, whose lexer builds itself on first use, once per

@@ -199,7 +199,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [FileNotFoundError, UsageError]
     for module, name in (("skinclr.config", "ConfigError"), ("skinclr.data.problems", "DataError"), ("skinclr.train.models", "ModelError"),
                          ("skinclr.track.store", "StoreError"), ("skinclr.runtime", "BusyError"),
-                         ("skinclr.disk", "NoSpaceError"),
+                         ("skinclr.runtime", "NoSpaceError"),
                          ("skinclr.serve.uris", "ModelNotFound"), ("skinclr.track.candidates", "PromotionError"), ("skinclr.report.paper", "ReportError"),
                          ("skinclr.data.fetch", "DownloadError")):
         if module in sys.modules and hasattr(sys.modules[module], name):
@@ -233,7 +233,7 @@ def _interrupted(command: str) -> str:
 
 def _disk_full(err: BaseException) -> str | None:
     """A full disk met anywhere (MLflow's own writes included): one line, never a traceback."""
-    from skinclr.disk import out_of_space
+    from skinclr.runtime import out_of_space
 
     if not out_of_space(err):
         return None

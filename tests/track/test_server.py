@@ -1,4 +1,4 @@
-"""`skinclr server`: a real MLflow server over a SQLite store, used by clients over HTTP."""
+"""`skinclr server`: a real MLflow server over a SQLite store, used by clients over HTTP, serving its app's page."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from skinclr.track import store, tracking
+from skinclr.track import server, store, tracking
 from skinclr.track.server import serve
 from skinclr.track.tracking import RunLogger
 
@@ -102,6 +102,8 @@ def test_server_serves_the_local_store_and_proxies_new_artifacts(tmp_path, monke
         assert exp.artifact_location.startswith("mlflow-artifacts:")
         assert remote.download("note.txt", tmp_path / "back").read_text() == "proxied"
 
+        with urllib.request.urlopen(f"{url}/", timeout=30) as resp:  # the app's page: model training preset
+            assert server.PRESET in resp.read().decode()
         out = log.read_text()
         assert f"export MLFLOW_TRACKING_URI={url}" in out
         assert local_uri in out
