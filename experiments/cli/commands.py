@@ -157,7 +157,7 @@ def cmd_predict(args) -> int:
 
 def cmd_sweep(args) -> int:
     cfg = _load_config(args, None)  # the config's one load, validated before Ray or torch loads
-    from skinclr.tune.preflight import resolve_plan
+    from skinclr.tune.plan import resolve_plan
     from skinclr.tune.sweep import run_plan
 
     return run_plan(resolve_plan(cfg, resume=args.resume, command=_command(args)))

@@ -30,9 +30,8 @@ def quickstart(workdir: Path = Path("quickstart"), command: str = "") -> int:
     from skinclr.track.registry import CHAMPION, alias_version, promote
     from skinclr.data.synth import make_synthetic
     from skinclr.report.evaluate import balanced_text
-    from skinclr.tune.plan import load_run_config
-    from skinclr.tune.preflight import resolve_plan
-    from skinclr.tune.ray_session import ray_session
+    from skinclr.tune.plan import load_run_config, resolve_plan
+    from skinclr.tune.tuner import ray_session
     from skinclr.tune.sweep import run_pipeline
 
     t0 = time.perf_counter()

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sweep_arguments(sys.argv[1:] if argv is None else argv, dict(os.environ))
     from skinclr.cli.main import main as skinclr
     from skinclr.tune import sweep  # noqa: F401 - the sweep layer and torch load before Ray connects
-    from skinclr.tune.ray_session import join_cluster
+    from skinclr.tune.tuner import join_cluster
 
     try:
         join_cluster()

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from skinclr import names
 from skinclr.track import tracking
-from skinclr.tune.folder import sweep_folder
-from skinclr.tune.plan import load_sweep_config
+from skinclr.tune.plan import load_sweep_config, sweep_folder
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY = REPO / "experiments" / "studies" / "folds.yaml"

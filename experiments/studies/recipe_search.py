@@ -61,8 +61,7 @@ def sh(cmd: list[str], dry: bool, log: Path | None = None) -> None:
 def sweep_parent(config: str, overrides: list[str]) -> str | None:
     """The parent run id of the sweep this config and these overrides make (None: not started)."""
     from skinclr.names import SWEEP_STATE_FILE
-    from skinclr.tune.plan import load_sweep_config
-    from skinclr.tune.folder import sweep_folder
+    from skinclr.tune.plan import load_sweep_config, sweep_folder
 
     cfg, _ = load_sweep_config(REPO / config, overrides)
     state = sweep_folder(cfg) / SWEEP_STATE_FILE

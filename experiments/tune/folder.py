@@ -1,8 +1,9 @@
-"""A sweep's folder: created once by `start`, found again by `--resume`.
+"""A sweep's folder: created once by `start`, read again by `--resume`.
 
-The folder is named by the config's hash, so the same command finds it again. `start` does what
-must happen once per sweep (decode the images, pin one split, open the MLflow parent run) and
-writes the resume state: what every trial starts from and the parent run it logs under.
+The plan names the folder by the config's hash (skinclr.tune.plan.sweep_folder), so the same
+command finds it again. `start` does what must happen once per sweep (decode the images, pin one
+split, open the MLflow parent run) and writes the resume state: what every trial starts from and
+the parent run it logs under; `read_state` reads it back.
 """
 from __future__ import annotations
 
@@ -17,22 +18,13 @@ import yaml
 from ray import tune
 
 from skinclr import names
-from skinclr.track import tracking
-from skinclr.config import ConfigError, hash_items
+from skinclr.config import ConfigError
 from skinclr.track.tracking import RunLogger
 from skinclr.tune.spaces import parent_params, sampled_keys
 from skinclr.tune.plan import SweepRunConfig, command_tags
 from skinclr.tune.trainables import METRICS, MODE, TrialSetup
 
 SPLIT_KEYS = ("data.folds", "data.fold", "data.val_fraction", "data.split_seed")  # varied: trials split themselves
-
-
-def sweep_folder(cfg: SweepRunConfig, extra: dict[str, str] | None = None) -> Path:
-    """`<sweep.storage>/<sweep.name>`; the name defaults to the stage and a hash of the config,
-    so the same command finds the same folder again for --resume."""
-    storage = Path(cfg.sweep.storage or Path.home() / "ray_results").expanduser().resolve()
-    key = tracking.run_key({**hash_items(cfg), **(extra or {})})[:8]
-    return storage / (cfg.sweep.name or f"{cfg.sweep.stage if extra else cfg.stage}-{key}")
 
 
 def _absolute(path: str) -> str:
@@ -87,15 +79,6 @@ def start(cfg: SweepRunConfig, folder: Path, uri: str, drawn_from: dict, space: 
              "max_t": s.max_t or cfg.train.epochs, "epochs": cfg.train.epochs}
     (folder / names.SWEEP_STATE_FILE).write_text(json.dumps(state, indent=1))
     return setup, state
-
-
-def check_resume(state_file: Path, resume: bool) -> None:
-    """A new sweep must not land on an existing one, and --resume needs one to continue."""
-    if state_file.is_file() and not resume:
-        raise ConfigError(f"a sweep of this config already lives in {state_file.parent}; continue it with "
-                          "--resume, or set sweep.name to start another")
-    if resume and not state_file.is_file():
-        raise ConfigError(f"nothing to resume in {state_file.parent}; run the same command without --resume")
 
 
 def read_state(folder: Path, uri: str) -> dict[str, Any]:

@@ -21,12 +21,10 @@ from typing import Callable
 from skinclr import names
 from skinclr.track import tracking
 from skinclr.track.tracking import RunLogger
-from skinclr.tune.plan import StagePlan, SweepPlan, command_tags, load_run_config
-from skinclr.tune.preflight import resolve_plan
-from skinclr.tune.ray_session import ray_session
+from skinclr.tune.plan import StagePlan, SweepPlan, command_tags, load_run_config, resolve_plan
 from skinclr.tune.records import SweepOutcome
 from skinclr.tune.spaces import parent_params
-from skinclr.tune.tuner import driver_tracking_uri, run_sweep
+from skinclr.tune.tuner import driver_tracking_uri, ray_session, run_sweep
 
 
 @dataclass

@@ -77,8 +77,7 @@ def test_an_ensemble_averages_its_members_is_scored_on_their_split_and_is_promot
 
 
 def test_fold_models_make_one_model_with_a_cross_validated_estimate_and_a_rule_fitted_out_of_fold(synth_dir):
-    from skinclr.tune.plan import load_sweep_config
-    from skinclr.tune.preflight import search_space
+    from skinclr.tune.plan import load_sweep_config, search_space
 
     study, _ = load_sweep_config(Path(__file__).resolve().parents[2] / "experiments" / "studies" / "folds.yaml",
                                  [f"data.root={synth_dir}"])

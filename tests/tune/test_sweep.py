@@ -25,8 +25,7 @@ from skinclr.tune.spaces import check_keys, distribution, load_space, narrow, pr
 from skinclr import names
 from skinclr.names import SWEEP_STATE_FILE
 from skinclr.tune.sweep import main
-from skinclr.tune.preflight import search_space
-from skinclr.tune.plan import load_sweep_config
+from skinclr.tune.plan import load_sweep_config, search_space
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"FINISHED", "FAILED"}

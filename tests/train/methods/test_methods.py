@@ -66,8 +66,7 @@ def test_a_sweep_can_choose_the_method_among_every_registered_one():
 
 def test_a_method_is_one_module_plus_one_registry_line_and_pretrains_through_the_cli(synth_dir, capsys):
     from skinclr.cli.main import build_parser, main
-    from skinclr.tune.plan import load_sweep_config
-    from skinclr.tune.preflight import search_space
+    from skinclr.tune.plan import load_sweep_config, search_space
 
     with METHODS.temporary("toy", toy_method):
         assert "toy" in build_parser()._subparsers._group_actions[0].choices["pretrain"].description

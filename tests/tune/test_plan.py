@@ -7,8 +7,7 @@ import yaml
 
 from skinclr import names
 from skinclr.config import ConfigError
-from skinclr.tune.plan import load_run_config
-from skinclr.tune.preflight import resolve_plan
+from skinclr.tune.plan import load_run_config, resolve_plan
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = REPO / "experiments" / "sweeps"
