@@ -23,8 +23,7 @@ import pandas as pd
 from skinclr import names
 from skinclr.data.manifest import read_manifest
 from skinclr.run.records import test_scores
-from skinclr.serve.ensemble import EnsemblePredictor, write_ensemble
-from skinclr.serve.predictor import Predictor, predict_items
+from skinclr.serve.predictor import EnsemblePredictor, Predictor, predict_items, write_ensemble
 from skinclr.serve.pyfunc import log_ensemble, shipped_example
 from skinclr.track import tracking
 from skinclr.track.candidates import PromotionError, has_model, run_score

@@ -37,7 +37,7 @@ from PIL import Image
 import skinclr
 from skinclr import names
 from skinclr.train.models import ModelError, build_classifier
-from skinclr.serve.predictor import Predictor, check_meta, model_meta
+from skinclr.serve.predictor import Predictor, check_meta, load_ensemble, model_meta
 from skinclr.track.candidates import logged_model
 from skinclr.track.store import retrying
 from skinclr.track.tracking import RunLogger
@@ -52,9 +52,7 @@ class SkinLesionClassifier(mlflow.pyfunc.PythonModel):
     uint8 arrays -> DataFrame of the seven class probabilities."""
 
     def load_context(self, context) -> None:
-        if "ensemble" in context.artifacts:  # several members (skinclr/serve/ensemble.py)
-            from skinclr.serve.ensemble import load_ensemble
-
+        if "ensemble" in context.artifacts:  # several members (an ensemble: skinclr/serve/predictor.py)
             self.predictor = load_ensemble(Path(context.artifacts["ensemble"]))
         else:
             self.predictor = Predictor.from_files(context.artifacts["weights"], context.artifacts["meta"])
@@ -156,7 +154,7 @@ def log_model(logger: RunLogger, state_dict: dict, backbone: str, image_size: in
 
 
 def log_ensemble(logger: RunLogger, ensemble_folder: Path, example: str | Path | None = None) -> str:
-    """Log an ensemble's folder (skinclr/serve/ensemble.py) as the run's logged model `model`."""
+    """Log an ensemble's folder (skinclr/serve/predictor.py) as the run's logged model `model`."""
     return _log(logger, {"ensemble": str(ensemble_folder)}, example, 0)
 
 

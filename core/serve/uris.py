@@ -171,9 +171,7 @@ def _download(uri: str, dst: str) -> Path:
 def _from_folder(folder: Path, run_id: str | None, uri: str, tta: str | None = None):
     """A pyfunc folder (weights in artifacts/, or an ensemble's folder there) or a folder holding
     the two files (or an ensemble's) itself."""
-    from skinclr.serve.predictor import Predictor
-
-    from skinclr.serve.ensemble import is_ensemble, load_ensemble
+    from skinclr.serve.predictor import Predictor, is_ensemble, load_ensemble
 
     for sub in (folder / "artifacts", folder, folder / "artifacts" / "ensemble"):
         if (sub / names.WEIGHTS_FILE).is_file() and (sub / names.META_FILE).is_file():

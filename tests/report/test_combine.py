@@ -11,7 +11,7 @@ from skinclr import names
 from skinclr.cli.main import main
 from skinclr.config import load_config
 from skinclr.run.runner import run_finetune
-from skinclr.serve.ensemble import EnsemblePredictor
+from skinclr.serve.predictor import EnsemblePredictor
 from skinclr.serve.uris import load_predictor
 from skinclr.track import store
 from skinclr.train.metrics import apply_offsets
