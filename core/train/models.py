@@ -1,5 +1,11 @@
-"""Networks by name: torchvision ResNet backbones, the SimCLR projector, the classifier head,
-and loading backbone weights from any of the places they come from (nothing downloads).
+"""Networks by name: ResNet backbones, the SimCLR projector, the classifier head, and loading
+backbone weights from any of the places they come from (nothing downloads).
+
+The ResNets are torchvision's architecture (v1.5: stride on the 3x3 convolution of a bottleneck),
+built here with its parameter names, module order and initialisation, so torchvision's ImageNet
+files load as they are and a seed draws the same weights (tests/train/test_models.py compares the
+two). Importing torchvision costs about a second of every command's start (its package import
+pulls in torch._dynamo and SymPy), paid again by each sweep trial's process, for two classes.
 """
 from __future__ import annotations
 
@@ -8,25 +14,89 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision.models as tvm
 from torch import nn
-from torchvision.models import WeightsEnum
 
 
 class ModelError(Exception):
     """A backbone name, weight file or state_dict that cannot be used; the message says why and what to do."""
 
 
+def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(cin, planes, 3, stride), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = _conv(planes, planes, 3), nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(cin, planes, 1), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = _conv(planes, planes, 3, stride), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = _conv(planes, planes * 4, 1), nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, ...], num_classes: int = 1000):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        cin = 64
+        for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), depths)):
+            stride, cout = (1 if i == 0 else 2), planes * block.expansion
+            down = nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout)) if stride != 1 or cin != cout else None
+            blocks = [block(cin, planes, stride, down)] + [block(cout, planes) for _ in range(depth - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = cout
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
-    build: Callable[..., nn.Module]
+    build: Callable[[], nn.Module]
     feature_dim: int
-    imagenet: WeightsEnum  # torchvision's ImageNet weights: their file name and official URL
+    imagenet_url: str  # torchvision's ImageNet weights (IMAGENET1K_V1): where they are published
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(tvm.resnet18, 512, tvm.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet50": BackboneSpec(tvm.resnet50, 2048, tvm.ResNet50_Weights.IMAGENET1K_V1),
+    "resnet18": BackboneSpec(lambda: ResNet(BasicBlock, (2, 2, 2, 2)), 512,
+                             "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+    "resnet50": BackboneSpec(lambda: ResNet(Bottleneck, (3, 4, 6, 3)), 2048,
+                             "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
 }
 
 
@@ -37,9 +107,9 @@ def _spec(name: str) -> BackboneSpec:
 
 
 def build_backbone(name: str) -> tuple[nn.Module, int]:
-    """A randomly initialised torchvision ResNet without its classifier: images -> pooled features."""
+    """A randomly initialised ResNet without its classifier: images -> pooled features."""
     spec = _spec(name)
-    net = spec.build(weights=None)
+    net = spec.build()
     net.fc = nn.Identity()
     return net, spec.feature_dim
 
@@ -47,13 +117,13 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
 def imagenet_weights_file(name: str, path: str | Path | None = None) -> Path:
     """Where torchvision's ImageNet weights for `name` are: `path`, or else torch hub's cache.
     Nothing downloads here, so a missing file is an error that says where to put it."""
-    weights = _spec(name).imagenet
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    url = _spec(name).imagenet_url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     file = Path(path) if path else cached
     if not file.is_file():
         raise ModelError(
             f"ImageNet weights for {name} not found at {file}; nothing is downloaded here. On a machine with "
-            f"internet, fetch {weights.url} and copy it to {cached} (or pass its path, e.g. "
+            f"internet, fetch {url} and copy it to {cached} (or pass its path, e.g. "
             f"--set finetune.imagenet_weights=PATH)")
     return file
 

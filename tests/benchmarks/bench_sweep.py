@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def sweep_config(path: Path, data: Path, storage: Path, name: str, epochs: int) -> Path:
+def sweep_config(path: Path, data: Path, storage: Path, name: str, epochs: int, trials: int = 8) -> Path:
     cfg = {
         "stage": "pretrain",
         "data": {"root": str(data), "image_size": 32, "workers": 0},
@@ -42,7 +42,7 @@ def sweep_config(path: Path, data: Path, storage: Path, name: str, epochs: int) 
         "monitor": {"every": 1, "max_bank": 256},
         "tracking": {"experiment": "bench-sweep"},
         # ASHA's first rung lies past the last epoch: no trial is stopped.
-        "sweep": {"stage": "pretrain", "num_samples": 8, "max_concurrent": 2, "search": "random",
+        "sweep": {"stage": "pretrain", "num_samples": trials, "max_concurrent": 2, "search": "random",
                   "grace_period": epochs + 1, "max_t": epochs + 1, "reduction_factor": 2, "cpus_per_trial": 1,
                   "storage": str(storage), "name": name},
     }
@@ -50,12 +50,12 @@ def sweep_config(path: Path, data: Path, storage: Path, name: str, epochs: int) 
     return path
 
 
-def sweep_arm(work: Path, data: Path, epochs: int, name: str) -> tuple[float, list[Path]]:
-    """Wall time of one sweep, and job files splitting its 8 trial configs over 2 processes."""
+def sweep_arm(work: Path, data: Path, epochs: int, name: str, trials: int = 8) -> tuple[float, list[Path]]:
+    """Wall time of one sweep, and job files splitting its trial configs over 2 processes."""
     from skinclr.names import SWEEP_STATE_FILE
     from skinclr.tune.sweep import main as sweep_main
 
-    config = sweep_config(work / f"{name}.yaml", data, work / "ray", name, epochs)
+    config = sweep_config(work / f"{name}.yaml", data, work / "ray", name, epochs, trials)
     start = time.perf_counter()
     code = sweep_main(config, [])
     seconds = time.perf_counter() - start

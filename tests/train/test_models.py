@@ -26,6 +26,26 @@ def trained():
     return net
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_a_backbone_is_torchvisions_resnet_weight_for_weight_and_output_for_output(name):
+    """The same seed draws the same weights as torchvision's own ResNet, under the same names,
+    and both compute the same features: ImageNet files, old checkpoints and pinned losses hold."""
+    tvm = pytest.importorskip("torchvision.models")
+    torch.manual_seed(3)
+    ours, _ = build_backbone(name)
+    torch.manual_seed(3)
+    theirs = getattr(tvm, name)(weights=None)
+    theirs.fc = nn.Identity()
+    assert _same_weights(ours, theirs)
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    x = torch.randn(2, 3, 64, 64)
+    for mode in (True, False):  # batch statistics, then the running ones
+        ours.train(mode), theirs.train(mode)
+        with torch.no_grad():
+            assert torch.equal(ours(x), theirs(x))
+    assert BACKBONES[name].imagenet_url == getattr(tvm, f"ResNet{name[6:]}_Weights").IMAGENET1K_V1.url
+
+
 @pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet50", 2048)])
 def test_backbone_features_and_head_widths(name, dim):
     net, feature_dim = build_backbone(name)
