@@ -4,8 +4,8 @@ backbone weights from any of the places they come from (nothing downloads).
 The ResNets are torchvision's architecture (v1.5: stride on the 3x3 convolution of a bottleneck),
 built here with its parameter names, module order and initialisation, so torchvision's ImageNet
 files load as they are and a seed draws the same weights (tests/train/test_models.py compares the
-two). Importing torchvision costs about a second of every command's start (its package import
-pulls in torch._dynamo and SymPy), paid again by each sweep trial's process, for two classes.
+two). Importing torchvision for two classes costs a command that only predicts (evaluate, predict,
+serving) about a second: its package import pulls in torch._dynamo and SymPy.
 """
 from __future__ import annotations
 
