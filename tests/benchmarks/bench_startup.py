@@ -50,7 +50,7 @@ def first_step_child(argv: list[str], profile: str | None) -> None:
     adam_step = torch.optim.Adam.step  # every fine-tune optimizes with Adam (skinclr.train.engine.adam)
 
     def first(self, *a, **k):
-        out = adam_step(self, *a, **k)
+        adam_step(self, *a, **k)
         if prof:
             prof.disable()
             prof.dump_stats(profile)
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma-separated: quickstart, sweep")
     parser.add_argument("--first-step", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args()
+    args = parser.parse_args()
     if args.first_step is not None:
         profile = os.environ.get("BENCH_PROFILE")
         return first_step_child(args.first_step, profile)
@@ -156,7 +156,7 @@ def main() -> None:
 
     t = [timed([*SKINCLR, "--help"], env, work)[0] for _ in range(args.repeats)]
     result["help"] = best(t)
-    rows.append(("skinclr --help", result["help"], "5"))
+    rows.append(("skinclr --help", result["help"], "-"))
     t = [timed([*SKINCLR, "finetune", "--config", FINETUNE, "--set", "train.epoch=1"], env, work, expect=1)[0]
          for _ in range(args.repeats)]
     result["config_error"] = best(t)
