@@ -9,6 +9,7 @@ so every link skinclr prints carries the model-training one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,6 +37,10 @@ sqlparse.lexer.Lexer.get_default_instance()
 
 opened_runs: list[str] = []  # runs this process created or reopened
 killed_runs: list[str] = []  # runs this process ended KILLED (the CLI's Ctrl-C line names them)
+
+
+class Stopped(BaseException):
+    """Raised between epochs by a driver that stops a run and ends it itself (a sweep's scheduler)."""
 
 
 def client() -> MlflowClient:
@@ -76,8 +81,7 @@ NOTES = {
 def ensure_experiment(name: str, stage: str | None = None) -> str:
     """Create the store and the experiment if missing; return the experiment id.
 
-    The experiment carries MLflow's model-training kind tag (the 3.17 UI still picks its view by
-    the `workflowType` of the URL, hence core/track/tracking.py) and, once the stage of its runs is
+    The experiment carries MLflow's model-training kind tag and, once the stage of its runs is
     known, a note saying what it holds and which command fills it. Call it in the driver before
     any concurrent writer: the first use of a fresh SQLite store migrates its schema, and two
     processes doing that at once lose runs."""
@@ -130,10 +134,8 @@ def find_resumable(experiment_id: str, key: str):
 def find_run(id_or_name: str, stage: str | None = None) -> str | None:
     """A run id as given, or the newest finished run of that name (of a stage, if named)."""
     c = client()
-    try:
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
         return c.get_run(id_or_name).info.run_id
-    except mlflow.exceptions.MlflowException:
-        pass
     if "'" in id_or_name and '"' in id_or_name:
         return None  # no string literal of MLflow's filter language can hold both quotes
     quote = '"' if "'" in id_or_name else "'"
@@ -243,14 +245,14 @@ class RunLogger:
 def ending(logger: RunLogger, finish: bool = True):
     """The one way a run ends: KILLED on Ctrl-C or SIGTERM (resumable), FAILED on any other error,
     FINISHED when the block completes (unless `finish` is off: the block then ends the run as its
-    outcome says). A store that went away leaves the run RUNNING: nothing can mark it, and the
-    same command resumes it once the store is back."""
+    outcome says); a run `Stopped` is left to whoever stopped it. A store that went away leaves the
+    run RUNNING: nothing can mark it, and the same command resumes it once the store is back."""
     try:
         yield logger
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt):
             logger.end("KILLED")
-        elif not isinstance(err, StoreError):
+        elif not isinstance(err, (StoreError, Stopped)):
             logger.end("FAILED")
         raise
     if finish:

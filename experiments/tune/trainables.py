@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,10 +145,9 @@ def report_to_tune(record, run_id: str) -> None:
             tune.report(epoch_metrics(record, run_id), checkpoint=checkpoint)
         except SystemExit:
             # Tune stops a trial (ASHA, or the sweep ending) by raising SystemExit at its next
-            # report. Unwinding through the runner would mark the MLflow run FAILED after the
-            # driver closed it as stopped; the driver owns the run's end, so this thread waits
-            # for the actor to go away instead.
-            threading.Event().wait()
+            # report. The driver owns the run's end (it closes it as stopped): the runner unwinds
+            # without marking it, and run_trial hands the exit back to Tune.
+            raise tracking.Stopped() from None
 
 
 def trial_name(trial, first: int = 0) -> str:
@@ -206,8 +204,13 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     cfg = trial_config(setup, params)
     cfg.tracking.run_name = trial_run_name(cfg, params, context.get_trial_name(), context.get_trial_id())
     runner = run_pretrain if setup.stage == "pretrain" else run_finetune
-    runner(cfg, resolved=resolved_inputs(setup), run_id=run_id, parent_run_id=setup.parent_run_id,
-           tags=trial_tags(setup, params, context.get_trial_id()), on_epoch=report_to_tune, progress=False)
+    try:
+        runner(cfg, resolved=resolved_inputs(setup), run_id=run_id, parent_run_id=setup.parent_run_id,
+               tags=trial_tags(setup, params, context.get_trial_id()), on_epoch=report_to_tune, progress=False)
+    except tracking.Stopped:
+        # Exit 0 is Tune's "stopped as asked": the thread ends at once, without the last report
+        # a returning trial makes (which would wait forever), so the process can take the next trial.
+        raise SystemExit(0) from None
 
 
 def run_distributed_trial(params: dict[str, Any], setup: TrialSetup) -> None:

@@ -166,10 +166,11 @@ def run_sweep(plan: StagePlan, parent_of: str | None = None) -> SweepOutcome:
             tune_config=tune.TuneConfig(
                 metric=state["metric"], mode=MODE, search_alg=search_algorithm(cfg, folder),
                 num_samples=1 if grid else s.num_samples,  # a grid runs each combination once
-                # Each trial gets a fresh process: a stopped trial's thread never returns (see
-                # trainables.report_to_tune).
+                # A worker process runs the next trial once its trial ends (a stopped one too: see
+                # trainables.run_trial), so torch, MLflow and the project load once per worker; a
+                # data-parallel trial's process keeps its own (its Ray Train workers end with it).
                 scheduler=scheduler(cfg, state["max_t"], state["epochs"]),
-                trial_dirname_creator=trial_dirname, reuse_actors=False,
+                trial_dirname_creator=trial_dirname, reuse_actors=setup.workers <= 1,
                 # `trial N` from 0: a search algorithm counts its trials from 1, random and grid from 0
                 trial_name_creator=functools.partial(trial_name, first=int(s.search == "optuna"))),
             run_config=tune.RunConfig(

@@ -162,6 +162,20 @@ def test_images_are_decoded_once_by_the_driver(asha_sweep):
 
 
 @pytest.mark.slow  # starts Ray
+def test_trials_reuse_the_worker_processes_stopped_ones_included(asha_sweep):
+    """Six trials two at a time run in two worker processes: torch, MLflow and the images load
+    once per worker, and a trial ASHA stopped frees its worker for the next trial."""
+    pid_of = {}
+    for folder in asha_sweep["folder"].iterdir():
+        if (folder / "result.json").is_file():
+            rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
+            pid_of[rows[-1]["trial_id"]] = rows[-1]["pid"]
+    _, children = runs_of(asha_sweep["client"], "sweep-asha")
+    assert any(c.data.tags.get(names.STOPPED_BY_TAG) == "asha" for c in children), "no trial was stopped"
+    assert len(pid_of) == 6 and len(set(pid_of.values())) == 2, pid_of
+
+
+@pytest.mark.slow  # starts Ray
 def test_killed_driver_resumes_same_parent_and_children(synth_dir, tmp_path):
     """SIGKILL the driver's process group once a trial has ended and another has checkpointed;
     `--resume` must finish the sweep in the same MLflow runs without rerunning finished work."""
