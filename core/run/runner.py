@@ -134,7 +134,7 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
     key = tracking.run_key(hash_items(cfg))  # as a sweep folder's: a renamed key keeps a run resumable
     device = describe_device(pick_device(cfg.train.device))
     created = False
-    if run_id is None:  # (a run id given is a trial's, and Tune runs one process per trial)
+    if run_id is None:  # (a run id given is a trial's: Tune runs one trial at a time in a process)
         with lock(store.checkpoint_root() / "locks" / f"{key}.lock", wait=60, holder=f"config {key}"):
             found = tracking.find_resumable(tracking.ensure_experiment(cfg.experiment), key) \
                 if cfg.tracking.resume else None
