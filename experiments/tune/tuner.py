@@ -35,6 +35,11 @@ from skinclr.tune.records import ChildRuns, ProgressLines, SweepOutcome, close_i
 from skinclr.tune.trainables import MODE, TrialSetup, make_trainable, trial_name
 
 
+def _ray_init(default: str | None) -> None:
+    """Ray for this process: the cluster in RAY_ADDRESS, else `default` (None: a new local one)."""
+    ray.init(address=os.environ.get("RAY_ADDRESS") or default, include_dashboard=False, logging_level="WARNING")
+
+
 @contextmanager
 def ray_session():
     """Join the cluster in RAY_ADDRESS, or start a local Ray for this command and stop it after."""
@@ -53,7 +58,7 @@ def ray_session():
     # the sweep had ended, and the trials it cut short would look finished.)
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     term = signal.getsignal(signal.SIGTERM)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="WARNING")
+    _ray_init(None)
     if callable(term) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, term)  # ray.init's own handler would kill the driver outright
     try:
@@ -78,7 +83,7 @@ def join_cluster() -> None:
 
     folder = Path.cwd()
     before = inode(folder)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", include_dashboard=False, logging_level="WARNING")
+    _ray_init("auto")
     if "working_dir_files" not in folder.parts:  # not a job's copy
         return
     from filelock import FileLock

@@ -80,19 +80,16 @@ def import_table(cmd: list[str], env: dict, cwd: Path, top: int = 8) -> list[tup
         if m and len(m.group(2)) <= 2:  # imported by the program itself or one level down
             pkg = m.group(3).split(".")[0]
             totals[pkg] = max(totals.get(pkg, 0.0), int(m.group(1)) / 1e6)
-    return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return sorted(((p, s) for p, s in totals.items() if s >= 0.05), key=lambda kv: -kv[1])[:top]
 
 
 def own_functions(stats_file: str, top: int = 8) -> list[tuple[str, float]]:
-    """The project's functions with the largest cumulative time, module imports left out."""
-    stats = pstats.Stats(stats_file).stats
-    rows = []
-    for (path, line, name), (_, _, _, cum, _) in stats.items():
-        if "/skinclr/" not in path.replace("/core/", "/skinclr/").replace("/experiments/", "/skinclr/") \
-                or name == "<module>" or "site-packages" in path:
-            continue
-        where = Path(path).relative_to(REPO) if path.startswith(str(REPO)) else Path(path).name
-        rows.append((f"{where}:{name}", cum))
+    """The project's functions with the largest cumulative time (module bodies left out; a
+    function's time includes what it imports)."""
+    own = (str(REPO / "core"), str(REPO / "experiments"))
+    rows = [(f"{Path(path).relative_to(REPO)}:{name}", cum)
+            for (path, _, name), (_, _, _, cum, _) in pstats.Stats(stats_file).stats.items()
+            if path.startswith(own) and name != "<module>"]
     return sorted(rows, key=lambda r: -r[1])[:top]
 
 
@@ -177,9 +174,9 @@ def main() -> None:
     result["finetune_functions"] = own_functions(str(work / "finetune.prof"))
 
     from mlflow.tracking import MlflowClient
-    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
-        [e.experiment_id for e in MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()],
-        "attributes.status = 'FINISHED'", max_results=1)[0]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])  # the one finished run: the one-epoch fine-tune
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                             "attributes.status = 'FINISHED'", max_results=1)[0]
     ev = [*SKINCLR, "evaluate", "--model", f"runs:/{run.info.run_id}/model", "--data", str(test)]
     t = [timed(ev, env, work)[0] for _ in range(args.repeats)]
     result["evaluate_20"] = best(t)
