@@ -246,6 +246,13 @@ def transient(err: BaseException) -> bool:
     return False
 
 
+def lost_race(err: BaseException) -> bool:
+    """An insert that lost to another process inserting the same new row first (a sweep's first
+    trials logging one dataset at once): SQLite's, PostgreSQL's or MySQL's unique-key error."""
+    text = str(err).lower()
+    return any(word in text for word in ("unique constraint failed", "duplicate key value", "duplicate entry"))
+
+
 def retry_seconds() -> float:
     """How long a run keeps retrying a store that went away: $SKINCLR_TRACKING_RETRY_S, else 300 s."""
     try:
@@ -264,7 +271,7 @@ def retrying(what: str, call: Callable[[], Any]) -> Any:
 
     One line on stderr when an outage begins; StoreError when it outlasts the budget. Only
     idempotent calls go through here (a repeated metric batch is deduplicated by the store)."""
-    deadline, pause = None, 1.0
+    deadline, pause, races = None, 1.0, 0
     while True:
         try:
             return call()
@@ -273,6 +280,9 @@ def retrying(what: str, call: Callable[[], Any]) -> Any:
             if out_of_space(err, db.parent if db is not None else None):  # waiting frees no space
                 raise no_space(db.parent if db is not None else Path(shown_uri(tracking_uri())), what,
                                "free space there and run the same command again to resume") from None
+            if races < 2 and lost_race(err):  # the same call again finds the other process's row
+                races += 1
+                continue
             if not transient(err):
                 raise
             now, budget = time.monotonic(), retry_seconds()

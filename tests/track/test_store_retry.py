@@ -80,3 +80,44 @@ def test_a_run_outlives_a_server_restart_with_one_line_and_every_point_once(tmp_
         assert len(outage) == 1 and url in outage[0] and "logging step 2" in outage[0]
     finally:
         stop(server)
+
+
+def test_two_runs_logging_one_new_dataset_at_once_both_log_it(monkeypatch, capsys):
+    """A sweep's first trials start together and log the same dataset: the store looks for it,
+    finds none, and both insert it; the slower insert fails on the table's unique key. Here the
+    other trial's insert lands exactly between this one's look-up and insert: the call is made
+    again, finds the row, and the run links it, with no outage line."""
+    import sqlalchemy.event
+    from sqlalchemy.orm import Session
+
+    side = {"name": "train", "digest": "d1", "source": "/data", "context": "train", "profile": {"images": 3}}
+    first, second = RunLogger.create("race"), RunLogger.create("race")
+    raced = []
+
+    def other_trial_first(session, context, instances):
+        if not raced and any(type(o).__name__ == "SqlDataset" for o in session.new):
+            raced.append(1)
+            second.log_datasets([side])
+
+    sqlalchemy.event.listen(Session, "before_flush", other_trial_first)
+    try:
+        first.log_datasets([side])
+    finally:
+        sqlalchemy.event.remove(Session, "before_flush", other_trial_first)
+    assert raced
+    for logger in (first, second):
+        inputs = logger.client.get_run(logger.run_id).inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("train", "d1")]
+    assert "unreachable" not in capsys.readouterr().err
+
+
+def test_a_lasting_unique_key_conflict_is_an_error_not_an_outage(capsys):
+    calls = []
+
+    def conflict():
+        calls.append(1)
+        raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+
+    with pytest.raises(RuntimeError, match="UNIQUE constraint failed"):
+        store.retrying("logging the datasets", conflict)
+    assert len(calls) == 3 and "unreachable" not in capsys.readouterr().err
