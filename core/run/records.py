@@ -8,6 +8,7 @@ decision rule (`finetune.decision_rule`) is fitted on val, never on test.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from skinclr import names
@@ -17,28 +18,63 @@ from skinclr.track.tracking import RunLogger
 from skinclr.train.engine import EpochRecord
 
 
-def log_report(cfg: Config, logger: RunLogger, record: EpochRecord, out: Path, example: str | None = None) -> None:
-    """A fine-tune epoch's curves, and the best model with its figures whenever the monitor
-    improves, so a trial stopped early by a scheduler still leaves a complete run."""
+class Reports:
+    """A fine-tune's reports: the curves up to the latest epoch and, when a better epoch came since
+    the last report, the model it saved with its figures (1-2 s in all).
+
+    A trial reports every epoch, since Tune may stop it at its next report; a run reports at most
+    every `every` seconds and at its end, so short epochs do not pay a report each. A killed run
+    keeps what it had not reported in its resume state, and its resumed run reports it first."""
+
+    def __init__(self, cfg: Config, logger: RunLogger, out: Path, example: str | None, every: float,
+                 resume: dict | None):
+        self.cfg, self.logger, self.out, self.example, self.every = cfg, logger, out, example, every
+        self.latest = self.best = None
+        self.at = time.monotonic()
+        self.model, self.epoch = None, 0  # the model the run saves, as it stands, and its epoch
+        if resume is not None:
+            self.model, self.epoch = resume["best_model"], resume["history"][-1]["epoch"] - resume["stale"]
+            if resume.get("best_report") and logger.run.data.tags.get(names.BEST_EPOCH_TAG) != str(self.epoch):
+                self.latest = self.best = EpochRecord(self.epoch, {}, dict, True, report=resume["best_report"],
+                                                      history=resume["history"], best_model=self.model)
+
+    def add(self, record: EpochRecord, now: bool = False) -> None:
+        """An epoch's record, reported `now` or once `every` seconds have passed since the last report."""
+        self.model = record.best_model
+        self.epoch = record.epoch if record.is_best else self.epoch
+        self.latest, self.best = record, record if record.is_best else self.best
+        if now or time.monotonic() - self.at >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.latest is not None:
+            log_report(self.cfg, self.logger, self.latest, self.best, self.out, self.example)
+        self.latest = self.best = None
+        self.at = time.monotonic()
+
+
+def log_report(cfg: Config, logger: RunLogger, latest: EpochRecord, best: EpochRecord | None, out: Path,
+               example: str | None = None) -> None:
+    """The curves up to the `latest` epoch and, given a `best` one, the model it saved with its figures."""
     from skinclr.serve.pyfunc import log_model
     from skinclr.train import figures
 
     out.mkdir(parents=True, exist_ok=True)
-    history = record.history
+    history = latest.history
     figures.plot_loss_curves(history, out / "loss_curves.png")
     figures.plot_accuracy_curves(history, out / "accuracy_curves.png")
     (out / "history.json").write_text(json.dumps(history, indent=1))
     files = [out / "loss_curves.png", out / "accuracy_curves.png", out / "history.json"]
-    if record.is_best:
-        report = record.report
-        files += figures.write_report(report, out, f"val, epoch {record.epoch}")
+    if best is not None:
+        report = best.report
+        files += figures.write_report(report, out, f"val, epoch {best.epoch}")
         (out / "val_metrics.json").write_text(json.dumps(report, indent=1))
         files.append(out / "val_metrics.json")
-        log_model(logger, record.best_model, cfg.model.backbone, cfg.data.image_size, cfg.data.aspect,
-                  cfg.finetune.tta, example=example, step=record.epoch)
+        log_model(logger, best.best_model, cfg.model.backbone, cfg.data.image_size, cfg.data.aspect,
+                  cfg.finetune.tta, example=example, step=best.epoch)
         logger.log_metrics({"best_val_balanced_accuracy": report["balanced_accuracy"],
-                            "best_val_accuracy": report["accuracy"]}, step=record.epoch)
-        logger.set_tags({names.BEST_EPOCH_TAG: record.epoch})
+                            "best_val_accuracy": report["accuracy"]}, step=best.epoch)
+        logger.set_tags({names.BEST_EPOCH_TAG: best.epoch})
     for f in files:
         logger.log_artifact(f, "report")
 

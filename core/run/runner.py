@@ -32,11 +32,12 @@ from skinclr.runtime import BusyError, lock
 from skinclr.runtime import check_devices, describe_device, load_checkpoint, pick_device, save_atomic
 from skinclr.data.split import save_split
 from skinclr.track.tracking import RunLogger
-from skinclr.run.records import finish_model, log_report
+from skinclr.run.records import Reports, finish_model
 from skinclr import names
 
 OnEpoch = Callable[[EpochRecord, str], None]  # (record, run id), called once the epoch's checkpoint is on disk
 CHECKPOINT = "checkpoint.pt"  # in a run's checkpoint folder: the full training state after its last epoch
+REPORT_EVERY_S = 30.0  # a fine-tune run (not a trial) reports its curves and better model at most this often
 
 
 @dataclass
@@ -272,18 +273,14 @@ def run_finetune(cfg: Config, *, resolved: str | Path | None = None, run_id: str
         check_batches(cfg, inputs)
         run = open_run(cfg, inputs, run_id, parent_run_id, {**init_tags, **(tags or {})})
         loop = finetune(cfg, inputs, resume=run.state, pretrain_checkpoint=checkpoint, progress=progress)
-        saved = {"model": (run.state or {}).get("best_model"),  # the model the run saves, as it stands
-                 "epoch": int(run.logger.run.data.tags.get(names.BEST_EPOCH_TAG, 0)) if run.state else 0}
+        reports = Reports(cfg, run.logger, run.folder / "report", inputs.example_path(), REPORT_EVERY_S, run.state)
 
-        def on_record(record: EpochRecord, _state: dict, folder: Path) -> None:
-            saved["model"] = record.best_model
-            saved["epoch"] = record.epoch if record.is_best else saved["epoch"]
-            log_report(cfg, run.logger, record, folder / "report", inputs.example_path())
+        def finish() -> None:  # the last report; the saved model's decision rule and test score, once
+            reports.flush()
+            finish_model(cfg, run.logger, inputs, reports.model, Path(work) / "final", reports.epoch)
 
-        def finish() -> None:  # the saved model's decision rule and test score, once
-            finish_model(cfg, run.logger, inputs, saved["model"], Path(work) / "final", saved["epoch"])
-
-        result = drive(cfg, loop, run, on_epoch, on_record, progress, finish)
+        result = drive(cfg, loop, run, on_epoch, lambda record, *_: reports.add(record, now=on_epoch is not None),
+                       progress, finish)
     if result.epochs < cfg.train.epochs:
         RunLogger(result.run_id).set_tags({names.EARLY_STOPPED_TAG: result.epochs})
     return result

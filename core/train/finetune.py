@@ -132,11 +132,11 @@ class Finetuning(Task):
         self.data = None
         if tensor_path(cfg.augment.device, device):
             self.use_tensor_path()
-        self.history, self.best, self.best_model, self.stale = [], None, None, 0
+        self.history, self.best, self.best_model, self.best_report, self.stale = [], None, None, None, 0
         if resume is not None:
             self.scheduler.load_state_dict(resume["scheduler"])
             self.history, self.best, self.stale = resume["history"], resume["best"], resume["stale"]
-            self.best_model = resume["best_model"]
+            self.best_model, self.best_report = resume["best_model"], resume.get("best_report")
         return optimizer
 
     def use_tensor_path(self) -> None:
@@ -178,7 +178,7 @@ class Finetuning(Task):
         self.scheduler.step(watched)
         improved = self.best is None or (watched > self.best if self.maximize else watched < self.best)
         if improved:
-            self.best, self.stale = watched, 0
+            self.best, self.best_report, self.stale = watched, report, 0
             self.best_model = copy.deepcopy({k: v.cpu() for k, v in self.model.state_dict().items()})
         else:
             self.stale += 1
@@ -186,8 +186,8 @@ class Finetuning(Task):
                 "history": list(self.history), "best_model": self.best_model}
 
     def state(self) -> dict[str, Any]:
-        return {"best": self.best, "stale": self.stale, "history": self.history, "init": self.init,
-                "best_model": self.best_model, "scheduler": self.scheduler.state_dict()}
+        return {"best": self.best, "stale": self.stale, "history": self.history, "init": self.init, "best_model":
+                self.best_model, "best_report": self.best_report, "scheduler": self.scheduler.state_dict()}
 
 
 def predict(model, inputs: Inputs, rows: np.ndarray, size: int, device, data: DeviceImages | None = None,

@@ -6,12 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from skinclr import names
 from skinclr.config import load_config
+from skinclr.run import runner
+from skinclr.run.records import Reports
 from skinclr.run.runner import run_finetune
 from skinclr.track import store
+from skinclr.track.tracking import RunLogger
 from skinclr.train import finetune as F
 
 PAPER = Path(__file__).resolve().parents[2] / "experiments" / "paper"
@@ -84,3 +88,60 @@ def test_a_decision_rule_is_fitted_on_val_saved_with_the_model_and_scored_on_tes
     plain.meta = {k: v for k, v in plain.meta.items() if k != "offsets"}
     np.testing.assert_allclose(ruled.predict_proba(images), apply_offsets(plain.predict_proba(images), ruled.offsets),
                                atol=1e-9)
+
+
+def _improved(history: list) -> list[int]:
+    """The epochs whose monitored loss beat every earlier one: the epochs that saved a model."""
+    best, epochs = None, []
+    for m in history:
+        if best is None or m.value < best:
+            best, epochs = m.value, epochs + [m.step]
+    return epochs
+
+
+@pytest.mark.parametrize("every", [0.0, 3600.0])
+def test_a_run_reports_at_most_every_period_and_at_its_end_always_the_model_it_saved(synth_dir, monkeypatch,
+                                                                                   tmp_path, every):
+    """Each report (curves, a better epoch's model and figures) costs 1-2 s: a run of short epochs
+    reports once a period and at its end. Either way the run ends holding its saved epoch's model."""
+    monkeypatch.setattr(runner, "REPORT_EVERY_S", every)
+    cfg = load_config(PAPER / "baseline_scratch.yaml",
+                      [f"data.root={synth_dir}", "data.image_size=32", "data.workers=0", "train.epochs=4",
+                       "finetune.early_stop_patience=9", "finetune.select_metric=val_loss", "train.batch_size=16",
+                       "train.max_steps_per_epoch=4"], stage="finetune")
+    result = run_finetune(cfg, progress=False)
+    c = MlflowClient(store.tracking_uri())
+    improved = _improved(c.get_metric_history(result.run_id, "monitor_value"))
+    reported = [m.step for m in c.get_metric_history(result.run_id, "best_val_balanced_accuracy")]
+    assert len(improved) >= 2  # several better epochs (val loss falls early on): the periods can differ
+    assert reported == (improved if every == 0 else improved[-1:])
+    run = c.get_run(result.run_id)
+    assert run.data.tags[names.BEST_EPOCH_TAG] == str(improved[-1])
+    history = json.loads(Path(c.download_artifacts(result.run_id, "report/history.json", str(tmp_path))).read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_a_resumed_run_first_reports_the_better_epoch_its_killed_run_had_not(monkeypatch, tmp_path):
+    """Killed between reports, a run's resume state still holds its best epoch's model and val
+    report; the resumed run reports them, and a run already reported is not reported again."""
+    from skinclr.train.metrics import classification_metrics
+    from skinclr.train.models import build_classifier
+
+    cfg = load_config(None, {"data.image_size": 32}, stage="finetune")
+    logger = RunLogger.create("reports")
+    logger.set_tags({names.BEST_EPOCH_TAG: 1})  # what its last report said
+    labels = np.arange(14) % 7
+    report = classification_metrics(labels, np.eye(7)[(labels + (labels == 0)) % 7])  # class MEL missed
+    resume = {"best_model": build_classifier("resnet18").state_dict(), "stale": 1, "best_report": report,
+              "history": [{"epoch": e, "val_balanced_accuracy": 0.5} for e in (1, 2, 3)]}  # best: epoch 2
+    reports = Reports(cfg, logger, tmp_path / "report", None, every=3600.0, resume=resume)
+    assert (reports.epoch, reports.model) == (2, resume["best_model"])
+    reports.flush()
+    c = MlflowClient(store.tracking_uri())
+    run = c.get_run(logger.run_id)
+    assert run.data.tags[names.BEST_EPOCH_TAG] == "2"
+    assert [(m.step, m.value) for m in c.get_metric_history(logger.run_id, "best_val_balanced_accuracy")] == \
+        [(2, pytest.approx(6 / 7))]
+    assert run.outputs.model_outputs  # the logged model, from epoch 2
+    Reports(cfg, RunLogger(logger.run_id), tmp_path / "again", None, every=3600.0, resume=resume).flush()
+    assert len(c.get_metric_history(logger.run_id, "best_val_balanced_accuracy")) == 1
