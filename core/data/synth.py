@@ -11,11 +11,13 @@ import json
 import os
 import shutil
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from skinclr.data.images import default_workers
 from skinclr.data.layouts import GROUPINGS, TRAINING_GT, TRAINING_INPUT
 from skinclr.names import CLASSES
 from skinclr.data.problems import DataError
@@ -49,6 +51,8 @@ PROTOTYPES = {
 
 _YY, _XX = np.mgrid[0:CANVAS, 0:CANVAS].astype(np.float32) - (CANVAS - 1) / 2
 _VY, _VX = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+_SCOPE = np.clip((0.98 - np.hypot(_VX - WIDTH / 2, _VY - HEIGHT / 2) / (0.5 * np.hypot(WIDTH, HEIGHT))) / 0.1,
+                 0.04, 1)[..., None]  # a contact dermoscope's dark corners
 
 
 def make_synthetic(out, n: int = 600, seed: int = 0) -> Path:
@@ -100,25 +104,43 @@ def _write(folder: Path, n: int, seed: int) -> None:
     # set of another seed is other images under other ids, as a held-out set is.
     base = 9_000_000 + 100_000 * seed
     names = [f"ISIC_{base + i:07d}" for i in rng.permutation(n)]
-    gt, groups, k = [], [], 0
+    lesions, k = [], 0
     for lesion, (label, count) in enumerate(zip(classes, views)):
-        lesion_rng = np.random.default_rng([seed, lesion])
-        confirm = CONFIRM[lesion_rng.choice(len(CONFIRM), p=(0.55, 0.3, 0.1, 0.05))]
-        for img in _render_lesion(lesion_rng, CLASSES[label], count):
-            Image.fromarray(img).save(images / f"{names[k]}.jpg", quality=90)
-            gt.append((names[k], label))
-            groups.append((names[k], f"HAM_{base + lesion:07d}", confirm))
-            k += 1
-    order = np.argsort(names)
-    rows = ["image," + ",".join(CLASSES)]
-    rows += [f"{gt[i][0]}," + ",".join("1.0" if c == gt[i][1] else "0.0" for c in range(len(CLASSES))) for i in order]
-    (folder / TRAINING_GT).write_text("\n".join(rows) + "\n")
-    rows = ["image,lesion_id,diagnosis_confirm_type"] + [",".join(groups[i]) for i in order]
-    (folder / GROUPINGS).write_text("\n".join(rows) + "\n")
+        lesions.append((lesion, label, names[k:k + count]))
+        k += count
+    # Each lesion draws from its own seed, so the images are the same however the lesions are shared out.
+    workers = min(default_workers(), len(lesions) // 50) or 1
+    jobs = [(images, seed, base, lesions[i::workers]) for i in range(workers)]
+    if workers == 1:
+        rows = _draw(jobs[0])
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            rows = [row for part in pool.map(_draw, jobs) for row in part]
+    rows.sort()  # by image id
+    gt = ["image," + ",".join(CLASSES)]
+    gt += [f"{image}," + ",".join("1.0" if c == label else "0.0" for c in range(len(CLASSES)))
+           for image, label, *_ in rows]
+    (folder / TRAINING_GT).write_text("\n".join(gt) + "\n")
+    groups = ["image,lesion_id,diagnosis_confirm_type"]
+    groups += [f"{image},{lesion},{confirm}" for image, _, lesion, confirm in rows]
+    (folder / GROUPINGS).write_text("\n".join(groups) + "\n")
     (images / "LICENSE.txt").write_text(
         "Synthetic images drawn by skinclr (core/data/synth.py); they show no patient and carry no\n"
         "clinical meaning. Dedicated to the public domain (CC0 1.0).\n")
     (folder / MARKER).write_text(json.dumps({"n": n, "seed": seed}))  # last: marks the set complete
+
+
+def _draw(job: tuple) -> list[tuple[str, int, str, str]]:
+    """Draw and save the images of some lesions: (image, label, lesion id, confirmation) each."""
+    images, seed, base, lesions = job
+    rows = []
+    for lesion, label, names in lesions:
+        lesion_rng = np.random.default_rng([seed, lesion])
+        confirm = CONFIRM[lesion_rng.choice(len(CONFIRM), p=(0.55, 0.3, 0.1, 0.05))]
+        for name, img in zip(names, _render_lesion(lesion_rng, CLASSES[label], len(names))):
+            Image.fromarray(img).save(images / f"{name}.jpg", quality=90)
+            rows.append((name, label, f"HAM_{base + lesion:07d}", confirm))
+    return rows
 
 
 def _plan(rng: np.random.Generator, n: int) -> tuple[list[int], list[int]]:
@@ -216,16 +238,16 @@ def _render_lesion(rng: np.random.Generator, name: str, views: int) -> list[np.n
     layer = _lesion_layer(rng, name)
     skin = np.array([226, 174, 152]) * rng.uniform(0.72, 1.05) * np.exp(rng.normal(0, 0.04, 3))
     mottling = _smooth_noise(rng, 6, (HEIGHT, WIDTH))
+    bare = Image.fromarray(np.clip(skin * (1 + 0.04 * mottling[..., None]), 0, 255).astype(np.uint8))
     hairiness = rng.choice([0, 1, 3, 6], p=(0.4, 0.25, 0.2, 0.15))
     scope = rng.random() < 0.3  # dark corners of a contact dermoscope
     centre = np.array([WIDTH / 2, HEIGHT / 2]) + rng.normal(0, 8, 2)
     angle = rng.uniform(0, 360)
-    return [_view(rng, layer, skin, mottling, hairiness, scope, centre, angle) for _ in range(views)]
+    return [_view(rng, layer, bare, hairiness, scope, centre, angle) for _ in range(views)]
 
 
-def _view(rng, layer, skin, mottling, hairiness, scope, centre, angle) -> np.ndarray:
-    bg = skin * (1 + 0.04 * mottling[..., None])
-    photo = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+def _view(rng, layer, bare, hairiness, scope, centre, angle) -> np.ndarray:
+    photo = bare.copy()
     zoom = rng.uniform(0.9, 1.1)
     size = round(CANVAS * zoom)
     moved = layer.rotate(angle + rng.normal(0, 20), resample=Image.Resampling.BILINEAR).resize(
@@ -251,7 +273,6 @@ def _view(rng, layer, skin, mottling, hairiness, scope, centre, angle) -> np.nda
     light = rng.uniform(0.85, 1.1) * (1 + rng.uniform(0, 0.3) * ramp)
     img = img * light[..., None] * np.exp(rng.normal(0, 0.03, 3))
     if scope:
-        d = np.hypot(_VX - WIDTH / 2, _VY - HEIGHT / 2) / (0.5 * np.hypot(WIDTH, HEIGHT))
-        img *= np.clip((0.98 - d) / 0.1, 0.04, 1)[..., None]
+        img *= _SCOPE
     img += rng.normal(0, 4, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)

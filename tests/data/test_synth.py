@@ -73,3 +73,17 @@ def test_refuses_a_folder_holding_something_else(tmp_path):
 def test_writes_into_an_empty_folder(tmp_path):
     (tmp_path / "s").mkdir()
     assert len(read_manifest(make_synthetic(tmp_path / "s", n=10)).frame) == 10
+
+
+def test_a_set_is_the_same_file_for_file_however_many_processes_draw_it(tmp_path, monkeypatch):
+    """Each lesion draws from its own seed, so sharing the lesions among processes changes nothing."""
+    from skinclr.data import synth
+
+    sets = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(synth, "default_workers", lambda workers=workers: workers)
+        sets[workers] = make_synthetic(tmp_path / str(workers), n=320, seed=4)
+    files = sorted(p.relative_to(sets[1]) for p in sets[1].rglob("*") if p.is_file())
+    assert len(files) == 320 + 4  # the images, the licence, the two tables and the marker
+    assert files == sorted(p.relative_to(sets[3]) for p in sets[3].rglob("*") if p.is_file())
+    assert all((sets[1] / f).read_bytes() == (sets[3] / f).read_bytes() for f in files)
