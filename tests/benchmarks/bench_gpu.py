@@ -59,7 +59,7 @@ def model_alone(backbone: str, size: int, batch: int, steps: int, device: torch.
     torch.manual_seed(0)
     model = build_simclr(backbone).to(device, memory_format=torch.channels_last)
     net = compiled(model, compile_)
-    opt = adam(model.parameters(), 1e-3, device)
+    opt = adam(model.parameters(), 1e-3)
     x = torch.randn(2 * batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
 
     def step():

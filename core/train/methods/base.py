@@ -56,7 +56,7 @@ class Pretraining(Task):
         cfg = self.cfg
         self.device = device
         self.model = self.build().to(device, memory_format=torch.channels_last)
-        optimizer = adam([p for p in self.model.parameters() if p.requires_grad], cfg.train.lr, device)
+        optimizer = adam([p for p in self.model.parameters() if p.requires_grad], cfg.train.lr)
         net = nn.Sequential(*(getattr(self.model, name) for name in self.online_parts))
         if self.distributed:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
