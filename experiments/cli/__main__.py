@@ -1,6 +1,4 @@
 """`python -m skinclr.cli`: the `skinclr` command without its console script."""
-import sys
+from skinclr.cli.main import run
 
-from skinclr.cli.main import main
-
-sys.exit(main())
+run()
