@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from skinclr.data.images import default_workers
-from skinclr.data.layouts import GROUPINGS, TRAINING_GT, TRAINING_INPUT
+from skinclr.data.manifest import GROUPINGS, TRAINING_GT, TRAINING_INPUT
 from skinclr.names import CLASSES
 from skinclr.data.problems import DataError
 

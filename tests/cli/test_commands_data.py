@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from skinclr.data.manifest import read_manifest
-from skinclr.data.layouts import TRAINING_GT, TRAINING_INPUT
+from skinclr.data.manifest import TRAINING_GT, TRAINING_INPUT
 from skinclr.names import CLASSES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from skinclr.data.images import fit_square
 from skinclr.data.cache import CachedDataset, build_cache, cache_key, default_cache_dir, open_cache
 from skinclr.data.manifest import read_manifest
 from skinclr.data.images import load_rgb
-from skinclr.data.layouts import TRAINING_INPUT
+from skinclr.data.manifest import TRAINING_INPUT
 from skinclr.data.problems import DataError
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from skinclr.data.manifest import check_folder, read_manifest, summary_table
 from skinclr.data.images import load_rgb
-from skinclr.data.layouts import GROUPINGS, HAM_METADATA, TRAINING_GT, TRAINING_INPUT
+from skinclr.data.manifest import GROUPINGS, HAM_METADATA, TRAINING_GT, TRAINING_INPUT
 from skinclr.names import CLASSES
 from skinclr.data.problems import MAX_LINES, DataError
 

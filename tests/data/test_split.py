@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from skinclr.data.manifest import check_folder, read_manifest
-from skinclr.data.layouts import TRAINING_GT
+from skinclr.data.manifest import TRAINING_GT
 from skinclr.names import CLASSES
 from skinclr.data.problems import DataError
 from skinclr.data.split import (check_split, label_fingerprint, label_subset, load_split, save_split,

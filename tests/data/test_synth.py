@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from skinclr.data.manifest import check_folder, read_manifest
-from skinclr.data.layouts import TRAINING_INPUT
+from skinclr.data.manifest import TRAINING_INPUT
 from skinclr.names import CLASSES
 from skinclr.data.problems import DataError
 from skinclr.data.synth import MARKER, make_synthetic

@@ -134,7 +134,7 @@ def test_predict_in_the_isic_format_is_read_by_the_official_scorer_with_the_same
 
 def _subset(source: Path, names: list[str], out: Path) -> Path:
     """A folder in the training layout holding `names` of `source` (images, labels, lesions)."""
-    from skinclr.data.layouts import GROUPINGS, TRAINING_GT, TRAINING_INPUT
+    from skinclr.data.manifest import GROUPINGS, TRAINING_GT, TRAINING_INPUT
 
     (out / TRAINING_INPUT).mkdir(parents=True)
     for name in names:
@@ -183,7 +183,7 @@ def test_the_models_own_images_are_scored_as_train_and_val_never_as_test(synth_d
     # or copied under new ids; seen either way, never test
     from PIL import Image
 
-    from skinclr.data.layouts import GROUPINGS, TRAINING_GT, TRAINING_INPUT
+    from skinclr.data.manifest import GROUPINGS, TRAINING_GT, TRAINING_INPUT
 
     taken = split[["image", "split"]].head(12)
     mixed = _subset(synth_dir, taken["image"].tolist(), tmp_path / "mixed")
