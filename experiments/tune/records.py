@@ -42,9 +42,10 @@ def stopped_by(result: dict[str, Any], errored: bool, max_t: int, epochs: int) -
 class ChildRuns(tune.Callback):
     """End each trial's MLflow child run the way Tune ended the trial (runs in the driver).
 
-    A trial stopped by ASHA leaves its run to the driver (it unwinds through tracking.Stopped), so
-    its run would stay RUNNING; an errored one ends FAILED. At the end of the sweep every trial is closed again (idempotent),
-    and the run of a trial Tune did not finish (an interrupted sweep) ends KILLED."""
+    A trial stopped by ASHA unwinds through tracking.Stopped without ending its run, which this
+    callback then closes as stopped; an errored one ends FAILED. At the end of the sweep every
+    trial is closed again (idempotent), and the run of a trial Tune did not finish (an interrupted
+    sweep) ends KILLED."""
 
     def __init__(self, parent_run_id: str, tracking_uri: str, max_t: int, epochs: int):
         self.parent_run_id, self.tracking_uri = parent_run_id, tracking_uri
