@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from skinclr.data.cache import CachedDataset, ImageCache, build_cache
+from skinclr.data.cache import CachedDataset, ImageCache, build_cache, default_cache_dir
 from skinclr.config import Config, ConfigError
 from skinclr.data.manifest import Manifest, read_manifest
 from skinclr.data.problems import DataError
 from skinclr.data.split import (check_split, label_fingerprint, label_subset, load_split, save_split, side_fingerprint,
-                                split_by_lesion, split_fingerprint, test_fingerprint)
+                                remembered_split, split_fingerprint, test_fingerprint)
 from skinclr import names
 
 INPUTS_VERSION = 1  # bump when the resolved-inputs file changes shape
@@ -110,7 +110,9 @@ def split_of(cfg: Config, manifest: Manifest) -> pd.DataFrame:
                             f"{d.test_fraction}: remove the file to draw a split with a test side, or set "
                             "data.test_fraction=0 to use it as it is")
         return split
-    split = split_by_lesion(manifest, d.val_fraction, d.split_seed, d.folds, d.fold, d.test_fraction, d.test_seed)
+    split = remembered_split(manifest, Path(d.cache_dir or default_cache_dir()) / "splits", val_fraction=d.val_fraction,
+                             seed=d.split_seed, folds=d.folds, fold=d.fold, test_fraction=d.test_fraction,
+                             test_seed=d.test_seed)
     if d.split_file:
         Path(d.split_file).parent.mkdir(parents=True, exist_ok=True)
         save_split(split, d.split_file)

@@ -13,6 +13,9 @@ the split: each run draws its own from the split, named by its label fingerprint
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +64,32 @@ def split_by_lesion(manifest: Manifest, val_fraction: float = 0.15, seed: int = 
     split[rest[val]] = "val"
     frame["split"] = split
     return frame
+
+
+def remembered_split(manifest: Manifest, folder: str | Path, **params) -> pd.DataFrame:
+    """`split_by_lesion(manifest, **params)`, kept in `folder` under the hash of all it depends on:
+    each image's label and lesion in manifest order, the parameters and scikit-learn's version.
+    A repeated run reads it back instead of importing scikit-learn (0.7 s) to draw it again.
+    A folder that cannot be written only costs the draw."""
+    frame = manifest.frame
+    what = [frame["image"].tolist(), frame["label"].astype(int).tolist(), lesion_groups(frame).tolist(),
+            sorted(params.items()), version("scikit-learn")]
+    path = Path(folder) / f"split-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]}.npy"
+    try:
+        codes = np.load(path)
+        if codes.shape == (len(frame),):
+            return frame.assign(split=np.asarray(PARTS, dtype=object)[codes])
+    except (OSError, ValueError):
+        pass  # not drawn yet, or unreadable: draw it
+    split = split_by_lesion(manifest, **params)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}-{os.getpid()}.npy")
+        np.save(tmp, np.array([PARTS.index(part) for part in split["split"]], dtype=np.int8))
+        tmp.replace(path)  # whole or absent
+    except OSError:
+        pass
+    return split
 
 
 def _fold(frame: pd.DataFrame, root, n_folds: int, fold: int, seed: int, what: str, knob: str) -> np.ndarray:

@@ -2,6 +2,9 @@
 and splits that cannot measure balanced accuracy."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,8 +13,8 @@ from skinclr.data.manifest import check_folder, read_manifest
 from skinclr.data.manifest import TRAINING_GT
 from skinclr.names import CLASSES
 from skinclr.data.problems import DataError
-from skinclr.data.split import (check_split, label_fingerprint, label_subset, load_split, save_split,
-                                split_by_lesion, split_fingerprint)
+from skinclr.data.split import (check_split, label_fingerprint, label_subset, load_split, remembered_split,
+                                save_split, split_by_lesion, split_fingerprint)
 from tests.data.test_manifest import make_training, one_hot, set_line
 
 
@@ -37,6 +40,34 @@ def test_real_split_is_deterministic_per_seed(real_manifest):
     a = split_fingerprint(split_by_lesion(real_manifest, seed=0))
     assert a == split_fingerprint(split_by_lesion(real_manifest, seed=0))
     assert a != split_fingerprint(split_by_lesion(real_manifest, seed=1))
+
+
+@pytest.mark.parametrize("params", [{}, {"seed": 2, "val_fraction": 0.25}, {"folds": 3, "fold": 2, "test_fraction": 0.2}])
+def test_a_remembered_split_is_the_split_drawn_and_a_repeat_skips_scikit_learn(synth_dir, tmp_path, params):
+    m = read_manifest(synth_dir)
+    drawn = split_by_lesion(m, **params)
+    first = remembered_split(m, tmp_path / "splits", **params)
+    again = remembered_split(m, tmp_path / "splits", **params)
+    for split in (first, again):
+        assert split["split"].tolist() == drawn["split"].tolist()
+        assert split.drop(columns="split").equals(m.frame)
+    probe = ("import sys; from skinclr.data.manifest import read_manifest; from skinclr.data.split import remembered_split; "
+             f"remembered_split(read_manifest({str(synth_dir)!r}), {str(tmp_path / 'splits')!r}, **{params!r}); "
+             "print('sklearn' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_a_remembered_split_follows_the_lesions_and_survives_an_unwritable_folder(synth_dir, tmp_path):
+    m = read_manifest(synth_dir)
+    remembered_split(m, tmp_path / "splits")
+    regrouped = m.frame.copy()
+    regrouped["lesion_id"] = "HAM_" + regrouped["image"]  # every image its own lesion: another split
+    m2 = type(m)(regrouped, m.root, m.layout, m.warnings, m.fingerprint)  # same files, same fingerprint
+    assert remembered_split(m2, tmp_path / "splits")["split"].tolist() == split_by_lesion(m2)["split"].tolist()
+    assert len(list((tmp_path / "splits").glob("split-*.npy"))) == 2
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert remembered_split(m, blocked / "splits")["split"].tolist() == split_by_lesion(m)["split"].tolist()
 
 
 def test_split_round_trips_through_csv(synth_dir, tmp_path):

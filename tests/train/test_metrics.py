@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -175,3 +176,37 @@ def test_offsets_fitted_on_a_shifted_prior_problem_raise_its_balanced_accuracy()
 
     fair = np.eye(7)[y_new] * 0.9 + 0.1 / 7  # a perfect, unbiased model: nothing to correct
     np.testing.assert_array_equal(fit_offsets(y_new, fair), np.zeros(7))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_number_equals_scikit_learns(seed):
+    """The numpy metrics against sklearn's on random sets: absent classes, never-predicted classes,
+    tied scores (probabilities rounded to 2 decimals) and skewed priors included."""
+    from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
+                                 roc_auc_score)
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(5, 400)), len(CLASSES)
+    prior = rng.dirichlet(np.full(c, 0.5))
+    y = rng.choice(c, size=n, p=prior)
+    logits = rng.normal(size=(n, c)) + 2.0 * np.eye(c)[y] * rng.random()
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    probs = np.round(probs, 2) if seed % 2 else probs
+    probs = probs / probs.sum(1, keepdims=True)
+    m = classification_metrics(y, probs)
+    pred = probs.argmax(1)
+    labels = list(range(c))
+    assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=labels).tolist()
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sklearn: "y_pred contains classes not in y_true"
+        assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    for i, name in enumerate(CLASSES):
+        got = m["per_class"][name]
+        assert got["support"] == support[i]
+        if support[i] == 0:
+            assert got["recall"] is None and got["roc_auc"] is None
+            continue
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((precision[i], recall[i], f1[i]), abs=1e-12)
+        if support[i] < n:
+            assert got["roc_auc"] == pytest.approx(roc_auc_score(y == i, probs[:, i]), abs=1e-12)
