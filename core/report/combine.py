@@ -56,10 +56,20 @@ def member_runs(runs: list[str] | None = None, parent: str | None = None, top: i
     if bad or not found:
         raise PromotionError(f"ensemble members must be finished fine-tune runs with a model; "
                              f"{', '.join(bad) if bad else 'none found'}: pick others")
-    if len({r.data.tags.get(names.DATA_FINGERPRINT_TAG) for r in found}) > 1:
-        raise PromotionError("the members were trained on different data (data_fingerprint tags differ): an ensemble "
-                             "combines models of one dataset")
     return found
+
+
+def _one_dataset(members, splits: list[pd.DataFrame]) -> None:
+    """Members of one dataset list the same images with the same labels in their split files. (The
+    data fingerprint also names the files' sizes and times, which a copy of the folder changes.)"""
+    first = set(zip(splits[0].index, splits[0]["label"]))
+    for run, split in zip(members[1:], splits[1:]):
+        other = set(zip(split.index, split["label"]))
+        if other != first:
+            raise PromotionError(
+                f"the members were trained on different data: run {members[0].info.run_id} split {len(first)} images, "
+                f"run {run.info.run_id} {len(other)}, {len(first ^ other)} (image, label) pairs differ; an ensemble "
+                "combines models of one dataset")
 
 
 def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule: str = "none",
@@ -76,6 +86,7 @@ def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule:
                 raise PromotionError(f"run {run.info.run_id} lacks its model files or split.csv: not a fine-tune run")
             folders.append(model / "artifacts")
             splits.append(pd.read_csv(split, dtype={"image": str, "copy_hash": str}).set_index("image"))
+        _one_dataset(members, splits)
         ids = [r.info.run_id for r in members]
         sides = [s["split"] for s in splits]
         model = EnsemblePredictor([Predictor.from_files(f / names.WEIGHTS_FILE, f / names.META_FILE, r) for f, r in

@@ -63,23 +63,17 @@ def finetune_runs(experiments: list[str]) -> tuple[list[Run], int]:
 def evaluation_runs(model_run_ids: list[str]) -> dict[str, Run]:
     """The newest finished `skinclr evaluate` run on unseen images of each model run, from any
     experiment. Test means unseen: an evaluation on the model's own training or validation images
-    logs train_*/val_* numbers, never test_* ones; one from before that check counts only if its
-    data differs from the data the model was trained on."""
+    logs train_*/val_* numbers, never test_* ones, and is tagged with the role its images had. One
+    without that tag does not count: its data fingerprint names file times as well as images, so
+    a copy of the training folder would pass for other data."""
     evals = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                filter_string=f"attributes.status = 'FINISHED' and tags.`{names.STAGE_TAG}` = 'evaluate'",
                                order_by=["attributes.start_time DESC"])
-    wanted, out, trained_on = set(model_run_ids), {}, {}
+    wanted, out = set(model_run_ids), {}
     for run in evals:
         rid, tags = run.data.tags.get(names.MODEL_RUN_TAG), run.data.tags
-        if rid not in wanted or rid in out or "test_balanced_accuracy" not in run.data.metrics:
-            continue
-        if names.DATA_ROLE_TAG in tags:
-            unseen = tags[names.DATA_ROLE_TAG] in ("test", "mixed")
-        else:
-            if rid not in trained_on:
-                trained_on[rid] = tracking.client().get_run(rid).data.tags.get(names.DATA_FINGERPRINT_TAG)
-            unseen = tags.get(names.DATA_FINGERPRINT_TAG) != trained_on[rid]
-        if unseen:
+        if rid in wanted and rid not in out and "test_balanced_accuracy" in run.data.metrics \
+                and tags.get(names.DATA_ROLE_TAG) in ("test", "mixed"):
             out[rid] = run
     return out
 

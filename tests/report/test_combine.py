@@ -19,17 +19,18 @@ from skinclr.train.metrics import apply_offsets
 PAPER = Path(__file__).resolve().parents[2] / "experiments" / "paper"
 
 
+def _tiny_finetune(root: Path, seed: int) -> str:
+    cfg = load_config(PAPER / "baseline_scratch.yaml",
+                      [f"data.root={root}", "data.image_size=32", "data.workers=0", "data.test_fraction=0.2",
+                       "data.val_fraction=0.25", "train.epochs=1", "train.batch_size=16",
+                       "train.max_steps_per_epoch=3", f"train.seed={seed}"], stage="finetune")
+    return run_finetune(cfg, progress=False).run_id
+
+
 @pytest.fixture
 def two_runs(synth_dir) -> list[str]:
     """Two tiny fine-tunes (seeds 0 and 1) on one split with a held-out test side."""
-    ids = []
-    for seed in (0, 1):
-        cfg = load_config(PAPER / "baseline_scratch.yaml",
-                          [f"data.root={synth_dir}", "data.image_size=32", "data.workers=0", "data.test_fraction=0.2",
-                           "data.val_fraction=0.25", "train.epochs=1", "train.batch_size=16",
-                           "train.max_steps_per_epoch=3", f"train.seed={seed}"], stage="finetune")
-        ids.append(run_finetune(cfg, progress=False).run_id)
-    return ids
+    return [_tiny_finetune(synth_dir, seed) for seed in (0, 1)]
 
 
 def _images(synth_dir, n=10):
@@ -99,3 +100,26 @@ def test_fold_models_make_one_model_with_a_cross_validated_estimate_and_a_rule_f
     assert m["oof_balanced_accuracy_with_rule"] >= m["oof_balanced_accuracy"] - 1e-12  # fitted there
     assert {"test_balanced_accuracy", "test_balanced_accuracy_without_rule"} <= set(m)
     assert "best_val_balanced_accuracy" not in m and names.SPLIT_FINGERPRINT_TAG not in run.data.tags  # no common val
+
+
+def test_members_of_one_dataset_copied_elsewhere_combine_and_of_another_dataset_do_not(synth_dir, tmp_path, capsys):
+    """A copy of the folder (new file times, so a new data fingerprint) is the same dataset; other
+    images are not, and the refusal is one line."""
+    import os
+    import shutil
+
+    from skinclr.data.synth import make_synthetic
+
+    copy = Path(shutil.copytree(synth_dir, tmp_path / "copy"))
+    for f in (copy / "ISIC2018_Task3_Training_Input").iterdir():
+        os.utime(f, (f.stat().st_atime + 60, f.stat().st_mtime + 60))
+    here, there = _tiny_finetune(synth_dir, 0), _tiny_finetune(copy, 1)
+    c = MlflowClient(store.tracking_uri())
+    assert c.get_run(here).data.tags["data_fingerprint"] != c.get_run(there).data.tags["data_fingerprint"]
+    assert main(["ensemble", "--runs", here, there, "--name", "copies"]) == 0
+
+    other = _tiny_finetune(make_synthetic(tmp_path / "other", n=280, seed=5), 0)
+    capsys.readouterr()
+    assert main(["ensemble", "--runs", here, other]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different data" in err[0] and other in err[0]
