@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import uuid
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,10 @@ _SCOPE = np.clip((0.98 - np.hypot(_VX - WIDTH / 2, _VY - HEIGHT / 2) / (0.5 * np
                  0.04, 1)[..., None]  # a contact dermoscope's dark corners
 
 
-def make_synthetic(out, n: int = 600, seed: int = 0) -> Path:
-    """Write n images in the official training layout to OUT (kept as is if already written)."""
+def make_synthetic(out, n: int = 600, seed: int = 0, pool: Executor | None = None) -> Path:
+    """Write n images in the official training layout to OUT (kept as is if already written).
+    `pool`: worker processes to draw in, started by the caller (default: a process per core,
+    started here)."""
     out = Path(out)
     if n < len(CLASSES):
         raise DataError(f"n={n}: a synthetic set needs at least {len(CLASSES)} images, one per class")
@@ -67,7 +70,7 @@ def make_synthetic(out, n: int = 600, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write(tmp, n, seed)
+        _write(tmp, n, seed, pool)
         try:
             os.rename(tmp, out)  # atomic: OUT is either complete or not there
         except OSError:
@@ -95,7 +98,7 @@ def _holds(out: Path) -> str:
         return "already exists and holds other files"
 
 
-def _write(folder: Path, n: int, seed: int) -> None:
+def _write(folder: Path, n: int, seed: int, pool: Executor | None) -> None:
     rng = np.random.default_rng(seed)
     images = folder / TRAINING_INPUT
     images.mkdir(parents=True)
@@ -114,8 +117,8 @@ def _write(folder: Path, n: int, seed: int) -> None:
     if workers == 1:
         rows = _draw(jobs[0])
     else:
-        with ProcessPoolExecutor(workers) as pool:
-            rows = [row for part in pool.map(_draw, jobs) for row in part]
+        with nullcontext(pool) if pool else ProcessPoolExecutor(workers) as drawing:
+            rows = [row for part in drawing.map(_draw, jobs) for row in part]
     rows.sort()  # by image id
     gt = ["image," + ",".join(CLASSES)]
     gt += [f"{image}," + ",".join("1.0" if c == label else "0.0" for c in range(len(CLASSES)))

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import skinclr.configs
+from skinclr.data.images import default_workers
 from skinclr.track import store, tracking
 
 MODEL_NAME = "skinclr-quickstart"  # its registered model
@@ -24,23 +26,33 @@ def _step(n: int, text: str) -> None:
     print(f"\n[{n}/5] {text}", flush=True)
 
 
+def _synthetic(folder: Path, pool: Executor) -> tuple[Path, Path]:
+    from skinclr.data.synth import make_synthetic
+
+    return make_synthetic(folder / "train", n=600, seed=0, pool=pool), make_synthetic(folder / "test", n=210, seed=1,
+                                                                                      pool=pool)
+
+
 def quickstart(workdir: Path = Path("quickstart"), command: str = "") -> int:
     """The quickstart in `workdir`; `command`, the command line that started it, is tagged on
     every run it makes (default: `skinclr quickstart --workdir WORKDIR`)."""
-    from skinclr.track.registry import CHAMPION, alias_version, promote
-    from skinclr.data.synth import make_synthetic
-    from skinclr.report.evaluate import balanced_text
-    from skinclr.tune.plan import load_run_config, resolve_plan
-    from skinclr.tune.tuner import ray_session
-    from skinclr.tune.sweep import run_pipeline
-
     t0 = time.perf_counter()
     workdir = Path(workdir).resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
     _step(1, f"synthetic data in {workdir / 'data'} (reused when present)")
-    train = make_synthetic(workdir / "data" / "train", n=600, seed=0)
-    test = make_synthetic(workdir / "data" / "test", n=210, seed=1)
+    # A process per core draws the images while this one imports the libraries (1-1.4 s sooner).
+    # The processes are forked first, before any import runs beside them (a fork during an import
+    # can leave a child waiting on that import's lock for ever).
+    with ProcessPoolExecutor(default_workers()) as pool, ThreadPoolExecutor(1) as drawing:
+        pool.submit(int).result()  # with fork, the first task starts every process
+        data = drawing.submit(_synthetic, workdir / "data", pool)
+        from skinclr.track.registry import CHAMPION, alias_version, promote
+        from skinclr.report.evaluate import balanced_text
+        from skinclr.tune.plan import load_run_config, resolve_plan
+        from skinclr.tune.tuner import ray_session
+        from skinclr.tune.sweep import run_pipeline
+        train, test = data.result()
 
     plan = resolve_plan(load_run_config(CONFIG, [f"data.root={train}", f"sweep.name=quickstart-{stamp}",
                                                  f"sweep.storage={workdir / 'ray'}", f"sweep.eval_data={test}"]),

@@ -79,11 +79,16 @@ def test_a_set_is_the_same_file_for_file_however_many_processes_draw_it(tmp_path
     """Each lesion draws from its own seed, so sharing the lesions among processes changes nothing."""
     from skinclr.data import synth
 
+    from concurrent.futures import ProcessPoolExecutor
+
     sets = {}
     for workers in (1, 3):
         monkeypatch.setattr(synth, "default_workers", lambda workers=workers: workers)
         sets[workers] = make_synthetic(tmp_path / str(workers), n=320, seed=4)
+    with ProcessPoolExecutor(2) as pool:  # the caller's processes, as the quickstart starts them
+        sets["pool"] = make_synthetic(tmp_path / "pool", n=320, seed=4, pool=pool)
     files = sorted(p.relative_to(sets[1]) for p in sets[1].rglob("*") if p.is_file())
     assert len(files) == 320 + 4  # the images, the licence, the two tables and the marker
-    assert files == sorted(p.relative_to(sets[3]) for p in sets[3].rglob("*") if p.is_file())
-    assert all((sets[1] / f).read_bytes() == (sets[3] / f).read_bytes() for f in files)
+    for other in (3, "pool"):
+        assert files == sorted(p.relative_to(sets[other]) for p in sets[other].rglob("*") if p.is_file())
+        assert all((sets[1] / f).read_bytes() == (sets[other] / f).read_bytes() for f in files)
