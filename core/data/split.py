@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from importlib.metadata import version
 from pathlib import Path
 
@@ -77,14 +78,14 @@ def remembered_split(manifest: Manifest, folder: str | Path, **params) -> pd.Dat
     path = Path(folder) / f"split-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]}.npy"
     try:
         codes = np.load(path)
-        if codes.shape == (len(frame),):
+        if codes.dtype == np.int8 and codes.shape == (len(frame),) and 0 <= codes.min() and codes.max() < len(PARTS):
             return frame.assign(split=np.asarray(PARTS, dtype=object)[codes])
-    except (OSError, ValueError):
-        pass  # not drawn yet, or unreadable: draw it
+    except (OSError, ValueError, EOFError):
+        pass  # not drawn yet, or unreadable: draw it again
     split = split_by_lesion(manifest, **params)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}-{os.getpid()}.npy")
+        tmp = path.with_name(f".{path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy")  # one per writer, on any node
         np.save(tmp, np.array([PARTS.index(part) for part in split["split"]], dtype=np.int8))
         tmp.replace(path)  # whole or absent
     except OSError:

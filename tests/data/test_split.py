@@ -65,6 +65,16 @@ def test_a_remembered_split_follows_the_lesions_and_survives_an_unwritable_folde
     m2 = type(m)(regrouped, m.root, m.layout, m.warnings, m.fingerprint)  # same files, same fingerprint
     assert remembered_split(m2, tmp_path / "splits")["split"].tolist() == split_by_lesion(m2)["split"].tolist()
     assert len(list((tmp_path / "splits").glob("split-*.npy"))) == 2
+    for damage in (b"", b"not numpy", None):  # a damaged file is drawn again, never trusted
+        path = next((tmp_path / "splits").glob("split-*.npy"))
+        if damage is None:
+            np.save(path, np.full(len(m.frame), 7, dtype=np.int8))
+        else:
+            path.write_bytes(damage)
+        for f in (tmp_path / "splits").glob("split-*.npy"):
+            if f != path:
+                f.unlink()
+        assert remembered_split(m, tmp_path / "splits")["split"].tolist() == split_by_lesion(m)["split"].tolist()
     blocked = tmp_path / "file"
     blocked.write_text("")
     assert remembered_split(m, blocked / "splits")["split"].tolist() == split_by_lesion(m)["split"].tolist()
