@@ -27,6 +27,7 @@ from skinclr.data.problems import DataError
 
 CACHE_VERSION = 1  # bump when the pixels a key stands for change (resize filter, policy)
 CHUNK = 128  # images per worker task
+SPLITS = "splits"  # the cache folder's one folder that is not an image cache: drawn splits (data/split.py)
 
 
 def default_cache_dir() -> Path:
