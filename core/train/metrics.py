@@ -67,12 +67,15 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
     return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Mean recall over the classes present in `y_true`."""
-    cm = confusion(y_true, y_pred, num_classes)
+def _mean_recall(cm: np.ndarray) -> float:
     support = cm.sum(axis=1)
     present = support > 0
     return float((cm.diagonal()[present] / support[present]).mean())
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Mean recall over the classes present in `y_true`."""
+    return _mean_recall(confusion(y_true, y_pred, num_classes))
 
 
 def roc_auc(positives: np.ndarray, scores: np.ndarray) -> float:
@@ -113,12 +116,12 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
             "roc_auc": roc_auc(positives, p[:, i]) if present and not positives.all() else None,
         }
 
-    rows = cm.sum(axis=1, keepdims=True)
+    rows = support[:, None]
     cm_norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
     return {
         "classes": list(classes),
         "num_samples": int(y.size),
-        "balanced_accuracy": balanced_accuracy(y, y_pred, len(classes)),
+        "balanced_accuracy": _mean_recall(cm),
         "accuracy": float(hits.sum() / y.size),
         "macro_f1": _mean_or_none([m["f1"] for m in per_class.values()]),
         "roc_auc_macro": _mean_or_none([m["roc_auc"] for m in per_class.values()]),
