@@ -34,6 +34,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SKINCLR_CACHE") or Path.home() / ".cache" / "skinclr").expanduser()
 
 
+def cache_root(cache_dir=None) -> Path:
+    """The folder of the caches: `data.cache_dir` when set, else SKINCLR_CACHE or ~/.cache/skinclr."""
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
 @dataclass
 class ImageCache:
     images: np.ndarray  # read-only memmap (N, S, S, 3) uint8, rows in manifest.frame order
@@ -81,7 +86,7 @@ def build_cache(manifest: Manifest, size: int, aspect: str = "center_crop", cach
         raise DataError(problem)
     if size < 1:
         raise DataError(f"cache image size must be positive, got {size}")
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = cache_root(cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from skinclr.data.cache import SPLITS, CachedDataset, ImageCache, build_cache, default_cache_dir
+from skinclr.data.cache import SPLITS, CachedDataset, ImageCache, build_cache, cache_root
 from skinclr.config import Config, ConfigError
 from skinclr.data.manifest import Manifest, read_manifest
 from skinclr.data.problems import DataError
@@ -110,7 +110,7 @@ def split_of(cfg: Config, manifest: Manifest) -> pd.DataFrame:
                             f"{d.test_fraction}: remove the file to draw a split with a test side, or set "
                             "data.test_fraction=0 to use it as it is")
         return split
-    split = remembered_split(manifest, Path(d.cache_dir or default_cache_dir()) / SPLITS, val_fraction=d.val_fraction,
+    split = remembered_split(manifest, cache_root(d.cache_dir) / SPLITS, val_fraction=d.val_fraction,
                              seed=d.split_seed, folds=d.folds, fold=d.fold, test_fraction=d.test_fraction,
                              test_seed=d.test_seed)
     if d.split_file:
