@@ -51,7 +51,7 @@ def _renamed(key: str) -> str:
 # Keys added since runs were first logged, with the value that means "as before": a config that
 # leaves one there hashes as it did before the key existed.
 ADDED = {"data.test_fraction": 0.0, "data.test_seed": 0, "finetune.tta": "none", "finetune.decision_rule": "none",
-         "tracking.system_metrics": True}
+         "tracking.system_metrics": True, "train.precision": "auto"}
 
 
 def hash_items(cfg: Config) -> dict[str, Any]:
@@ -270,6 +270,7 @@ def validate(cfg: Config) -> None:
          "must be none (the argmax) or balanced (offsets fitted on val for balanced accuracy)"),
         (cfg.finetune.select_smoothing >= 1, "finetune.select_smoothing", "must be at least 1"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda"),
+        (cfg.train.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16"),
         (not (cfg.finetune.linear_probe and cfg.finetune.init == "scratch"), "finetune.linear_probe",
          "trains the head alone on a random backbone (finetune.init=scratch), which learns next to nothing; start "
          "from a trained backbone (finetune.init=imagenet or runs:/RUN) or set finetune.linear_probe=false"),

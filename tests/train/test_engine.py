@@ -112,6 +112,34 @@ def test_a_stop_ends_the_loop_after_its_record():
     assert [r.epoch for r in records] == [1, 2] and records[-1].stop
 
 
+class Recorder(LeastSquares):
+    """Least squares that notes the dtype its forward computes in, step by step."""
+
+    def loss(self, batch):
+        x, y = batch
+        out = self.model(x).squeeze(1)
+        self.dtypes.add(out.dtype)
+        return F.mse_loss(out.float(), y), len(y)
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("fp32", torch.float32),
+                                              ("bf16", torch.bfloat16)])
+def test_train_precision_sets_the_steps_compute_dtype_on_the_cpu_and_training_still_learns(precision, dtype):
+    task = Recorder()
+    task.dtypes = set()
+    records = list(run(task, train(3, precision=precision)))
+    assert task.dtypes == {dtype}
+    assert task.model.weight.dtype == torch.float32  # autocast: the weights and the optimizer stay float32
+    assert records[-1].metrics["val_loss"] < records[0].metrics["val_loss"] / 2
+
+
+def test_a_bad_precision_is_a_config_error_naming_the_key():
+    from skinclr.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(None, ["train.precision=fp16"])
+
+
 def test_infer_returns_float32_outputs_in_order_and_restores_the_mode():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten())
     x = torch.randn(10, 3, 5, 5, generator=torch.Generator().manual_seed(0))
