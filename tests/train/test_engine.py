@@ -133,6 +133,17 @@ def test_train_precision_sets_the_steps_compute_dtype_on_the_cpu_and_training_st
     assert records[-1].metrics["val_loss"] < records[0].metrics["val_loss"] / 2
 
 
+def test_bf16_on_a_cpu_without_bf16_units_says_it_trains_slower(monkeypatch, capsys):
+    from skinclr.train import engine
+
+    monkeypatch.setattr(engine, "cpu_bf16_units", lambda: False)
+    list(run(LeastSquares(), train(1, precision="bf16")))
+    assert "train.precision=bf16 on a CPU without bf16 units" in capsys.readouterr().err
+    monkeypatch.setattr(engine, "cpu_bf16_units", lambda: True)
+    list(run(LeastSquares(), train(1, precision="bf16")))
+    assert capsys.readouterr().err == ""
+
+
 def test_a_bad_precision_is_a_config_error_naming_the_key():
     from skinclr.config import ConfigError, load_config
 
