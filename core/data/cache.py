@@ -30,13 +30,11 @@ CHUNK = 128  # images per worker task
 SPLITS = "splits"  # the cache folder's one folder that is not an image cache: drawn splits (data/split.py)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SKINCLR_CACHE") or Path.home() / ".cache" / "skinclr").expanduser()
-
-
 def cache_root(cache_dir=None) -> Path:
     """The folder of the caches: `data.cache_dir` when set, else SKINCLR_CACHE or ~/.cache/skinclr."""
-    return Path(cache_dir) if cache_dir else default_cache_dir()
+    if cache_dir:
+        return Path(cache_dir)
+    return Path(os.environ.get("SKINCLR_CACHE") or Path.home() / ".cache" / "skinclr").expanduser()
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from skinclr.data.images import fit_square
-from skinclr.data.cache import CachedDataset, build_cache, cache_key, default_cache_dir, open_cache
+from skinclr.data.cache import CachedDataset, build_cache, cache_key, cache_root, open_cache
 from skinclr.data.manifest import read_manifest
 from skinclr.data.images import load_rgb
 from skinclr.data.manifest import TRAINING_INPUT
@@ -31,9 +31,9 @@ def own_copy(synth_dir, tmp_path):
 
 def test_default_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SKINCLR_CACHE", str(tmp_path / "c"))
-    assert default_cache_dir() == tmp_path / "c"
+    assert cache_root() == tmp_path / "c"
     monkeypatch.delenv("SKINCLR_CACHE")
-    assert default_cache_dir().parts[-2:] == (".cache", "skinclr")
+    assert cache_root().parts[-2:] == (".cache", "skinclr")
 
 
 def test_shapes_order_and_read_only(manifest, tmp_path):
