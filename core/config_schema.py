@@ -109,7 +109,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     max_steps_per_epoch: int = 0  # 0: full epochs; >0 caps steps (smoke runs)
-    precision: str = "auto"  # the training step: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (CPUs with AMX)
+    precision: str = "auto"  # the training step: auto (the faster: engine.step_precision) | fp32 | bf16
     compile: bool = False  # torch.compile the training forward and the GPU data path's pixel steps (bench_gpu.py measures it)
 
 

@@ -21,6 +21,7 @@ STAGE_TAG = "skinclr.stage"  # pretrain | finetune | evaluate | report | pipelin
 COMMAND_TAG = "skinclr.command"  # the command line that made the run (a trial: its sweep's)
 RUN_KEY_TAG = "skinclr.run_key"  # hash of the resolved config: finds a run to resume
 DEVICE_TAG = "skinclr.device"
+PRECISION_TAG = "skinclr.precision"  # what the training step computed in: fp32 | bf16 (train.precision resolved)
 EPOCHS_RUN_TAG = "skinclr.epochs_run"
 DATA_FINGERPRINT_TAG = "data_fingerprint"  # the images (name, label, size, mtime)
 SPLIT_FINGERPRINT_TAG = "split_fingerprint"  # which images were train and which val

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from skinclr.track import store, tracking
 from skinclr.config import Config, ConfigError, hash_items
-from skinclr.train.engine import EpochRecord
+from skinclr.train.engine import EpochRecord, step_precision
 from skinclr.train.finetune import finetune
 from skinclr.train.finetune import resolve_init
 from skinclr.data.inputs import Inputs, load_inputs
@@ -133,7 +133,8 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
     identical command refuses, naming the run, instead of logging every epoch twice. A lock on
     the config's key makes finding and claiming the run one step for identical commands."""
     key = tracking.run_key(hash_items(cfg))  # as a sweep folder's: a renamed key keeps a run resumable
-    device = describe_device(pick_device(cfg.train.device))
+    device = pick_device(cfg.train.device)
+    precision = step_precision(device, cfg.train.precision, cfg.data.image_size)
     created = False
     if run_id is None:  # (a run id given is a trial's: Tune runs one trial at a time in a process)
         with lock(store.checkpoint_root() / "locks" / f"{key}.lock", wait=60, holder=f"config {key}"):
@@ -157,7 +158,8 @@ def open_run(cfg: Config, inputs: Inputs, run_id: str | None, parent_run_id: str
             if not created:
                 state = resume_state(run_id)
                 logger.reopen()
-            logger.set_tags({**inputs.tags(), names.DEVICE_TAG: device, **(tags or {})})
+            logger.set_tags({**inputs.tags(), names.DEVICE_TAG: describe_device(device),
+                             names.PRECISION_TAG: precision, **(tags or {})})
             logger.log_params(cfg.flat())
             logger.log_datasets(inputs.sides())
             with tempfile.TemporaryDirectory() as tmp:

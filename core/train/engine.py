@@ -10,6 +10,7 @@ the run exactly where it stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -67,9 +68,10 @@ class Task:
 
 
 def run(task: Task, train: TrainConfig, resume: dict[str, Any] | None = None,
-        progress: bool = False) -> Iterator[EpochRecord]:
+        progress: bool = False, image_size: int | None = None) -> Iterator[EpochRecord]:
     device = pick_device(train.device)
-    warn_slow_bf16(device, train.precision)
+    precision = step_precision(device, train.precision, image_size)
+    warn_slow_bf16(device, precision)
     set_threads(train.threads)
     seed_everything(train.seed)
     optimizer = task.setup(device, resume)
@@ -87,7 +89,7 @@ def run(task: Task, train: TrainConfig, resume: dict[str, Any] | None = None,
         for step, batch in enumerate(steps(task.batches(epoch), epoch, progress)):
             if train.max_steps_per_epoch and step >= train.max_steps_per_epoch:
                 break
-            with autocast(device, train.precision):
+            with autocast(device, precision):
                 loss, n = task.loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -127,16 +129,30 @@ def compiled(module: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(module) if enabled else module
 
 
-def autocast(device: torch.device, precision: str = "auto"):
-    """The training step's precision (`train.precision`). `auto`: bf16 on CUDA, full precision on
-    the CPU. `bf16` on a CPU with AMX (bench_precision.py, 2 threads): a ResNet-18 fine-tune step
-    1.5x faster at 64 px, 2.4x at 128 px; slower at 32 px on one thread, and on a CPU without bf16
-    units. The weights, the optimizer and the losses stay float32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+def step_precision(device: torch.device, precision: str = "auto", image_size: int | None = None) -> str:
+    """`train.precision` as the training step runs it: fp32 or bf16. `auto` takes the faster of the
+    two where it was measured (tests/benchmarks/bench_precision.py, a ResNet-18 fine-tune step on 2
+    threads): bf16 on CUDA, and on a CPU with bf16 units (AMX) from 64 px (1.5x at 64 px, 2.4x at
+    128 px; 0.88x at 32 px on one thread); fp32 on any other CPU, where bf16 is emulated (an AMD EPYC
+    without those units: 11x slower at 64 px, 17x at 128 px). An unknown size counts as small."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu" and (image_size or 0) >= 64 and cpu_bf16_units():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str = "auto", image_size: int | None = None):
+    """The step's autocast (`step_precision`); inference takes the default: bf16 on CUDA only.
+    The weights, the optimizer and the losses stay float32."""
+    if step_precision(device, precision, image_size) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+@functools.cache
 def cpu_bf16_units() -> bool | None:
     """Whether this CPU computes bf16 in hardware (AMX or AVX-512 BF16); None where unknown."""
     try:
@@ -149,8 +165,8 @@ def cpu_bf16_units() -> bool | None:
 
 def warn_slow_bf16(device: torch.device, precision: str) -> None:
     if precision == "bf16" and device.type == "cpu" and cpu_bf16_units() is False:
-        print("warning: train.precision=bf16 on a CPU without bf16 units (AMX, AVX-512 BF16) trains slower "
-              "than fp32; set train.precision=auto", file=sys.stderr)
+        print("warning: train.precision=bf16 on a CPU without bf16 units (AMX, AVX-512 BF16) trains 11-17x "
+              "slower than fp32 (measured at 64-128 px); set train.precision=auto", file=sys.stderr)
 
 
 def to_device(x: Tensor, device: torch.device) -> Tensor:

@@ -214,4 +214,5 @@ def saved_probs(cfg: Config, inputs: Inputs, state_dict: dict, rows: np.ndarray)
 
 def finetune(cfg: Config, inputs: Inputs, resume: dict[str, Any] | None = None,
              pretrain_checkpoint: str | Path | None = None, progress: bool = False) -> Iterator[EpochRecord]:
-    return run(Finetuning(cfg, inputs, pretrain_checkpoint), cfg.train, resume=resume, progress=progress)
+    return run(Finetuning(cfg, inputs, pretrain_checkpoint), cfg.train, resume=resume, progress=progress,
+               image_size=cfg.data.image_size)

@@ -50,7 +50,7 @@ def test_the_test_side_is_scored_once_for_the_saved_model_and_never_trained_or_c
 
     c = MlflowClient(store.tracking_uri())
     run = c.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags[names.PRECISION_TAG] == "fp32"  # auto, at 32 px
     assert run.data.tags[names.TEST_IMAGES_TAG] == str(len(test)) and run.data.tags[names.TEST_FINGERPRINT_TAG]
     for key in ("test_balanced_accuracy", "test_accuracy", "test_loss", "test_recall_MEL"):
         assert len(c.get_metric_history(result.run_id, key)) == 1, key

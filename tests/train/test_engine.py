@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinclr.config import TrainConfig
-from skinclr.train.engine import TTA_VIEWS, Task, infer, run, views
+from skinclr.train.engine import TTA_VIEWS, Task, infer, run, step_precision, views
 
 W = torch.tensor([1.0, -2.0, 0.5])
 
@@ -131,6 +131,31 @@ def test_train_precision_sets_the_steps_compute_dtype_on_the_cpu_and_training_st
     assert task.dtypes == {dtype}
     assert task.model.weight.dtype == torch.float32  # autocast: the weights and the optimizer stay float32
     assert records[-1].metrics["val_loss"] < records[0].metrics["val_loss"] / 2
+
+
+@pytest.mark.parametrize("device, asked, size, units, runs", [
+    ("cpu", "auto", 128, True, "bf16"), ("cpu", "auto", 64, True, "bf16"),  # AMX: 2.4x, 1.5x faster
+    ("cpu", "auto", 32, True, "fp32"), ("cpu", "auto", None, True, "fp32"),  # small or unknown: slower
+    ("cpu", "auto", 128, False, "fp32"), ("cpu", "auto", 128, None, "fp32"),  # emulated bf16: 11-17x slower
+    ("cuda", "auto", 32, False, "bf16"),
+    ("cpu", "fp32", 128, True, "fp32"), ("cpu", "bf16", 32, False, "bf16"),  # asked for: given
+])
+def test_auto_precision_is_bf16_only_where_it_was_measured_faster(monkeypatch, device, asked, size, units, runs):
+    from skinclr.train import engine
+
+    monkeypatch.setattr(engine, "cpu_bf16_units", lambda: units)
+    assert step_precision(torch.device(device), asked, size) == runs
+
+
+@pytest.mark.parametrize("units, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_a_run_at_64px_steps_in_bf16_by_default_only_on_a_cpu_with_bf16_units(monkeypatch, units, dtype):
+    from skinclr.train import engine
+
+    monkeypatch.setattr(engine, "cpu_bf16_units", lambda: units)
+    task = Recorder()
+    task.dtypes = set()
+    list(run(task, train(1), image_size=64))
+    assert task.dtypes == {dtype}
 
 
 def test_bf16_on_a_cpu_without_bf16_units_says_it_trains_slower(monkeypatch, capsys):

@@ -101,4 +101,4 @@ def pretrain(cfg, inputs, resume: dict[str, Any] | None = None, distributed: boo
     from skinclr.train.engine import run
 
     return run(METHODS[cfg.pretrain.method](cfg, inputs, distributed=distributed), cfg.train, resume=resume,
-               progress=progress)
+               progress=progress, image_size=cfg.data.image_size)
