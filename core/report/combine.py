@@ -22,7 +22,7 @@ import pandas as pd
 
 from skinclr import names
 from skinclr.data.manifest import read_manifest
-from skinclr.run.records import test_scores
+from skinclr.run.records import say_rule, test_scores
 from skinclr.serve.predictor import EnsemblePredictor, Predictor, predict_items, write_ensemble
 from skinclr.serve.pyfunc import log_ensemble, shipped_example
 from skinclr.track import tracking
@@ -104,24 +104,25 @@ def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule:
             probs = np.concatenate([predict_items(lambda rgbs, m=m: m.raw_probs(rgbs, tta), frame.loc[v, "path"].tolist())
                                     for m, v in parts])
             labels = np.concatenate([frame.loc[v, "label"].to_numpy() for _, v in parts])
+        expected = None
         if rule == "balanced":
-            offsets = M.fit_offsets(labels, probs)
+            offsets, expected = M.fit_rule(labels, probs)
+            say_rule(offsets, expected, "val" if shared else "out-of-fold")
             model = model.with_offsets(offsets)
         plain = M.classification_metrics(labels, probs)
-        fitted = plain if offsets is None else M.classification_metrics(labels, M.apply_offsets(probs, offsets))
         if shared:  # as a single model of this split logs them: without the rule, which was fitted here
-            reports["val"] = fitted
+            reports["val"] = plain
             scores.update(best_val_balanced_accuracy=plain["balanced_accuracy"], best_val_accuracy=plain["accuracy"])
-            if offsets is not None:
-                scores["val_balanced_accuracy_with_rule"] = fitted["balanced_accuracy"]
+            if expected is not None:
+                scores["val_balanced_accuracy_with_rule"] = expected  # cross-fitted
         else:  # the cross-validated estimate: over folds, and of the out-of-fold predictions
-            reports["out_of_fold"] = fitted
+            reports["out_of_fold"] = plain
             folds = [r.data.metrics["best_val_balanced_accuracy"] for r in members]
             mean, std = M.mean_std(folds)
             scores.update(folds_val_balanced_accuracy_mean=mean, folds_val_balanced_accuracy_std=std,
                           oof_balanced_accuracy=plain["balanced_accuracy"])
-            if offsets is not None:
-                scores["oof_balanced_accuracy_with_rule"] = fitted["balanced_accuracy"]
+            if expected is not None:
+                scores["oof_balanced_accuracy_with_rule"] = expected  # cross-fitted
         test = sorted(set.intersection(*(set(s[s == "test"].index) for s in sides)))
         if test:
             raw = model.with_offsets(None).predict_proba(frame.loc[test, "path"].tolist())

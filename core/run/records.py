@@ -8,6 +8,7 @@ decision rule (`finetune.decision_rule`) is fitted on val, never on test.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -86,23 +87,32 @@ def finish_model(cfg: Config, logger: RunLogger, inputs: Inputs, saved_model: di
     the held-out test side, with and without the rule."""
     from skinclr.serve.pyfunc import log_model
     from skinclr.train.finetune import saved_probs
-    from skinclr.train.metrics import apply_offsets, classification_metrics, fit_offsets
+    from skinclr.train.metrics import fit_rule
 
     if saved_model is None:
         return
     offsets = None
     if cfg.finetune.decision_rule == "balanced":
         probs, _ = saved_probs(cfg, inputs, saved_model, inputs.val_rows)
-        offsets = fit_offsets(inputs.cache.labels[inputs.val_rows], probs)
-        ruled = classification_metrics(inputs.cache.labels[inputs.val_rows], apply_offsets(probs, offsets))
+        offsets, expected = fit_rule(inputs.cache.labels[inputs.val_rows], probs)
+        say_rule(offsets, expected, "val")
         log_model(logger, saved_model, cfg.model.backbone, cfg.data.image_size, cfg.data.aspect, cfg.finetune.tta,
                   offsets, inputs.example_path(), best_epoch)  # the saved model again, now with its rule
-        logger.log_metrics({"val_balanced_accuracy_with_rule": ruled["balanced_accuracy"]}, step=0)  # fitted there
+        logger.log_metrics({"val_balanced_accuracy_with_rule": expected}, step=0)  # cross-fitted on val
         out.mkdir(parents=True, exist_ok=True)
         (out / names.DECISION_RULE_FILE).write_text(json.dumps(dict(zip(names.CLASSES, offsets.tolist())), indent=1))
         logger.log_artifact(out / names.DECISION_RULE_FILE, "report")
     if len(inputs.test_rows):
         log_test(logger, inputs, *saved_probs(cfg, inputs, saved_model, inputs.test_rows), offsets, out / "test")
+
+
+def say_rule(offsets, expected: float, side: str) -> None:
+    """One line on what the fitted decision rule does: kept, or declined as no better on new images."""
+    if offsets.any():
+        print(f"decision rule kept: {side} balanced accuracy with it {expected:.4f} (cross-fitted)", file=sys.stderr)
+    else:
+        print(f"decision rule declined: fitted on part of the {side} side, it did not beat the plain argmax "
+              f"({expected:.4f}) on the rest; the model decides by its argmax", file=sys.stderr)
 
 
 def test_scores(labels, probs, offsets) -> tuple[dict, dict[str, float]]:
