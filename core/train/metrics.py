@@ -227,19 +227,13 @@ def fit_offsets(y_true: np.ndarray, probs: np.ndarray, steps=(1.0, 0.3, 0.1, 0.0
 
 def fit_rule(y_true: np.ndarray, probs: np.ndarray, folds: int = 5, seed: int = 0) -> tuple[np.ndarray, float]:
     """The decision rule a model keeps, and the balanced accuracy to expect of it on new images.
-
-    Seven offsets fitted on a val side fit its noise too: on a model that needs no correction (one
-    trained with a balanced sampler) the in-sample number rises while the number on unseen images
-    falls. So the expectation is cross-fitted: the predictions are split into `folds` class-stratified
-    parts, each decided by offsets fitted on the others. The rule is kept (`fit_offsets` on all the
-    predictions) only when that beats the plain argmax's balanced accuracy; otherwise it is zeros and
-    the expectation the plain one."""
-    y = np.asarray(y_true)
-    probs = np.asarray(probs, dtype=np.float64)
+    Offsets fitted on a val side fit its noise too (judged there, they always look better), so the
+    expectation is cross-fitted: `folds` class-stratified parts, each decided by offsets fitted on the
+    others. Kept (fitted on all) only where that beats the plain argmax; else zeros."""
+    y, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
     k = probs.shape[1]
     plain = balanced_accuracy(y, probs.argmax(1), k)
-    part = np.empty(len(y), dtype=int)
-    rng = np.random.default_rng(seed)
+    part, rng = np.empty(len(y), dtype=int), np.random.default_rng(seed)
     for c in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == c))
         part[members] = np.arange(len(members)) % folds
