@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import random
 import shutil
@@ -82,13 +83,35 @@ def check_devices(cfg) -> None:
 
 
 def describe_device(device: torch.device) -> str:
-    """What a run trains on, for its tags: `cuda:0 NVIDIA H200` or `cpu`."""
+    """What a run trains on, for its tags: `cuda:0 NVIDIA H200`, or the CPU's model and widest
+    vector units (`cpu AMD EPYC (AVX2)`): CPUs of one machine kind differ twofold in speed by them."""
     import torch
 
+    if device.type == "cpu":
+        return " ".join(filter(None, ["cpu", cpu_info().get("model name"), f"({cpu_units()})" if cpu_units() else ""]))
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()
     return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+
+
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first processor's entries of /proc/cpuinfo (`model name`, `flags`); empty where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    first = text.split("\n\n", 1)[0].splitlines()
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first) if k.strip()}
+
+
+def cpu_units() -> str:
+    """The vector units that set this CPU's training speed: AVX2, AVX-512, AMX (bf16); '' where unknown."""
+    flags = set(cpu_info().get("flags", "").split())
+    units = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "",
+             "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else ""]
+    return ", ".join(filter(None, units))
 
 
 def seed_everything(seed: int) -> None:

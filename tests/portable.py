@@ -37,11 +37,9 @@ print(json.dumps([[r.metrics[k] for k in {keys!r}] for r in records]))
 
 def simd() -> str:
     """`avx512` or `avx2`: the widest vector unit every library here dispatches to on this CPU."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "avx2"
-    return "avx512" if "avx512f" in flags.split() else "avx2"
+    from skinclr.runtime import cpu_units
+
+    return "avx512" if "AVX-512" in cpu_units() else "avx2"
 
 
 def portable_losses(config: Path, stage: str, overrides: list[str], keys: list[str], store: Path) -> list[float]:

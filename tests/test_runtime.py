@@ -70,9 +70,27 @@ def test_an_interrupt_during_a_write_takes_effect_once_the_write_ends():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are back
 
 
+@pytest.mark.parametrize("info, said", [
+    ({"model name": "AMD EPYC", "flags": "fpu sse2 avx avx2 fma"}, "cpu AMD EPYC (AVX2)"),
+    ({"model name": "Intel(R) Xeon(R) Platinum 8488C", "flags": "avx2 avx512f avx512_bf16 amx_bf16 amx_tile"},
+     "cpu Intel(R) Xeon(R) Platinum 8488C (AVX-512, AMX)"),
+    ({}, "cpu"),
+])
+def test_a_cpu_run_names_the_cpu_and_its_vector_units(monkeypatch, info, said):
+    """Two machines of one kind trained at twice each other's speed by these units (AVX2 against
+    AVX-512 and AMX): a run's device tag says which it had."""
+    from skinclr import runtime
+    from skinclr.train import engine
+
+    monkeypatch.setattr(runtime, "cpu_info", lambda: info)
+    monkeypatch.setattr(engine, "cpu_info", lambda: info)
+    assert describe_device(torch.device("cpu")) == said
+    assert engine.cpu_bf16_units() == (None if not info else "amx_bf16" in info["flags"])
+
+
 def test_devices_a_config_names_must_exist():
     assert pick_device("cpu") == torch.device("cpu")
-    assert describe_device(torch.device("cpu")) == "cpu"
+    assert describe_device(torch.device("cpu")).startswith("cpu")
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible here")
     assert pick_device("auto") == torch.device("cpu")

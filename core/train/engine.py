@@ -10,7 +10,6 @@ the run exactly where it stopped.
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from skinclr import names
 from skinclr.config import ConfigError, TrainConfig
-from skinclr.runtime import pick_device, rng_state, seed_everything, set_rng_state, set_threads
+from skinclr.runtime import cpu_info, pick_device, rng_state, seed_everything, set_rng_state, set_threads
 
 
 @dataclass
@@ -152,15 +151,10 @@ def autocast(device: torch.device, precision: str = "auto", image_size: int | No
     return contextlib.nullcontext()
 
 
-@functools.cache
 def cpu_bf16_units() -> bool | None:
     """Whether this CPU computes bf16 in hardware (AMX or AVX-512 BF16); None where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-    return None if flags is None else bool({"amx_bf16", "avx512_bf16"} & set(flags))
+    flags = cpu_info().get("flags")
+    return None if flags is None else bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
 
 
 def warn_slow_bf16(device: torch.device, precision: str) -> None:

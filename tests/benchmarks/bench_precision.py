@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from skinclr.runtime import describe_device
 from skinclr.train.engine import adam, autocast, cpu_bf16_units, to_device
 from skinclr.train.models import build_classifier
 
@@ -61,12 +61,13 @@ def main() -> None:
         rows.append({"size": size, "fp32_ms": round(fp32, 1), "bf16_ms": round(bf16, 1),
                      "speedup": round(fp32 / bf16, 2)})
     units = cpu_bf16_units()
-    print(f"\nfine-tune step, ResNet-18, batch 32, {args.threads} threads; CPU bf16 units (AMX/AVX-512 BF16): {units}")
+    print(f"\n{describe_device(torch.device('cpu'))}; bf16 units (AMX/AVX-512 BF16): {units}")
+    print(f"fine-tune step, ResNet-18, batch 32, {args.threads} threads")
     print(f"{'size':>6} {'fp32 ms':>9} {'bf16 ms':>9} {'fp32/bf16':>10}")
     for r in rows:
         print(f"{r['size']:>6} {r['fp32_ms']:>9} {r['bf16_ms']:>9} {r['speedup']:>10}")
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"cpu": platform.processor() or platform.machine(), "bf16_units": units,
+    RESULTS.write_text(json.dumps({"cpu": describe_device(torch.device("cpu")), "bf16_units": units,
                                    "threads": args.threads, "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"written {RESULTS}")
 

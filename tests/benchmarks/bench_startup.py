@@ -199,10 +199,14 @@ def main() -> None:
             rows.append((f"  {stage}", seconds, "-"))
     shutil.rmtree(work, ignore_errors=True)
 
-    result.update({"repeats": args.repeats, "cpus": os.cpu_count(), "python": platform.python_version(),
+    from skinclr.runtime import cpu_info, cpu_units
+
+    cpu = f"{cpu_info().get('model name', platform.machine())} ({cpu_units() or 'vector units unknown'})"
+    result.update({"repeats": args.repeats, "cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
                    "load_average_before": [round(x, 2) for x in load_before],
                    "load_average_after": [round(x, 2) for x in os.getloadavg()]})
-    print(f"\n{'start-up (2-core CPU, best of ' + str(args.repeats) + ')':52}{'seconds':>9}{'goal':>7}")
+    print(f"\nCPU: {cpu}, {os.cpu_count()} cores")
+    print(f"{'start-up (best of ' + str(args.repeats) + ')':52}{'seconds':>9}{'goal':>7}")
     for name, seconds, goal in rows:
         print(f"{name:52}{seconds:>9.2f}{goal:>7}")
     for what in ("finetune", "evaluate"):

@@ -21,6 +21,7 @@ from skinclr.data.inputs import resolve_inputs
 from skinclr.train.methods import METHODS
 from skinclr.train.models import build_backbone
 from skinclr.train.methods import pretrain
+from skinclr.runtime import describe_device
 from skinclr.track.store import checkpoint_root
 
 from tests.portable import LOSS_REL, portable_losses
@@ -63,7 +64,8 @@ def test_cli_pretrain_logs_a_complete_run(synth_dir, tmp_path, monkeypatch):
     tags = run.data.tags
     assert len(tags["data_fingerprint"]) >= 8 and len(tags["split_fingerprint"]) >= 8
     assert tags["mlflow.source.git.commit"]
-    assert tags["skinclr.device"] == "cpu"  # the hardware a run trained on, shown in the UI
+    assert tags["skinclr.device"] == describe_device(torch.device("cpu"))  # the hardware a run trained on, in the UI
+    assert tags["skinclr.precision"] == "fp32"  # train.precision=auto at 32 px
 
     files = {f.path for f in c.list_artifacts(run.info.run_id)} | {
         f.path for f in c.list_artifacts(run.info.run_id, "checkpoints")}
