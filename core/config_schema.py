@@ -93,7 +93,7 @@ class FinetuneConfig:
     balanced_sampler: bool = False
     select_metric: str = "val_balanced_accuracy"  # picks the best epoch; the lr plateau and early stopping watch it too
     tta: str = "none"  # validation and the saved model's predictions: none | flip (4 views) | d4 (8 views)
-    decision_rule: str = "none"  # balanced: per-class logit offsets fitted on val for the saved model, after the last epoch
+    decision_rule: str = "none"  # balanced: per-class logit offsets fitted on val after the last epoch, kept where they help unseen val images (metrics.fit_rule)
     select_smoothing: int = 1  # select on the mean over the last n epochs: tames epoch-to-epoch jumps
     lr_factor: float = 0.5
     lr_patience: int = 2

@@ -143,10 +143,10 @@ def step_precision(device: torch.device, precision: str = "auto", image_size: in
     return "fp32"
 
 
-def autocast(device: torch.device, precision: str = "auto", image_size: int | None = None):
+def autocast(device: torch.device, precision: str = "auto"):
     """The step's autocast (`step_precision`); inference takes the default: bf16 on CUDA only.
     The weights, the optimizer and the losses stay float32."""
-    if step_precision(device, precision, image_size) == "bf16":
+    if step_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

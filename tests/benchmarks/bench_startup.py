@@ -199,13 +199,14 @@ def main() -> None:
             rows.append((f"  {stage}", seconds, "-"))
     shutil.rmtree(work, ignore_errors=True)
 
-    from skinclr.runtime import cpu_info, cpu_units
+    import torch
+    from skinclr.runtime import describe_device
 
-    cpu = f"{cpu_info().get('model name', platform.machine())} ({cpu_units() or 'vector units unknown'})"
+    cpu = describe_device(torch.device("cpu"))
     result.update({"repeats": args.repeats, "cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
                    "load_average_before": [round(x, 2) for x in load_before],
                    "load_average_after": [round(x, 2) for x in os.getloadavg()]})
-    print(f"\nCPU: {cpu}, {os.cpu_count()} cores")
+    print(f"\n{cpu}, {os.cpu_count()} cores")
     print(f"{'start-up (best of ' + str(args.repeats) + ')':52}{'seconds':>9}{'goal':>7}")
     for name, seconds, goal in rows:
         print(f"{name:52}{seconds:>9.2f}{goal:>7}")
