@@ -97,7 +97,7 @@ def test_fold_models_make_one_model_with_a_cross_validated_estimate_and_a_rule_f
     folds = [c.get_run(r).data.metrics["best_val_balanced_accuracy"] for r in ids]
     assert m["folds_val_balanced_accuracy_mean"] == pytest.approx(np.mean(folds))
     assert m["folds_val_balanced_accuracy_std"] == pytest.approx(np.std(folds, ddof=1))
-    assert m["oof_balanced_accuracy_with_rule"] >= m["oof_balanced_accuracy"] - 1e-12  # fitted there
+    assert m["oof_balanced_accuracy_with_rule"] >= m["oof_balanced_accuracy"] - 1e-12  # kept only where it beats it
     assert {"test_balanced_accuracy", "test_balanced_accuracy_without_rule"} <= set(m)
     assert "best_val_balanced_accuracy" not in m and names.SPLIT_FINGERPRINT_TAG not in run.data.tags  # no common val
 
