@@ -264,7 +264,9 @@ def _per_class_chart(pg, run, url: str, metric: str = "val_recall_MEL"):
     pg.get_by_placeholder("Search metric charts").fill(metric)
     chart = pg.get_by_test_id("experiment-view-compare-runs-card").filter(
         has=pg.get_by_role("heading", name=metric, exact=True))
-    chart.locator("path.js-line >> visible=true").first.wait_for()
+    # drawn, not "visible": a flat line (a recall that stayed 0 through the epochs) has no height,
+    # and a browser reports an element without height as invisible
+    chart.locator("path.js-line").first.wait_for(state="attached")
     _close_assistant(pg)
     return chart
 
