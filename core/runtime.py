@@ -88,7 +88,8 @@ def describe_device(device: torch.device) -> str:
     import torch
 
     if device.type == "cpu":
-        return " ".join(filter(None, ["cpu", cpu_info().get("model name"), f"({cpu_units()})" if cpu_units() else ""]))
+        units = cpu_units()
+        return " ".join(filter(None, ["cpu", cpu_info().get("model name"), units and f"({units})"]))
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -112,6 +113,12 @@ def cpu_units() -> str:
     units = ["AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "",
              "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else ""]
     return ", ".join(filter(None, units))
+
+
+def cpu_bf16_units() -> bool | None:
+    """Whether this CPU computes bf16 in hardware (AMX or AVX-512 BF16); None where unknown."""
+    flags = cpu_info().get("flags")
+    return None if flags is None else bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
 
 
 def seed_everything(seed: int) -> None:

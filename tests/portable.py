@@ -37,9 +37,9 @@ print(json.dumps([[r.metrics[k] for k in {keys!r}] for r in records]))
 
 def simd() -> str:
     """`avx512` or `avx2`: the widest vector unit every library here dispatches to on this CPU."""
-    from skinclr.runtime import cpu_units
+    from skinclr.runtime import cpu_info
 
-    return "avx512" if "AVX-512" in cpu_units() else "avx2"
+    return "avx512" if "avx512f" in cpu_info().get("flags", "").split() else "avx2"
 
 
 def portable_losses(config: Path, stage: str, overrides: list[str], keys: list[str], store: Path) -> list[float]:

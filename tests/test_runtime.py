@@ -80,12 +80,10 @@ def test_a_cpu_run_names_the_cpu_and_its_vector_units(monkeypatch, info, said):
     """Two machines of one kind trained at twice each other's speed by these units (AVX2 against
     AVX-512 and AMX): a run's device tag says which it had."""
     from skinclr import runtime
-    from skinclr.train import engine
 
     monkeypatch.setattr(runtime, "cpu_info", lambda: info)
-    monkeypatch.setattr(engine, "cpu_info", lambda: info)
     assert describe_device(torch.device("cpu")) == said
-    assert engine.cpu_bf16_units() == (None if not info else "amx_bf16" in info["flags"])
+    assert runtime.cpu_bf16_units() == (None if not info else "amx_bf16" in info["flags"])
 
 
 def test_devices_a_config_names_must_exist():

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from skinclr import names
 from skinclr.config import ConfigError, TrainConfig
-from skinclr.runtime import cpu_info, pick_device, rng_state, seed_everything, set_rng_state, set_threads
+from skinclr.runtime import cpu_bf16_units, pick_device, rng_state, seed_everything, set_rng_state, set_threads
 
 
 @dataclass
@@ -149,12 +149,6 @@ def autocast(device: torch.device, precision: str = "auto"):
     if step_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def cpu_bf16_units() -> bool | None:
-    """Whether this CPU computes bf16 in hardware (AMX or AVX-512 BF16); None where unknown."""
-    flags = cpu_info().get("flags")
-    return None if flags is None else bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
 
 
 def warn_slow_bf16(device: torch.device, precision: str) -> None:

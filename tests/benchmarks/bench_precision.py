@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from skinclr.runtime import describe_device
-from skinclr.train.engine import adam, autocast, cpu_bf16_units, to_device
+from skinclr.runtime import cpu_bf16_units, describe_device
+from skinclr.train.engine import adam, autocast, to_device
 from skinclr.train.models import build_classifier
 
 RESULTS = Path(__file__).parent / "results" / "bench_precision.json"
