@@ -26,7 +26,7 @@ from skinclr.data.cache import ImageCache
 from skinclr.data.manifest import Manifest
 from skinclr.names import CLASSES
 from skinclr.data.problems import DataError, Problems, listing, plural
-from skinclr.data.images import copy_hash
+from skinclr.data.images import COPY_DISTANCE, copy_distances, copy_hash, fit_square, load_rgb
 from skinclr.data.problems import check_columns, check_ids, read_csv
 
 COLUMNS = ("image", "label", "lesion_id", "split")  # every split file's; `copy_hash` may follow
@@ -240,3 +240,23 @@ def load_split(path, manifest: Manifest) -> pd.DataFrame:
                 raise DataError(f"{path.name}: lesions {listing(shared)} have images in both {one} and {other}; "
                                 "remake the split with split_by_lesion")
     return split
+
+
+def changed_images(split: pd.DataFrame, manifest: Manifest, size: int, aspect: str) -> list[str]:
+    """The images of a split file (or some of its rows) that the folder no longer holds as they
+    were when it was written: gone, under another label, or other pixels under the same id (the
+    copy hash of the square the model saw, `size` and `aspect`, moved beyond COPY_DISTANCE). One
+    short phrase each. A model's val and test numbers mean something only on those images; the
+    pixels are read only where the folder changed since (its fingerprint differs)."""
+    frame = manifest.frame.set_index("image")
+    out = [f"{image} is gone" if image not in frame.index else
+           f"{image} is {CLASSES[frame.at[image, 'label']]}, not {label}"
+           for image, label in zip(split["image"], split["label"])
+           if image not in frame.index or CLASSES[frame.at[image, "label"]] != label]
+    if "copy_hash" in split:
+        kept = split[split["image"].isin(frame.index)]
+        for image, known in zip(kept["image"], kept["copy_hash"]):
+            now = copy_hash(fit_square(load_rgb(frame.at[image, "path"]), size, aspect))
+            if copy_distances([now], [known])[0, 0] > COPY_DISTANCE:
+                out.append(f"{image} is another picture")
+    return out

@@ -22,6 +22,8 @@ import pandas as pd
 
 from skinclr import names
 from skinclr.data.manifest import read_manifest
+from skinclr.data.problems import DataError, listing, plural
+from skinclr.data.split import changed_images
 from skinclr.run.records import say_rule, test_scores
 from skinclr.serve.predictor import EnsemblePredictor, Predictor, predict_items, write_ensemble
 from skinclr.serve.pyfunc import log_ensemble, shipped_example
@@ -72,9 +74,26 @@ def _one_dataset(members, splits: list[pd.DataFrame]) -> None:
                 "combines models of one dataset")
 
 
+def _scored_images(members, splits: list[pd.DataFrame], model, data: str | None):
+    """The dataset folder's images by id (`data`, else the folder the first member read), after
+    checking that the images the members are scored on (every val and test side) are still the
+    ones they held out: an image replaced under its id would be scored as unseen."""
+    root = data or members[0].data.tags[names.DATA_ROOT_TAG]
+    manifest = read_manifest(root)
+    if manifest.fingerprint != members[0].data.tags.get(names.DATA_FINGERPRINT_TAG):
+        held = pd.concat([s["split"] for s in splits], axis=1).isin(["val", "test"]).any(axis=1)
+        first = model.members[0]
+        changed = changed_images(splits[0][held.to_numpy()].reset_index(), manifest, first.size, first.meta["aspect"])
+        if changed:
+            raise DataError(f"{manifest.root}: {plural(len(changed), 'image')} the members held out changed since they "
+                            f"were trained ({listing(changed)}); pass --data with the folder they were trained on")
+    return manifest.frame.set_index("image")
+
+
 def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule: str = "none",
-                   run_name: str = "") -> dict:
-    """Combine, score and log; returns the ensemble run's id and scores."""
+                   run_name: str = "", data: str | None = None) -> dict:
+    """Combine, score and log; returns the ensemble run's id and scores. `data`: the dataset
+    folder, where it is no longer where the members read it."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folders, splits = [], []
@@ -91,7 +110,7 @@ def build_ensemble(members: list, experiment: str = "", tta: str = "none", rule:
         sides = [s["split"] for s in splits]
         model = EnsemblePredictor([Predictor.from_files(f / names.WEIGHTS_FILE, f / names.META_FILE, r) for f, r in
                                    zip(folders, ids)], tta=tta, sources=ids)
-        frame = read_manifest(members[0].data.tags[names.DATA_ROOT_TAG]).frame.set_index("image")
+        frame = _scored_images(members, splits, model, data)
         shared = len({r.data.tags.get(names.SPLIT_FINGERPRINT_TAG) for r in members}) == 1
         scores, reports = {}, {}
         offsets = None

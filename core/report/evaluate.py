@@ -7,10 +7,10 @@ sets without touching the run that trained it.
 
 "Test" means unseen. The evaluated images are matched against the split the model's run
 logged (`split.csv`): an image id on it is seen, whatever its pixels now (a re-encoded copy is
-still the same image), and an image under another id whose copy hash comes within
-COPY_DISTANCE bits of one of the split's is that image copied. The model's training images are
-scored as `train_*`, its validation images as `val_*`, and only the others as `test_*`; a
-warning says how many overlap.
+still the same image), and an image whose copy hash comes within COPY_DISTANCE bits of one of
+the split's is that image copied, under another id or in place of a held-out one (the more
+seen role wins). The model's training images are scored as `train_*`, its validation images
+as `val_*`, and only the others as `test_*`; a warning says how many overlap.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ ROLES = ("train", "val", "test")  # what an evaluated image was to the model; te
 
 def image_roles(predictor: Predictor, manifest, workdir: Path) -> tuple[np.ndarray, str, int]:
     """Each image's role for this model, how it was decided, and how many were found as copies:
-    `same data` (the folder the model's run read), `copies` (the split's ids, then copy hashes
-    for the rest), `ids` (a run from before copy hashes), or `unknown` (no run split to compare
+    `same data` (the folder the model's run read), `copies` (the split's ids, then the copy
+    hashes of every image it did not train on), `ids` (a run from before copy hashes), or `unknown` (no run split to compare
     with: all count as test)."""
     roles = np.full(len(manifest.frame), "test", dtype=object)
     if not predictor.run_id:
@@ -53,15 +53,16 @@ def image_roles(predictor: Predictor, manifest, workdir: Path) -> tuple[np.ndarr
         return roles, "same data", 0
     if "copy_hash" not in split:
         return roles, "ids", 0
-    rest = np.flatnonzero(~hit)  # only these are read again
+    rest = np.flatnonzero(roles != "train")  # only these are read again: a trained image is seen already
     if not len(rest):
         return roles, "copies", 0
     size, aspect = predictor.meta["image_size"], predictor.meta["aspect"]
     hashes = [copy_hash(fit_square(load_rgb(seen.at[i, "path"]), size, aspect)) for i in rest]
-    distances = copy_distances(hashes, split["copy_hash"].tolist())
-    nearest = distances.argmin(axis=1)
-    copied = distances[np.arange(len(rest)), nearest] <= COPY_DISTANCE
-    roles[rest[copied]] = split["split"].to_numpy()[nearest[copied]]
+    near = copy_distances(hashes, split["copy_hash"].tolist()) <= COPY_DISTANCE
+    rank = np.array([ROLES.index(r) for r in split["split"]])  # train 0, val 1, test 2: the most seen wins
+    found = np.where(near, rank[None, :], len(ROLES)).min(axis=1)
+    copied = found < np.array([ROLES.index(r) for r in roles[rest]])
+    roles[rest[copied]] = np.array(ROLES)[found[copied]]
     return roles, "copies", int(copied.sum())
 
 
@@ -123,7 +124,7 @@ def _warnings(counts: dict[str, int], how: str, copies: int, run_id: str | None,
         out.append(f"{seen} of {total} images in {root} were seen by the model in run {run_id} "
                    f"({counts['train']} training, {counts['val']} validation images"
                    f"{', matched by image id' if how == 'ids' else ''}"
-                   f"{f', {copies} of them copies under other ids' if copies else ''}): they are reported as "
+                   f"{f', {copies} of them found by their pixels, as copies' if copies else ''}): they are reported as "
                    f"train_*/val_* metrics, not as test; {rest}")
     if how == "unknown":
         out.append("the model comes without the split it was trained on (no MLflow run with a split.csv): "

@@ -182,7 +182,7 @@ def cmd_ensemble(args) -> int:
 
     members = member_runs(args.runs, args.parent, args.top, args.experiment)
     result = build_ensemble(members, experiment=args.into, tta=args.tta or "none", rule=args.decision_rule,
-                            run_name=args.name)
+                            run_name=args.name, data=args.data)
     _tag_command(result["run_id"], args)
     print(f"ensemble of {len(members)} runs: {', '.join(result['members'])}")
     for key, value in result["scores"].items():

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="balanced: per-class offsets fitted on the members' shared val side, or out of fold; "
                         "none: the highest mean probability wins (default: %(default)s)")
     p.add_argument("--name", default="", help="run name (default: 'ensemble of N')")
+    p.add_argument("--data", default=None, metavar="DIR", help="the dataset folder the members were trained on "
+                   "(default: where the first member read it; its held-out images must be unchanged)")
 
     p = _parser(sub, "promote", "register the best run's model; move alias champion only if it is better")
     p.add_argument("--experiment", default="skinclr-finetune", help="experiment whose finished runs compete "

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -13,7 +14,7 @@ from skinclr.config import load_config
 from skinclr.run.runner import run_finetune
 from skinclr.serve.predictor import EnsemblePredictor
 from skinclr.serve.uris import load_predictor
-from skinclr.track import store
+from skinclr.track import store, tracking
 from skinclr.train.metrics import apply_offsets
 
 PAPER = Path(__file__).resolve().parents[2] / "experiments" / "paper"
@@ -123,3 +124,53 @@ def test_members_of_one_dataset_copied_elsewhere_combine_and_of_another_dataset_
     assert main(["ensemble", "--runs", here, other]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different data" in err[0] and other in err[0]
+
+
+def test_an_ensemble_is_scored_only_on_the_images_its_members_held_out(two_runs, synth_dir, tmp_path, capsys):
+    """The folder moved: `--data` points at it, and the numbers are those of the original. An
+    image the members held out, replaced under its id by one they trained on, relabelled, or gone:
+    refused in one line naming it, as no ensemble scored on it could say what it claims."""
+    import os
+    import shutil
+
+    from skinclr.data.manifest import GROUPINGS, TRAINING_GT, TRAINING_INPUT
+
+    c = MlflowClient(store.tracking_uri())
+    split = pd.read_csv(tracking.RunLogger(two_runs[0]).download("split.csv", tmp_path / "split"))
+    held, trained = split.loc[split["split"] == "test", "image"].iloc[0], split.loc[split["split"] == "train", "image"].iloc[0]
+
+    def score(*extra: str) -> float:
+        assert main(["ensemble", "--runs", *two_runs, *extra]) == 0
+        run = c.search_runs([c.get_run(two_runs[0]).info.experiment_id], f"tags.`{names.STAGE_TAG}` = 'ensemble'",
+                            order_by=["attributes.start_time DESC"], max_results=1)[0]
+        return run.data.metrics["test_balanced_accuracy"]
+
+    here = score()
+    moved = Path(shutil.copytree(synth_dir, tmp_path / "moved"))
+    for f in (moved / TRAINING_INPUT).iterdir():  # a copy: new file times, a new data fingerprint
+        os.utime(f, (f.stat().st_atime + 60, f.stat().st_mtime + 60))
+    assert score("--data", str(moved)) == pytest.approx(here)
+
+    def refused(folder: Path, what: str) -> None:
+        capsys.readouterr()
+        assert main(["ensemble", "--runs", *two_runs, "--data", str(folder)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{held} {what}" in err[0] and "--data" in err[0], err
+
+    replaced = Path(shutil.copytree(synth_dir, tmp_path / "replaced"))
+    shutil.copy(replaced / TRAINING_INPUT / f"{trained}.jpg", replaced / TRAINING_INPUT / f"{held}.jpg")
+    refused(replaced, "is another picture")
+    relabelled = Path(shutil.copytree(synth_dir, tmp_path / "relabelled"))
+    truth = pd.read_csv(relabelled / TRAINING_GT)
+    row = truth["image"] == held
+    truth.loc[row, list(names.CLASSES)] = np.roll(truth.loc[row, list(names.CLASSES)].to_numpy(), 1, axis=1)
+    truth.to_csv(relabelled / TRAINING_GT, index=False)
+    old = split.loc[split["image"] == held, "label"].iloc[0]
+    refused(relabelled, f"is {names.CLASSES[(names.CLASSES.index(old) + 1) % len(names.CLASSES)]}, not {old}")
+    gone = Path(shutil.copytree(synth_dir, tmp_path / "gone"))
+    (gone / TRAINING_INPUT / f"{held}.jpg").unlink()
+    for table in (TRAINING_GT, GROUPINGS):
+        frame = pd.read_csv(gone / table)
+        frame[frame["image"] != held].to_csv(gone / table, index=False)
+    refused(gone, "is gone")
+    assert not c.search_runs([c.get_run(two_runs[0]).info.experiment_id], "attributes.status != 'FINISHED'")

@@ -229,3 +229,27 @@ def test_a_folder_without_every_class_never_reports_the_isic_metric(trained_stat
     assert "test_balanced_accuracy" not in logged and "test_balanced_accuracy_present_classes" in logged
     summary = format_summary(result)
     assert "; the ISIC 2018 metric" not in summary and "not the ISIC 2018 metric" in summary and "MEL" in summary
+
+
+def test_a_held_out_image_replaced_by_one_the_model_trained_on_is_not_scored_as_test(synth_dir, tmp_path):
+    """An image id keeps its role, but not against its pixels: a held-out file overwritten with a
+    training image is that training image, and is scored as train."""
+    import os
+
+    from skinclr.data.manifest import TRAINING_INPUT
+    from tests.track.test_registry import finetune_run
+
+    run = finetune_run(synth_dir, "data.test_fraction=0.2", "data.val_fraction=0.25")
+    split = pd.read_csv(tracking.RunLogger(run).download("split.csv", tmp_path))
+    counts = split["split"].value_counts()
+    held, trained = split.loc[split["split"] == "test", "image"].iloc[0], split.loc[split["split"] == "train", "image"].iloc[0]
+    folder = Path(shutil.copytree(synth_dir, tmp_path / "folder"))
+    shutil.copy(folder / TRAINING_INPUT / f"{trained}.jpg", folder / TRAINING_INPUT / f"{held}.jpg")
+    result = evaluate(f"runs:/{run}/model", folder, progress=False)
+    assert result["matched_by"] == "copies" and result["copies_found"] == 1
+    assert result["images_by_role"] == {"train": counts["train"] + 1, "val": counts["val"], "test": counts["test"] - 1}
+
+    os.utime(folder / TRAINING_INPUT / f"{held}.jpg")  # a folder that only changed its file times: nothing moves
+    shutil.copy(synth_dir / TRAINING_INPUT / f"{held}.jpg", folder / TRAINING_INPUT / f"{held}.jpg")
+    result = evaluate(f"runs:/{run}/model", folder, progress=False)
+    assert result["copies_found"] == 0 and result["images_by_role"] == counts.reindex(["train", "val", "test"]).to_dict()
