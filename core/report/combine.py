@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from skinclr import names
 from skinclr.data.manifest import read_manifest
@@ -28,36 +29,56 @@ from skinclr.run.records import say_rule, test_scores
 from skinclr.serve.predictor import EnsemblePredictor, Predictor, predict_items, write_ensemble
 from skinclr.serve.pyfunc import log_ensemble, shipped_example
 from skinclr.track import tracking
-from skinclr.track.candidates import PromotionError, has_model, run_score
+from skinclr.track.candidates import PromotionError, has_model, run_score, trained_nothing
 from skinclr.track.tracking import RunLogger, ending
 from skinclr.train import figures
 from skinclr.train import metrics as M
 
 
+def _run(client, run_id: str, flag: str):
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise PromotionError(f"{flag} {run_id}: no such run in {tracking.tracking_uri()}; check the run id and "
+                             "MLFLOW_TRACKING_URI") from None
+
+
 def member_runs(runs: list[str] | None = None, parent: str | None = None, top: int = 0, experiment: str = "",
                 metric: str = "val_balanced_accuracy") -> list:
-    """The member runs: named, a parent's finished children with a model, or an experiment's top K on one split."""
+    """The member runs: named, a parent's finished children with a model, or an experiment's top K on
+    one split. Each once: a run named twice would silently count double."""
     c = tracking.client()
     if runs:
-        found = [c.get_run(r) for r in runs]
+        twice = sorted({r for r in runs if runs.count(r) > 1})
+        if twice:
+            raise PromotionError(f"--runs: {', '.join(twice)} given more than once; an ensemble weighs its members "
+                                 "equally: give each run once")
+        found = [_run(c, r, "--runs") for r in runs]
     else:
         if parent:
-            where, filters = [c.get_run(parent).info.experiment_id], f"tags.`{names.PARENT_TAG}` = '{parent}'"
+            where, filters = [_run(c, parent, "--parent").info.experiment_id], f"tags.`{names.PARENT_TAG}` = '{parent}'"
         else:
+            if top < 1:
+                raise PromotionError(f"--top {top}: give the number of runs to combine, 1 or more")
             exp = c.get_experiment_by_name(experiment)
             if exp is None:
                 raise PromotionError(f"--experiment {experiment!r}: no such experiment in {tracking.tracking_uri()}")
             where, filters = [exp.experiment_id], f"tags.`{names.STAGE_TAG}` = 'finetune'"
         found = c.search_runs(where, f"attributes.status = 'FINISHED' and {filters}", max_results=10_000)
-        found = [r for r in found if run_score(c, r, metric) is not None]
+        found = [r for r in found if run_score(c, r, metric) is not None and not trained_nothing(r)]
         found.sort(key=lambda r: run_score(c, r, metric)[0], reverse=True)
-        if top:
+        if not parent:
             split = found[0].data.tags.get(names.SPLIT_FINGERPRINT_TAG) if found else None
             found = [r for r in found if r.data.tags.get(names.SPLIT_FINGERPRINT_TAG) == split][:top]
-    bad = [r.info.run_id for r in found if r.info.status != "FINISHED" or not has_model(c, r.info.run_id)]
-    if bad or not found:
-        raise PromotionError(f"ensemble members must be finished fine-tune runs with a model; "
-                             f"{', '.join(bad) if bad else 'none found'}: pick others")
+        if not found:
+            raise PromotionError(f"{f'--parent {parent}' if parent else f'--experiment {experiment!r}'}: no finished "
+                                 "fine-tune run with a model and a val score; give a study's or sweep's parent run, or "
+                                 "name the members with --runs")
+    bad = [r.info.run_id for r in found if r.info.status != "FINISHED" or not has_model(c, r.info.run_id)
+           or r.data.tags.get(names.STAGE_TAG, "finetune") != "finetune" or trained_nothing(r)]
+    if bad:
+        raise PromotionError(f"ensemble members must be finished fine-tune runs that trained a model; "
+                             f"{', '.join(bad)}: pick others")
     return found
 
 

@@ -174,3 +174,24 @@ def test_an_ensemble_is_scored_only_on_the_images_its_members_held_out(two_runs,
         frame[frame["image"] != held].to_csv(gone / table, index=False)
     refused(gone, "is gone")
     assert not c.search_runs([c.get_run(two_runs[0]).info.experiment_id], "attributes.status != 'FINISHED'")
+
+
+def test_members_that_are_not_there_twice_or_not_fine_tunes_are_refused_in_one_line(two_runs, capsys):
+    """A member named twice would count double; `--top 0` once meant every run of every split."""
+    assert main(["ensemble", "--runs", two_runs[0]]) == 0
+    c = MlflowClient(store.tracking_uri())
+    (ensemble,) = c.search_runs([c.get_run(two_runs[0]).info.experiment_id], f"tags.`{names.STAGE_TAG}` = 'ensemble'")
+    cases = {("--runs", two_runs[0], two_runs[0]): "given more than once",
+             ("--runs", two_runs[0], "deadbeef"): "--runs deadbeef: no such run",
+             ("--parent", "deadbeef"): "--parent deadbeef: no such run",
+             ("--parent", two_runs[0]): "no finished fine-tune run",
+             ("--top", "0"): "--top 0: give the number of runs",
+             ("--top", "-2"): "--top -2: give the number of runs",
+             ("--runs", two_runs[1], ensemble.info.run_id): f"fine-tune runs that trained a model; {ensemble.info.run_id}"}
+    for args, said in cases.items():
+        capsys.readouterr()
+        assert main(["ensemble", *args]) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], (args, err)
+    assert len(c.search_runs([c.get_run(two_runs[0]).info.experiment_id],
+                             f"tags.`{names.STAGE_TAG}` = 'ensemble'")) == 1  # nothing logged by a refusal
