@@ -246,8 +246,8 @@ def changed_images(split: pd.DataFrame, manifest: Manifest, size: int, aspect: s
     """The images of a split file (or some of its rows) that the folder no longer holds as they
     were when it was written: gone, under another label, or other pixels under the same id (the
     copy hash of the square the model saw, `size` and `aspect`, moved beyond COPY_DISTANCE). One
-    short phrase each. A model's val and test numbers mean something only on those images; the
-    pixels are read only where the folder changed since (its fingerprint differs)."""
+    short phrase each. A model's val and test numbers mean something only on its own held-out
+    images; reading the pixels is needed only where the folder's fingerprint changed since."""
     frame = manifest.frame.set_index("image")
     out = [f"{image} is gone" if image not in frame.index else
            f"{image} is {CLASSES[frame.at[image, 'label']]}, not {label}"

@@ -36,8 +36,8 @@ ROLES = ("train", "val", "test")  # what an evaluated image was to the model; te
 def image_roles(predictor: Predictor, manifest, workdir: Path) -> tuple[np.ndarray, str, int]:
     """Each image's role for this model, how it was decided, and how many were found as copies:
     `same data` (the folder the model's run read), `copies` (the split's ids, then the copy
-    hashes of every image it did not train on), `ids` (a run from before copy hashes), or `unknown` (no run split to compare
-    with: all count as test)."""
+    hashes of every image it did not train on), `ids` (a run from before copy hashes), or
+    `unknown` (no run split to compare with: all count as test)."""
     roles = np.full(len(manifest.frame), "test", dtype=object)
     if not predictor.run_id:
         return roles, "unknown", 0
