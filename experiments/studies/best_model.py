@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from skinclr import names
+from skinclr.config import ConfigError
 from skinclr.track import tracking
 from skinclr.tune.plan import load_sweep_config, sweep_folder
 
@@ -28,17 +29,31 @@ STUDY = REPO / "experiments" / "studies" / "folds.yaml"
 
 
 def sh(cmd: list[str], dry: bool) -> float:
+    """Run one step. A step that refused its input said why in one line: nothing is added to it.
+    An interrupted one resumes when the same command runs again."""
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    if not dry and subprocess.run(cmd, cwd=REPO).returncode != 0:
-        sys.exit(f"step failed: {' '.join(cmd)}; run the same command again to continue")
+    code = 0 if dry else subprocess.run(cmd, cwd=REPO).returncode
+    if code == 1:
+        sys.exit(1)
+    if code >= 128:
+        sys.exit("interrupted; run the same command again to continue (finished steps are skipped)")
+    if code:
+        sys.exit(f"step failed (exit {code}): {' '.join(cmd)}; run the same command again to continue")
     return time.perf_counter() - t0
+
+
+def folds(text: str) -> int:
+    k = int(text) if text.strip().lstrip("-").isdigit() else 0
+    if k < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the number of folds, 2 or more")
+    return k
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="dataset folder in the official ISIC 2018 layout")
-    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--folds", type=folds, default=5, help="lesion-grouped folds of the non-test part (default: 5)")
     ap.add_argument("--tta", default="d4", choices=names.TTA_MODES)
     ap.add_argument("--rule", default="balanced", choices=names.DECISION_RULES)
     ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
@@ -48,7 +63,12 @@ def main() -> None:
     skinclr = [sys.executable, "-m", "skinclr.cli"]
     sets = [f"data.root={Path(args.data).resolve()}", f"data.folds={args.folds}",
             f"sweep.grid.data.fold=[{', '.join(map(str, range(args.folds)))}]", *args.overrides]
-    cfg, _ = load_sweep_config(STUDY, sets)
+    if not Path(args.data).is_dir():
+        sys.exit(f"error: --data {args.data}: no such folder; give the dataset folder in the official ISIC 2018 layout")
+    try:
+        cfg, _ = load_sweep_config(STUDY, sets)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     folder = sweep_folder(cfg)
     times = {"folds": sh([*skinclr, "sweep", "--config", str(STUDY), "--set", *sets,
                           *(["--resume"] if folder.exists() else [])], args.dry_run)}

@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="added to every command, e.g. a smoke run: --set data.image_size=32 --set train.epochs=1")
     args = ap.parse_args()
+    check(args)
     out, dry = args.out.resolve(), args.dry_run
     (out / "done").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
@@ -168,6 +169,26 @@ def main() -> None:
                     for e in ("skinclr-recipes", "skinclr-paper-cpu", "skinclr-study")], configured=False)
 
 
+def check(args) -> None:
+    """What would fail a step hours in, refused in one line before the first: the folders, and the
+    overrides every command takes (keys and values, against the shipped scratch recipe)."""
+    from skinclr.config import load_config
+
+    if not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: no such folder; give the ISIC 2018 Task 3 training folder")
+    if args.recipes:
+        missing = [f"recipe_{r}.yaml" for r in ("scratch", "pretrain", "simclr")
+                   if not (args.recipes / f"recipe_{r}.yaml").is_file()]
+        if missing:
+            raise UsageError(f"--recipes {args.recipes}: no {', '.join(missing)} there; give a folder with the three "
+                             "recipes, such as experiments/cpu")
+    load_config(REPO / "experiments" / "cpu" / "recipe_scratch.yaml", args.overrides)
+
+
+class UsageError(Exception):
+    """An argument that cannot work."""
+
+
 def scratch_settings(recipe: Path) -> dict[str, str]:
     """The values a recipe file gives the keys the fine-tune search samples."""
     from skinclr.config import load_config
@@ -206,4 +227,9 @@ def search(args, out: Path, dry: bool, sweep, parent, done, finish) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    from skinclr.config import ConfigError
+
+    try:
+        main()
+    except (ConfigError, UsageError) as err:
+        sys.exit(f"error: {err}")

@@ -55,3 +55,17 @@ def test_the_paper_study_runs_the_paper_fine_tuning_over_inits_and_seeds():
         differ = {k for k in paper.keys() | shipped.keys() if paper.get(k) != shipped.get(k)}
         assert differ <= {"finetune.init", "data.workers", "tracking.experiment", "tracking.run_name"} | \
             {k for k in paper if k.startswith("sweep.")}, differ
+
+
+def test_arguments_that_would_fail_a_step_hours_in_are_refused_in_one_line_before_the_first(tmp_path, synth_dir):
+    script = str(REPO / "experiments" / "studies" / "recipe_search.py")
+    cases = {("--data", str(tmp_path / "nope")): "no such folder",
+             ("--data", str(synth_dir), "--recipes", str(tmp_path)): "no recipe_scratch.yaml, recipe_pretrain.yaml",
+             ("--data", str(synth_dir), "--set", "train.epochs=-1"): "train.epochs",
+             ("--data", str(synth_dir), "--set", "bogus=1"): "unknown config key 'bogus'"}
+    for args, said in cases.items():
+        done = subprocess.run([sys.executable, script, *args, "--out", str(tmp_path / "out")], capture_output=True,
+                              text=True, timeout=300)
+        err = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(err) == 1 and said in err[0], (args, done.stderr)
+        assert "$" not in done.stdout and not (tmp_path / "out").exists(), args  # no step ran, nothing written
