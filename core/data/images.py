@@ -27,6 +27,7 @@ from skinclr.data.problems import DataError
 # A truncated file must fail validation, not be padded with grey and trained on.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # What an encoded image starts with: JPEG, PNG, GIF, BMP, TIFF (both byte orders), WebP's RIFF.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder's image files are named
 IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 _BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
 
@@ -57,6 +58,22 @@ def decode_image(source) -> np.ndarray:
     with Image.open(source) as img:
         img.load()
         return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def image_files(items: list[str]) -> list[str]:
+    """Image paths as given, each folder among them replaced by its JPEG and PNG files (sorted; not
+    its subfolders): the challenge's test images come as one folder, beside a licence file."""
+    out = []
+    for item in items:
+        if not Path(item).is_dir():
+            out.append(item)
+            continue
+        found = sorted(str(f) for f in Path(item).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        if not found:
+            raise DataError(f"{item}: a folder with no image files ({', '.join(IMAGE_SUFFIXES)}); give image files "
+                            "or a folder of them")
+        out.extend(found)
+    return out
 
 
 def decode_input(item: Any, index: int = 0) -> np.ndarray:

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinclr.data.images import inspect_images
+from skinclr.data.images import IMAGE_SUFFIXES, inspect_images
 from skinclr.data.problems import DataError, Problems, check_columns, check_ids, listing, plural, read_csv, relative
 from skinclr.names import CLASSES
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TRAINING_GT = "ISIC2018_Task3_Training_GroundTruth.csv"
 TRAINING_INPUT = "ISIC2018_Task3_Training_Input"
 GROUPINGS = "ISIC2018_Task3_Training_LesionGroupings.csv"

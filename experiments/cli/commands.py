@@ -128,10 +128,13 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     _writable(args.out, "--out")
+    from skinclr.data.images import image_files
+
+    images = image_files([str(p) for p in args.images])
     if args.format == "isic":
         from skinclr.report.evaluate import isic_ids
 
-        isic_ids([str(p) for p in args.images])  # before the model loads
+        isic_ids(images)  # before the model loads
     if args.model.startswith(("models:/", "runs:/")):
         _check_store()
     from skinclr.serve.uris import locate_model
@@ -139,7 +142,7 @@ def cmd_predict(args) -> int:
     locate_model(args.model)  # a wrong URI answers before torch loads
     from skinclr.report.evaluate import predict
 
-    frame = predict(args.model, [str(p) for p in args.images], out_csv=args.out, fmt=args.format, tta=args.tta)
+    frame = predict(args.model, images, out_csv=args.out, fmt=args.format, tta=args.tta)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
     failed = [error for error in frame["error"] if isinstance(error, str)] if "error" in frame.columns else []
     for error in failed:

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tta_arg(p)
     p = _parser(sub, "predict", "class probabilities for images")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, runs:/RUN_ID/model or a path (required)")
-    p.add_argument("images", nargs="+", type=Path, help="image files (JPEG or PNG)")
+    p.add_argument("images", nargs="+", type=Path, help="image files (JPEG or PNG), or folders of them")
     p.add_argument("--out", type=Path, default=None, help="CSV file for the probabilities (default: print only)")
     p.add_argument("--format", choices=("skinclr", "isic"), default="skinclr",
                    help="skinclr: path, probabilities, predicted class; isic: the ISIC 2018 submission (image id "

@@ -127,6 +127,19 @@ def test_predict_in_the_isic_format_is_read_by_the_official_scorer_with_the_same
                  manifest.frame["path"][1], str(broken)]) == 1
     assert "ISIC submission needs every image" in capsys.readouterr().err and not (tmp_path / "c.csv").exists()
 
+    # the challenge's test images come as a folder, beside its licence: the folder is its images
+    folder = Path(shutil.copytree(Path(manifest.frame["path"][0]).parent, tmp_path / "ISIC2018_Task3_Test_Input"))
+    (folder / "LICENSE.txt").write_text("CC-BY-NC 4.0")
+    assert main(["predict", "--model", str(model), "--format", "isic", "--out", str(tmp_path / "d.csv"),
+                 str(folder)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "d.csv").sort_values("image", ignore_index=True),
+                                  written.sort_values("image", ignore_index=True))
+    (tmp_path / "nothing").mkdir()
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model), str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a folder with no image files" in err[0]
+
 
 # ---------------------------------------------------------------------------------------------
 # "test" means unseen
