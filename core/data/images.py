@@ -26,8 +26,8 @@ from skinclr.data.problems import DataError
 
 # A truncated file must fail validation, not be padded with grey and trained on.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# What an encoded image starts with: JPEG, PNG, GIF, BMP, TIFF (both byte orders), WebP's RIFF.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder's image files are named
+# What an encoded image starts with: JPEG, PNG, GIF, BMP, TIFF (both byte orders), WebP's RIFF.
 IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 _BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
 
