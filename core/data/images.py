@@ -281,6 +281,11 @@ def copy_hash(square: np.ndarray) -> str:
     return np.packbits(low > np.median(low[1:])).tobytes().hex()
 
 
+def file_copy_hash(path, size: int, aspect: str) -> str:
+    """The copy hash of an image file as a model of this `size` and `aspect` saw it: its square."""
+    return copy_hash(fit_square(load_rgb(path), size, aspect))
+
+
 def copy_distances(hashes: list[str], known: list[str]) -> np.ndarray:
     """Bits apart, for every pair of a hash in `hashes` and one in `known`: (len(hashes), len(known))."""
     def unpack(values: list[str]) -> np.ndarray:

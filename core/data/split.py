@@ -26,7 +26,7 @@ from skinclr.data.cache import ImageCache
 from skinclr.data.manifest import Manifest
 from skinclr.names import CLASSES
 from skinclr.data.problems import DataError, Problems, listing, plural
-from skinclr.data.images import COPY_DISTANCE, copy_distances, copy_hash, fit_square, load_rgb
+from skinclr.data.images import COPY_DISTANCE, copy_distances, copy_hash, file_copy_hash
 from skinclr.data.problems import check_columns, check_ids, read_csv
 
 COLUMNS = ("image", "label", "lesion_id", "split")  # every split file's; `copy_hash` may follow
@@ -256,7 +256,6 @@ def changed_images(split: pd.DataFrame, manifest: Manifest, size: int, aspect: s
     if "copy_hash" in split:
         kept = split[split["image"].isin(frame.index)]
         for image, known in zip(kept["image"], kept["copy_hash"]):
-            now = copy_hash(fit_square(load_rgb(frame.at[image, "path"]), size, aspect))
-            if copy_distances([now], [known])[0, 0] > COPY_DISTANCE:
+            if copy_distances([file_copy_hash(frame.at[image, "path"], size, aspect)], [known])[0, 0] > COPY_DISTANCE:
                 out.append(f"{image} is another picture")
     return out

@@ -23,7 +23,7 @@ import pandas as pd
 
 from skinclr.train import figures, metrics as M
 from skinclr import names
-from skinclr.data.images import COPY_DISTANCE, copy_distances, copy_hash, decode_input, fit_square, load_rgb
+from skinclr.data.images import COPY_DISTANCE, copy_distances, decode_input, file_copy_hash
 from skinclr.data.manifest import read_manifest
 from skinclr.serve.uris import load_predictor
 from skinclr.serve.predictor import Predictor
@@ -57,7 +57,7 @@ def image_roles(predictor: Predictor, manifest, workdir: Path) -> tuple[np.ndarr
     if not len(rest):
         return roles, "copies", 0
     size, aspect = predictor.meta["image_size"], predictor.meta["aspect"]
-    hashes = [copy_hash(fit_square(load_rgb(seen.at[i, "path"]), size, aspect)) for i in rest]
+    hashes = [file_copy_hash(seen.at[i, "path"], size, aspect) for i in rest]
     near = copy_distances(hashes, split["copy_hash"].tolist()) <= COPY_DISTANCE
     rank = np.array([ROLES.index(r) for r in split["split"]])  # train 0, val 1, test 2: the most seen wins
     found = np.where(near, rank[None, :], len(ROLES)).min(axis=1)

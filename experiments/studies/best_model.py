@@ -44,7 +44,10 @@ def sh(cmd: list[str], dry: bool) -> float:
 
 
 def folds(text: str) -> int:
-    k = int(text) if text.strip().lstrip("-").isdigit() else 0
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
     if k < 2:
         raise argparse.ArgumentTypeError(f"{text!r}: give the number of folds, 2 or more")
     return k
